@@ -1,0 +1,1 @@
+"""Graph-structured sequential models: deterministic datasets and their exact entropy."""

@@ -1,0 +1,3 @@
+"""`gssm-data generate`, `info`, `verify`, `presets`."""
+
+from gssm_data.cli.app import app  # noqa: F401

@@ -1,0 +1,1 @@
+"""A Llama-style trainer for gssm-data stores."""
