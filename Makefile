@@ -17,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): constraints.txt packages/gssm-data/pyproject.toml packages/llama-train/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e packages/gssm-data -e packages/llama-train pytest ruff
+	$(PIP) install -c constraints.txt -e packages/gssm-data -e "packages/llama-train[wandb,slurm,plot]" pytest ruff
 	touch $(STAMP)
 
 lint: venv
