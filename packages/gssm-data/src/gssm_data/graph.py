@@ -11,6 +11,7 @@ Everything here is validation and structure; no randomness.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -37,7 +38,8 @@ class NodeSpec(BaseModel):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
     states: Annotated[int, Field(gt=0, description="cardinality of the node")]
     alpha: Annotated[
-        float, Field(gt=0, description="Dirichlet concentration (small = peaked rows)")
+        float,
+        Field(gt=0, allow_inf_nan=False, description="Dirichlet concentration (small = peaked)"),
     ]
     parents: tuple[str, ...] = ()
     kernel: KernelKind = "product"
@@ -65,8 +67,9 @@ class NodeSpec(BaseModel):
                 f"node {self.name!r}: absorbing state c={self.c} is out of range "
                 f"for {self.states} states"
             )
-        if len(set(self.parents)) != len(self.parents):
-            raise ValueError(f"node {self.name!r}: a parent is listed twice")
+        twice = sorted({parent for parent in self.parents if self.parents.count(parent) > 1})
+        if twice:
+            raise ValueError(f"node {self.name!r}: parent(s) listed twice: {', '.join(twice)}")
         if self.name in self.parents:
             raise ValueError(
                 f"node {self.name!r} lists itself as a parent; a latent node already "
@@ -158,25 +161,35 @@ class GraphSpec(BaseModel):
         return (*self.input_sizes(name), self.node(name).states)
 
     def with_mode(self, mode: str) -> GraphSpec:
-        """The same graph with every latent node set to `mode` (the `--mode` flag)."""
-        nodes = [
-            node if node.observed else node.model_copy(update={"mode": mode}) for node in self.nodes
-        ]
-        return GraphSpec.model_validate(
-            {"nodes": [n.model_dump() for n in nodes], "description": self.description}
+        """The same graph with every latent node set to `mode` (the `--mode` flag).
+
+        The observed node keeps its mode: `slow` and `dead` apply to latents only.
+        A bad mode, or one a node cannot take (`dead` with c out of range), is a
+        GssmDataError.
+        """
+        if mode.lower() != "none" and mode not in MODES:
+            raise GssmDataError(
+                f"unknown mode {mode!r}; choose one of {', '.join(MODES)} (none = default)"
+            )
+        return self._replace_nodes(
+            lambda node: {} if node.observed else {"mode": mode}, source=f"graph with mode {mode}"
         )
 
     def with_alpha(self, alpha: float, *, target: Literal["latent", "observed"]) -> GraphSpec:
-        """The same graph with the Dirichlet concentration of some nodes replaced."""
-        nodes = [
-            node.model_copy(update={"alpha": alpha})
-            if node.observed == (target == "observed")
-            else node
-            for node in self.nodes
-        ]
-        return GraphSpec.model_validate(
-            {"nodes": [n.model_dump() for n in nodes], "description": self.description}
+        """The same graph with the Dirichlet concentration of the `target` nodes replaced."""
+        if target not in ("latent", "observed"):
+            raise GssmDataError(f"unknown alpha target {target!r}; choose latent or observed")
+        return self._replace_nodes(
+            lambda node: {"alpha": alpha} if node.observed == (target == "observed") else {},
+            source=f"graph with alpha {alpha}",
         )
+
+    def _replace_nodes(
+        self, update: Callable[[NodeSpec], dict[str, object]], *, source: str
+    ) -> GraphSpec:
+        """Revalidate the graph with some node fields changed (validators run again)."""
+        nodes = [{**node.model_dump(), **update(node)} for node in self.nodes]
+        return parse_graph({"nodes": nodes, "description": self.description}, source=source)
 
     @property
     def has_transition(self) -> bool:
@@ -184,21 +197,46 @@ class GraphSpec(BaseModel):
 
 
 def _topological_order(nodes: tuple[NodeSpec, ...]) -> tuple[NodeSpec, ...]:
-    """Kahn's algorithm, stable in declaration order; a cycle is a user error."""
+    """Kahn's algorithm, stable in declaration order; a cycle is a user error.
+
+    Every round removes at least one node or stops, so it ends after at most
+    len(nodes) rounds whatever the graph (the upstream code looped forever on a
+    cycle).
+    """
     by_name = {node.name: node for node in nodes}
     remaining = {node.name: set(node.parents) & by_name.keys() for node in nodes}
     order: list[NodeSpec] = []
     while remaining:
         ready = [name for name, parents in remaining.items() if not parents]
         if not ready:
-            cycle = ", ".join(sorted(remaining))
-            raise ValueError(f"the graph has a cycle among nodes: {cycle}")
+            cycle = _find_cycle(remaining)
+            shown = cycle if len(cycle) <= 9 else [*cycle[:8], "...", cycle[-1]]
+            raise ValueError(
+                f"the graph has a cycle of {len(cycle) - 1} node(s) (parent -> child): "
+                + " -> ".join(shown)
+            )
         for name in ready:
             order.append(by_name[name])
             del remaining[name]
         for parents in remaining.values():
             parents.difference_update(ready)
     return tuple(order)
+
+
+def _find_cycle(parents: dict[str, set[str]]) -> list[str]:
+    """One cycle, listed parent -> child, among nodes that all still have parents left.
+
+    Walking from child to any remaining parent never gets stuck (each one has a
+    parent in the set), so a name repeats within len(parents) + 1 steps.
+    """
+    name = min(parents)
+    path: list[str] = []
+    seen: dict[str, int] = {}
+    while name not in seen:
+        seen[name] = len(path)
+        path.append(name)
+        name = min(parents[name])
+    return [*path[seen[name] :], name][::-1]
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -223,9 +261,18 @@ def load_graph(path: str | Path) -> GraphSpec:
     """Load a graph spec from a YAML file (a mapping with a `nodes` list)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise GssmDataError(f"graph file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise GssmDataError(f"cannot read graph file {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise GssmDataError(f"{path} is not valid YAML: {error}") from None
+        detail = " ".join(str(error).split())
+        raise GssmDataError(f"{path} is not valid YAML: {detail}") from None
+    if not isinstance(data, dict):
+        raise GssmDataError(
+            f"{path} must hold a mapping with a `nodes` list, got {type(data).__name__}"
+        )
     return parse_graph(data, source=f"graph {path}")

@@ -15,12 +15,17 @@ holds for every input combination:
   the diagonal);
 - ``dead``: argmax_y p(y | ...) = c for a fixed state c;
 - ``transition``: the table is drawn afresh for every sequence (see sampler).
+
+Every entry is at least :data:`MIN_PROBABILITY` (a floor mixed in after the
+mode, which keeps each row's order), so every sequence has a finite
+log-likelihood.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec, NodeSpec
 
 # No entry may be exactly zero: every sequence must keep a finite log-likelihood.
@@ -29,17 +34,48 @@ MIN_PROBABILITY = 1e-10
 # Kernel draws use the stream id 0 of the seed; data splits use others (sampler.STREAMS).
 KERNEL_STREAM = 0
 
+# A `slow`/`dead` row whose largest entry is tied (common when peaked experts are
+# multiplied: two one-hot experts give two equal products) gets its target
+# raised by this relative amount, so that the argmax is unique and is the target.
+_TIE_BREAK = 1e-6
+
+_MAX_SEED = 1 << 64
+
+
+def check_seed(seed: int) -> int:
+    """A seed is an integer in [0, 2^64): the range our random streams encode."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise GssmDataError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= int(seed) < _MAX_SEED:
+        raise GssmDataError(f"seed must be between 0 and 2**64 - 1, got {seed}")
+    return int(seed)
+
+
+def seed_sequence(*words: int) -> np.random.SeedSequence:
+    """A SeedSequence of fixed-width 64-bit words.
+
+    numpy splits a large integer into as many 32-bit words as it needs, so
+    ``[2**32 + 5, 2, 3]`` and ``[5, 1, 2, 3]`` would seed the same stream;
+    encoding every word on exactly 64 bits keeps distinct tuples distinct.
+    """
+    return np.random.SeedSequence(np.array(words, dtype=np.uint64).view(np.uint32))
+
 
 def kernel_rng(seed: int, node_index: int) -> np.random.Generator:
     """The generator of one node's fixed kernel: a function of (seed, node) only."""
-    return np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([seed, KERNEL_STREAM, node_index]))
-    )
+    return np.random.Generator(np.random.PCG64(seed_sequence(seed, KERNEL_STREAM, node_index)))
 
 
-def _clip_normalise(table: np.ndarray) -> np.ndarray:
-    table = np.maximum(table, MIN_PROBABILITY)
-    return table / table.sum(axis=-1, keepdims=True)
+def floor_rows(table: np.ndarray) -> np.ndarray:
+    """Normalise rows, then mix in a uniform floor so no entry is below MIN_PROBABILITY.
+
+    ``p -> p * (1 - n * MIN_PROBABILITY) + MIN_PROBABILITY`` keeps rows summing to
+    one and keeps their order (ties and argmax included), unlike clip-then-
+    renormalise, which pushes clipped entries back below the floor.
+    """
+    n_states = table.shape[-1]
+    table = table / table.sum(axis=-1, keepdims=True)
+    return table * (1.0 - n_states * MIN_PROBABILITY) + MIN_PROBABILITY
 
 
 def _dirichlet_rows(
@@ -64,54 +100,74 @@ def draw_conditional(
     """Draw the effective conditional of `node`, shape (*batch, *inputs, states).
 
     `batch` draws several independent tables at once (the per-sequence kernels
-    of `transition` mode).
+    of `transition` mode). The draws, in this order, are the contract that lets
+    a table be recomputed from a generator:
+
+    - no input: rows of shape (*batch, states);
+    - `fullrank`, or a single input: rows of shape (*batch, *inputs, states);
+    - `product` with several inputs: for each input axis in table order, the
+      expert rows of shape (*batch, input size, states), each floored by
+      :func:`floor_rows`; the table is their product, normalised.
+
+    The result then goes through :func:`apply_mode` and :func:`floor_rows`.
     """
     input_sizes = graph.input_sizes(node.name)
     n_states = node.states
-    if not input_sizes:
-        # An observed node without parents: one row, i.i.d. tokens.
-        table = _dirichlet_rows(rng, node.alpha, n_states, batch)
-    elif node.kernel == "fullrank" or len(input_sizes) == 1:
+    if node.kernel == "fullrank" or len(input_sizes) <= 1:
         table = _dirichlet_rows(rng, node.alpha, n_states, (*batch, *input_sizes))
     else:
-        # Product of experts, combined in log space so that peaked experts
-        # (alpha << 1) neither underflow nor lose their relative weights.
+        # Product of experts, combined in log space so that many peaked experts
+        # (alpha << 1, entries down to MIN_PROBABILITY) cannot underflow.
         n_inputs = len(input_sizes)
         log_table = np.zeros((*batch, *input_sizes, n_states))
         for axis, size in enumerate(input_sizes):
-            expert = _clip_normalise(_dirichlet_rows(rng, node.alpha, n_states, (*batch, size)))
+            expert = floor_rows(_dirichlet_rows(rng, node.alpha, n_states, (*batch, size)))
             shape = [1] * n_inputs
             shape[axis] = size
-            log_table = log_table + np.log(expert).reshape(*batch, *shape, n_states)
+            log_table += np.log(expert).reshape(*batch, *shape, n_states)
         log_table -= log_table.max(axis=-1, keepdims=True)
         table = np.exp(log_table)
-    table = _clip_normalise(table / table.sum(axis=-1, keepdims=True))
-    return apply_mode(table, node, n_batch_axes=len(batch))
+    table = table / table.sum(axis=-1, keepdims=True)
+    return floor_rows(apply_mode(table, node, n_batch_axes=len(batch)))
+
+
+def mode_targets(node: NodeSpec, shape: tuple[int, ...], n_batch_axes: int = 0) -> np.ndarray:
+    """The state each row of a `slow`/`dead` table must favour, shape ``shape[:-1]``.
+
+    `dead`: the absorbing state c for every row. `slow`: the previous self state,
+    which is the first axis after the batch axes.
+    """
+    row_shape = shape[:-1]
+    if node.mode == "dead":
+        return np.full(row_shape, node.c, dtype=np.int64)
+    assert node.mode == "slow", node.mode
+    n_inputs = len(row_shape) - n_batch_axes
+    previous = np.arange(node.states, dtype=np.int64).reshape(node.states, *[1] * (n_inputs - 1))
+    return np.broadcast_to(previous, row_shape)
 
 
 def apply_mode(table: np.ndarray, node: NodeSpec, n_batch_axes: int = 0) -> np.ndarray:
-    """Enforce `slow` / `dead` on an effective table by swapping each row's maximum.
+    """Enforce `slow` / `dead` on a normalised table by swapping each row's maximum.
 
     Swapping keeps every row a permutation of itself, so the row's entropy and
-    its Dirichlet law are unchanged; only which state is most likely moves.
+    its Dirichlet law are unchanged; only which state is most likely moves. A
+    tie for the maximum is broken in favour of the target (see `_TIE_BREAK`),
+    so the target is the unique argmax of every row.
     """
     if node.mode not in ("slow", "dead"):
         return table
     n_states = node.states
     rows = table.reshape(-1, n_states).copy()
-    if node.mode == "dead":
-        targets = np.full(rows.shape[0], node.c)
-    else:
-        # Axis 0 after the batch axes is the previous self state x: target y = x.
-        inner = table.shape[n_batch_axes:]
-        previous = np.arange(n_states).reshape(n_states, *([1] * (len(inner) - 1)))
-        previous = np.broadcast_to(previous, inner[:-1])
-        targets = np.broadcast_to(previous, (*table.shape[:n_batch_axes], *inner[:-1])).reshape(-1)
+    targets = mode_targets(node, table.shape, n_batch_axes).reshape(-1)
     index = np.arange(rows.shape[0])
     largest = rows.argmax(axis=1)
     top = rows[index, largest]
     rows[index, largest] = rows[index, targets]
     rows[index, targets] = top
+    tied = (rows == top[:, None]).sum(axis=1) > 1
+    if tied.any():
+        rows[index[tied], targets[tied]] *= 1.0 + _TIE_BREAK
+        rows[tied] /= rows[tied].sum(axis=1, keepdims=True)
     return rows.reshape(table.shape)
 
 
@@ -121,6 +177,7 @@ def draw_kernels(graph: GraphSpec, seed: int) -> dict[str, np.ndarray]:
     Each node's table depends only on (seed, the node's declaration index), so
     it is reproducible on any machine with the same numpy.
     """
+    seed = check_seed(seed)
     kernels = {}
     for index, node in enumerate(graph.nodes):
         if node.mode != "transition":

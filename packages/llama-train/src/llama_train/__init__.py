@@ -1,1 +1,39 @@
-"""A Llama-style trainer for gssm-data stores."""
+"""A Llama-style trainer for gssm-data stores, measured against their exact entropy.
+
+The training API in three names (the command line, `llama-train run`, is a thin
+layer over them)::
+
+    from llama_train import evaluate_run, resolve_config
+    from llama_train.train import train  # (a submodule shares the name)
+
+    config = resolve_config("packages/llama-train/configs/debug.yaml", ["optim.lr=1e-3"])
+    summary = train(config)          # or resumes: the same call again continues the run
+    result = evaluate_run(config.run.dir)   # test loss, exact entropy, excess loss
+
+One module per job: `config` (composes the sections, YAML, overrides, the link to
+the store), `data` (loader), `model`, `optim`, `checkpoint`, `distributed` (rank
+info), `train` (the recipe), `evaluate` (against the exact entropy), `metrics`
+(JSONL, wandb, plots), `cli`. Names are imported on first use, so `import
+llama_train` and `llama-train --help` stay fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "llama_train.config",
+    "resolve_config": "llama_train.config",
+    "evaluate_run": "llama_train.evaluate",
+    "EvalResult": "llama_train.evaluate",
+    "LlamaTrainError": "llama_train.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llama_train' has no attribute {name!r}")

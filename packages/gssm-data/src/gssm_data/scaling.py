@@ -1,0 +1,340 @@
+"""Data for scaling laws: entropy regimes x train sizes, from one recipe file.
+
+A recipe (``datasets/scaling.yaml``) names *regimes* (a graph, optionally a
+mode, and an entropy level: a target in bits per token, reached by
+calibrating alpha, or an explicit alpha) and *scales* (the train sizes of a
+data-scaling sweep and the test size; optionally a subset of the regimes).
+
+:func:`materialise` writes, for each regime of a scale, one store holding the
+largest train size and the test split: the smaller train sizes are prefixes
+of it (the sampler's blocks are deterministic), so a sweep trains on
+``n_train`` rows of that one store and evaluates all sizes on the same test
+split. It also writes ``index-<scale>.json`` beside the stores: the regimes,
+their alphas, store paths and entropies, for the sweep configs to read.
+Calibrated alphas are kept in ``calibrations.json`` there too: a regime whose
+definition is unchanged reuses its alpha instead of calibrating again, so
+running a recipe twice is cheap (its stores are already complete).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gssm_data.calibrate import DEFAULT_TOLERANCE_BITS, calibrate
+from gssm_data.errors import GssmDataError
+from gssm_data.generate import (
+    GenerateOptions,
+    available_cpus,
+    default_store_path,
+    generate,
+    parse_count,
+)
+from gssm_data.graph import GraphSpec, Mode, format_validation_error, load_graph
+from gssm_data.manifest import Baselines, EntropyStats
+from gssm_data.presets import load_preset
+from gssm_data.store import open_store
+
+INDEX_VERSION = 1
+CALIBRATIONS_FILE = "calibrations.json"
+
+Log = Callable[[str], None]
+
+
+def _count(value: object) -> object:
+    """Counts as people write them in YAML: 65536, 1e6 (a string for PyYAML), "2.5M"."""
+    if isinstance(value, str):
+        return parse_count(value, option="count")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Count = Annotated[int, Field(ge=1)]
+
+
+class Regime(BaseModel):
+    """One entropy regime: a graph and how its entropy level is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="store name prefix")
+    preset: str | None = None
+    graph: Path | None = Field(None, description="graph YAML, relative to the recipe file")
+    mode: Mode | None = Field(None, description="set every latent node's mode")
+    target_bits: float | None = Field(None, gt=0, description="calibrate alpha to this entropy")
+    target: Literal["latent", "observed"] = "latent"
+    alpha: float | None = Field(None, gt=0, description="set alpha directly (no calibration)")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Regime:
+        if (self.preset is None) == (self.graph is None):
+            raise ValueError(f"regime {self.name!r}: give exactly one of preset or graph")
+        if self.target_bits is not None and self.alpha is not None:
+            raise ValueError(f"regime {self.name!r}: give target_bits or alpha, not both")
+        return self
+
+
+class Scale(BaseModel):
+    """Train sizes of a sweep (prefixes of the largest) and the test size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train_sizes: list[Count] = Field(min_length=1)
+    n_test: Count
+    regimes: list[str] | None = Field(None, description="subset of the regimes; default all")
+
+    @field_validator("train_sizes", mode="before")
+    @classmethod
+    def _train_counts(cls, value: object) -> object:
+        return [_count(item) for item in value] if isinstance(value, list) else value
+
+    @field_validator("n_test", mode="before")
+    @classmethod
+    def _test_count(cls, value: object) -> object:
+        return _count(value)
+
+    @property
+    def n_train(self) -> int:
+        return max(self.train_sizes)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    seed: int = Field(0, ge=0)
+    seq_len: int = Field(257, ge=2)
+    tolerance_bits: float = Field(
+        DEFAULT_TOLERANCE_BITS, gt=0, description="calibration tolerance of every regime"
+    )
+    regimes: list[Regime] = Field(min_length=1)
+    scales: dict[str, Scale] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        names = [regime.name for regime in self.regimes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate regime names: {', '.join(duplicates)}")
+        for scale_name, scale in self.scales.items():
+            unknown = [name for name in scale.regimes or () if name not in names]
+            if unknown:
+                raise ValueError(
+                    f"scale {scale_name!r} lists unknown regime(s) {', '.join(unknown)}; "
+                    f"regimes: {', '.join(names)}"
+                )
+        return self
+
+    def regimes_of(self, scale: str) -> list[Regime]:
+        chosen = self.scales[scale].regimes
+        return [r for r in self.regimes if chosen is None or r.name in chosen]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; every problem is one GssmDataError line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise GssmDataError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise GssmDataError(f"{path} is not valid YAML: {error}") from None
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise GssmDataError(f"invalid recipe {path}: {format_validation_error(error)}") from None
+
+
+@dataclass(frozen=True)
+class RegimeResult:
+    """One materialised regime: its store and figures (bits per predicted token)."""
+
+    regime: Regime
+    path: Path
+    alpha: float | None  # the calibrated or set alpha; None keeps the graph's own
+    calibrated_bits: float | None  # on the calibration sample, when calibrated
+    entropy: EntropyStats  # of the store's test split
+    baselines: Baselines
+    train_sizes: list[int]
+
+
+def regime_graph(regime: Regime, recipe_dir: Path) -> GraphSpec:
+    """The regime's graph before any alpha is set: preset or file, then mode."""
+    if regime.preset is not None:
+        graph = load_preset(regime.preset)
+    else:
+        assert regime.graph is not None
+        graph_path = regime.graph if regime.graph.is_absolute() else recipe_dir / regime.graph
+        graph = load_graph(graph_path)
+    return graph.with_mode(regime.mode) if regime.mode is not None else graph
+
+
+def materialise(
+    recipe_path: str | Path,
+    *,
+    scale: str = "small",
+    out_dir: str | Path = "datasets",
+    workers: int | None = None,
+    show_progress: bool = False,
+    log: Log | None = None,
+) -> list[RegimeResult]:
+    """Write every store of a recipe's scale (resuming or skipping finished ones).
+
+    Stores go to ``<out_dir>/<recipe name>/``; the index of the run is written
+    there as ``index-<scale>.json`` after each regime, so an interrupted run
+    keeps what it did.
+    """
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path)
+    if scale not in recipe.scales:
+        raise GssmDataError(
+            f"--scale {scale!r} is not in {recipe_path}; scales: {', '.join(recipe.scales)}"
+        )
+    say = log or (lambda message: None)
+    folder = Path(out_dir) / recipe_path.stem
+    index_path = folder / f"index-{scale}.json"
+    calibrations_path = folder / CALIBRATIONS_FILE
+    sizes = recipe.scales[scale]
+    results: list[RegimeResult] = []
+    for regime in recipe.regimes_of(scale):
+        say(f"regime {regime.name}")
+        graph, alpha, calibrated = _resolve_alpha(
+            regime, recipe, recipe_path.parent, calibrations_path, say
+        )
+        path = (
+            folder
+            / default_store_path(
+                regime.name,
+                graph,
+                seed=recipe.seed,
+                seq_len=recipe.seq_len,
+                n_train=sizes.n_train,
+                n_test=sizes.n_test,
+            ).name
+        )
+        options = GenerateOptions(
+            graph=graph,
+            name=regime.name,
+            out=path,
+            n_train=sizes.n_train,
+            n_test=sizes.n_test,
+            seq_len=recipe.seq_len,
+            seed=recipe.seed,
+            workers=workers or available_cpus(),
+        )
+        generate(options, show_progress=show_progress, log=say)
+        store = open_store(path)
+        entropy, baselines = store.entropy("test"), store.baselines("test")
+        assert entropy is not None and baselines is not None, "generate measures the test split"
+        results.append(
+            RegimeResult(regime, path, alpha, calibrated, entropy, baselines, sizes.train_sizes)
+        )
+        _write_index(index_path, recipe, scale, results)
+    return results
+
+
+def _resolve_alpha(
+    regime: Regime,
+    recipe: Recipe,
+    recipe_dir: Path,
+    calibrations_path: Path,
+    say: Log,
+) -> tuple[GraphSpec, float | None, float | None]:
+    """The regime's final graph, its alpha and calibrated figure (reusing a recorded one)."""
+    graph = regime_graph(regime, recipe_dir)
+    if regime.alpha is not None:
+        return graph.with_alpha(regime.alpha, target=regime.target), regime.alpha, None
+    if regime.target_bits is None:
+        return graph, None, None
+    key = _calibration_key(regime, recipe)
+    recorded = _read_json(calibrations_path).get(regime.name)
+    if isinstance(recorded, dict) and recorded.get("key") == key:
+        alpha, bits = recorded["alpha"], recorded["calibrated_bits"]
+        say(f"reusing calibrated {regime.target} alpha {alpha:.4g} ({bits:.4f} bits/token)")
+        return graph.with_alpha(alpha, target=regime.target), alpha, bits
+    calibration = calibrate(
+        graph,
+        seed=recipe.seed,
+        seq_len=recipe.seq_len,
+        target_bits=regime.target_bits,
+        target=regime.target,
+        tolerance_bits=recipe.tolerance_bits,
+    )
+    say(
+        f"calibrated {regime.target} alpha {calibration.alpha:.4g}: "
+        f"{calibration.achieved_bits:.4f} bits/token (target {regime.target_bits:g} "
+        f"± {calibration.tolerance_bits:g})"
+    )
+    records = _read_json(calibrations_path)
+    records[regime.name] = {
+        "key": key,
+        "alpha": calibration.alpha,
+        "calibrated_bits": calibration.achieved_bits,
+    }
+    _write_json(calibrations_path, records)
+    return calibration.graph, calibration.alpha, calibration.achieved_bits
+
+
+def _calibration_key(regime: Regime, recipe: Recipe) -> dict:
+    """What a calibration depends on; a recorded alpha is reused only if this matches."""
+    return {
+        "regime": regime.model_dump(mode="json", exclude={"description"}),
+        "seed": recipe.seed,
+        "seq_len": recipe.seq_len,
+        "tolerance_bits": recipe.tolerance_bits,
+    }
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file of ours; empty when absent or unreadable (then rebuilt)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically: a temporary file renamed over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def _write_index(path: Path, recipe: Recipe, scale: str, results: list[RegimeResult]) -> None:
+    """The index of a run: where each regime's store is, and its figures."""
+    sizes = recipe.scales[scale]
+    _write_json(
+        path,
+        {
+            "index_version": INDEX_VERSION,
+            "scale": scale,
+            "seed": recipe.seed,
+            "seq_len": recipe.seq_len,
+            "train_sizes": sizes.train_sizes,
+            "n_test": sizes.n_test,
+            "regimes": [
+                {
+                    "name": result.regime.name,
+                    "store": str(result.path),
+                    "alpha": result.alpha,
+                    "target": result.regime.target,
+                    "calibrated_bits": result.calibrated_bits,
+                    "test_entropy": result.entropy.model_dump(
+                        mode="json", exclude={"per_position"}
+                    ),
+                    "test_baselines": result.baselines.model_dump(mode="json"),
+                }
+                for result in results
+            ],
+        },
+    )

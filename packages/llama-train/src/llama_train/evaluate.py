@@ -1,0 +1,408 @@
+"""Evaluation against the floor: model loss next to the exact entropy of the same sequences.
+
+The data's generating process is known, so the best any model can do on a
+sequence is its exact entropy, -log p(x_t | x_<t) summed by the forward
+algorithm. An evaluation reads a fixed set of sequences (the test split, all
+of it unless `eval.max_sequences` says otherwise), computes the model's mean
+next-token loss over positions 1..L-1 and the exact entropy of those very
+sequences, and reports the difference: the excess loss, in nats and bits,
+overall and per position (the loss falls as context accumulates, and so does
+the entropy; the gap between the curves is what the model has yet to learn).
+
+The entropy of a set does not depend on the model: :class:`EvalSet` computes
+it once, preferring, in order, the store's per-token array (`<split>/entropy`,
+written by `gssm-data entropy --write`), the manifest's figures when they
+cover exactly the evaluated sequences, and the forward algorithm
+(`gssm_data.entropy`) otherwise.
+
+Ranks split the sequences and sum per-position totals with an all-reduce, so
+every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gssm_data.entropy import iter_split_entropy, sequence_entropy
+from gssm_data.errors import GssmDataError
+from gssm_data.kernels import draw_kernels
+from gssm_data.sampler import BLOCK_SIZE, STREAMS
+from llama_train.data import DataSpec, online_sampler
+from llama_train.errors import LlamaTrainError
+
+LN2 = math.log(2)
+EVAL_DIR = "eval"
+# Sequences evaluated when there is no store to hold a test split (online from a
+# preset or graph file) and eval.max_sequences is unset: one sampler block.
+ONLINE_EVAL_SEQUENCES = BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Losses of one evaluation, in nats per predicted token (positions 1..L-1)."""
+
+    step: int
+    split: str
+    n_sequences: int
+    loss: float
+    entropy: float
+    entropy_method: str
+    loss_per_position: list[float]
+    entropy_per_position: list[float]
+
+    @property
+    def excess(self) -> float:
+        """Loss above the floor, nats per token (>= 0 up to sampling noise)."""
+        return self.loss - self.entropy
+
+    @property
+    def loss_bits(self) -> float:
+        return self.loss / LN2
+
+    @property
+    def entropy_bits(self) -> float:
+        return self.entropy / LN2
+
+    @property
+    def excess_bits(self) -> float:
+        return self.excess / LN2
+
+    def metrics(self) -> dict[str, float | int]:
+        """The scalars of a metrics.jsonl eval line (`eval/` keys)."""
+        return {
+            "eval/loss": self.loss,
+            "eval/entropy": self.entropy,
+            "eval/excess": self.excess,
+            "eval/loss_bits": self.loss_bits,
+            "eval/entropy_bits": self.entropy_bits,
+            "eval/excess_bits": self.excess_bits,
+            "eval/n_sequences": self.n_sequences,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, curves included, plus the derived figures (for JSON files)."""
+        return asdict(self) | {
+            "excess": self.excess,
+            "loss_bits": self.loss_bits,
+            "entropy_bits": self.entropy_bits,
+            "excess_bits": self.excess_bits,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        fields = cls.__dataclass_fields__
+        return cls(**{key: value for key, value in data.items() if key in fields})
+
+
+def eval_file(run_dir: Path, step: int) -> Path:
+    """Where the full result (curves included) of the evaluation at `step` is kept."""
+    return run_dir / EVAL_DIR / f"step_{step:06d}.json"
+
+
+def save_result(result: EvalResult, path: Path) -> None:
+    """Write a result as JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result.to_dict(), indent=1))
+    os.replace(partial, path)
+
+
+def drop_results_after(run_dir: Path, step: int) -> None:
+    """Forget evaluations past `step` (a resumed run replays those steps)."""
+    for path in (run_dir / EVAL_DIR).glob("step_*.json"):
+        if int(path.stem.removeprefix("step_")) > step:
+            path.unlink()
+
+
+def latest_result(run_dir: Path) -> EvalResult | None:
+    """The most recent evaluation saved in a run directory, if any."""
+    files = sorted((run_dir / EVAL_DIR).glob("step_*.json"))
+    return EvalResult.from_dict(json.loads(files[-1].read_text())) if files else None
+
+
+def _rank_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of rank `rank`: contiguous, balanced, covering 0..n."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks when a process group is up; identity in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+class EvalSet:
+    """The sequences an evaluation reads, and their exact entropy (computed once).
+
+    With a store: the first `max_sequences` rows (all by default) of `split`.
+    Online without a store: the first sequences of the generating process's
+    test stream, which are the test split a store of the same graph and seed
+    would hold.
+    """
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        *,
+        split: str = "test",
+        max_sequences: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.spec = spec
+        self.split = split
+        self.seq_len = spec.seq_len
+        if spec.store is not None:
+            if split not in spec.store.manifest.splits:
+                known = ", ".join(spec.store.manifest.splits)
+                raise LlamaTrainError(
+                    f"eval.split={split!r}: the store {spec.store.path} has splits {known}"
+                )
+            available = spec.store.manifest.splits[split].n
+            self.n_sequences = available if max_sequences is None else min(max_sequences, available)
+        else:
+            if split not in STREAMS:
+                raise LlamaTrainError(
+                    f"eval.split={split!r}: online data has splits {', '.join(STREAMS)}"
+                )
+            self.n_sequences = max_sequences or ONLINE_EVAL_SEQUENCES
+        if self.n_sequences == 0:
+            raise LlamaTrainError(f"the {split} split has no sequences to evaluate on")
+        self.start, self.stop = _rank_rows(self.n_sequences, rank, world_size)
+        self._entropy: tuple[np.ndarray, str] | None = None
+        self._online_tokens: np.ndarray | None = None
+
+    # -- tokens --------------------------------------------------------------
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """This rank's sequences, `batch_size` at a time, each (rows, seq_len)."""
+        for first in range(self.start, self.stop, batch_size):
+            yield self._tokens(first, min(first + batch_size, self.stop))
+
+    def _tokens(self, start: int, stop: int) -> np.ndarray:
+        if self.spec.store is not None:
+            return np.asarray(self.spec.store.tokens(self.split)[start:stop])
+        return self._online_rows()[start:stop]
+
+    def _online_rows(self) -> np.ndarray:
+        if self._online_tokens is None:
+            sampler = online_sampler(self.spec)
+            blocks = math.ceil(self.stop / sampler.block_size)
+            stream = STREAMS[self.split]
+            self._online_tokens = np.concatenate(
+                [sampler.block(stream, block).tokens for block in range(blocks)]
+            )[: self.stop]
+        return self._online_tokens
+
+    # -- entropy -------------------------------------------------------------
+
+    def entropy_per_position(self) -> tuple[np.ndarray, str]:
+        """Mean exact entropy at positions 1..L-1 over all ranks' sequences, and its source."""
+        if self._entropy is None:
+            sums, method = self._entropy_sums()
+            total = _all_reduce_sum(torch.from_numpy(sums)).numpy()
+            self._entropy = (total / self.n_sequences, method)
+        return self._entropy
+
+    def _entropy_sums(self) -> tuple[np.ndarray, str]:
+        """Per-position sums of -log p(x_t | x_<t) over this rank's rows (float64)."""
+        store = self.spec.store
+        method = "known-kernel" if self.spec.graph.has_transition else "exact"
+        if store is not None:
+            stored = store.per_token_entropy(self.split)
+            if stored is not None and stored.attrs.get("complete", True):
+                return self._sum_stored(stored), f"{method} (stored per token)"
+            stats = store.entropy(self.split)
+            whole = self.n_sequences == store.manifest.splits[self.split].n
+            single = (self.start, self.stop) == (0, self.n_sequences)
+            if stats is not None and whole and single and stats.n_sequences == self.n_sequences:
+                per_position = np.asarray(stats.per_position, dtype=np.float64)
+                return per_position * self.n_sequences, f"{method} (manifest)"
+            return self._sum_computed_store(), f"{method} (forward algorithm)"
+        return self._sum_computed_online(), f"{method} (forward algorithm)"
+
+    def _sum_stored(self, stored: Any) -> np.ndarray:
+        sums = np.zeros(self.seq_len - 1)
+        block = self.spec.store.manifest.block_size if self.spec.store else BLOCK_SIZE
+        for first in range(self.start, self.stop, block):
+            rows = np.asarray(stored[first : min(first + block, self.stop)], dtype=np.float64)
+            sums += rows.sum(axis=0)
+        return sums
+
+    def _sum_computed_store(self) -> np.ndarray:
+        sums = np.zeros(self.seq_len - 1)
+        try:
+            for _, _, nats in iter_split_entropy(
+                self.spec.store, self.split, start=self.start, stop=self.stop
+            ):
+                sums += nats.sum(axis=0)
+        except GssmDataError as error:
+            raise LlamaTrainError(f"exact entropy of the eval set: {error}") from None
+        return sums
+
+    def _sum_computed_online(self) -> np.ndarray:
+        sampler = online_sampler(self.spec)
+        conditionals = draw_kernels(self.spec.graph, self.spec.seed)  # what the sampler draws
+        stream = STREAMS[self.split]
+        sums = np.zeros(self.seq_len - 1)
+        for block in range(
+            self.start // sampler.block_size, math.ceil(self.stop / sampler.block_size)
+        ):
+            first = block * sampler.block_size
+            rows = slice(max(self.start - first, 0), min(self.stop - first, sampler.block_size))
+            tokens = sampler.block(stream, block).tokens[rows]
+            kernels = {}
+            if self.spec.graph.has_transition:
+                kernels = {
+                    name: table[rows]
+                    for name, table in sampler.transition_kernels(stream, block).items()
+                }
+            nats = sequence_entropy(
+                self.spec.graph, conditionals, tokens, transition_kernels=kernels
+            )
+            sums += nats.sum(axis=0)
+        return sums
+
+
+def _token_losses(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """-log q(x_t | x_<t) of the model for t = 1..L-1: (B, L-1) float32."""
+    logits = model(tokens[:, :-1]).logits  # (B, L-1, V)
+    return F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    eval_set: EvalSet,
+    *,
+    step: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Mean loss of `model` on the eval set next to the set's exact entropy.
+
+    `amp_dtype` (bf16/fp16) runs the forward pass under autocast as training
+    does; per-token losses are summed in float64 so the mean does not depend
+    on the batch size beyond float32 rounding of each token's loss.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(eval_set.seq_len - 1, dtype=torch.float64, device=device)
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        for rows in eval_set.batches(batch_size):
+            tokens = torch.from_numpy(rows.astype(np.int64)).to(device)
+            with autocast:
+                losses = _token_losses(model, tokens)
+            sums += losses.double().sum(dim=0)
+    finally:
+        model.train(was_training)
+    loss_curve = (_all_reduce_sum(sums).cpu().numpy()) / eval_set.n_sequences
+    entropy_curve, method = eval_set.entropy_per_position()
+    return EvalResult(
+        step=step,
+        split=eval_set.split,
+        n_sequences=eval_set.n_sequences,
+        loss=float(loss_curve.mean()),
+        entropy=float(entropy_curve.mean()),
+        entropy_method=method,
+        loss_per_position=loss_curve.tolist(),
+        entropy_per_position=entropy_curve.tolist(),
+    )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    checkpoint: int | None = None,
+    data: str | Path | None = None,
+    split: str | None = None,
+    max_sequences: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+) -> EvalResult:
+    """Evaluate a saved checkpoint of a run (the latest by default), on its store or another.
+
+    The model is rebuilt from the architecture stored in the checkpoint, so the
+    run's config may have changed since. `data` names any compatible store:
+    same vocabulary, and sequences no longer than the model's context.
+    Defaults for split and max_sequences come from the run's eval section.
+    """
+    from llama_train.checkpoint import CheckpointManager
+    from llama_train.config import read_run_config
+    from llama_train.data import DataConfig, resolve_data
+    from llama_train.model import Llama, ModelConfig
+    from llama_train.train import CHECKPOINT_DIR, resolve_amp, resolve_device
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    manager = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=None)
+    if checkpoint is None:
+        latest = manager.load_latest()
+        if latest is None:
+            raise LlamaTrainError(f"{run_dir} has no checkpoint yet; train it first")
+        step, state = latest
+    else:
+        step, state = checkpoint, manager.load(checkpoint)
+    model_config = ModelConfig.model_validate(state.get("model_config", config.model.model_dump()))
+    data_config = (
+        config.data
+        if data is None
+        else DataConfig(path=Path(data), batch_size=config.data.batch_size)
+    )
+    spec = resolve_data(data_config)
+    _check_compatible(model_config, spec, data_config)
+    torch_device = resolve_device(config.train.model_copy(update={"device": device}), _single())
+    model = Llama(model_config).to(torch_device)
+    model.load_state_dict(state["model"])
+    eval_set = EvalSet(
+        spec,
+        split=split or config.eval.split,
+        max_sequences=max_sequences if max_sequences is not None else config.eval.max_sequences,
+    )
+    return evaluate(
+        model,
+        eval_set,
+        step=step,
+        batch_size=batch_size or config.eval.batch_size or config.data.batch_size,
+        device=torch_device,
+        amp_dtype=resolve_amp(config.train.amp, torch_device),
+    )
+
+
+def _single() -> Any:
+    from llama_train.distributed import RankInfo
+
+    return RankInfo()
+
+
+def _check_compatible(model_config: Any, spec: DataSpec, data_config: Any) -> None:
+    where = f"the store {data_config.path}" if data_config.path else "the data"
+    if model_config.vocab_size != spec.vocab_size:
+        raise LlamaTrainError(
+            f"the model has vocab_size {model_config.vocab_size} but {where} has "
+            f"{spec.vocab_size} tokens; evaluate on a store of the same vocabulary"
+        )
+    if spec.seq_len - 1 > model_config.max_seq_len:
+        raise LlamaTrainError(
+            f"{where} has sequences of {spec.seq_len} tokens but the model's context is "
+            f"max_seq_len {model_config.max_seq_len}; evaluate on shorter sequences"
+        )

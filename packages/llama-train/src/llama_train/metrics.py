@@ -1,0 +1,278 @@
+"""Metrics: one JSON object per line in `<run dir>/metrics.jsonl`, and wandb when asked.
+
+The JSONL file is the record of a run (plots, summaries and sweeps read it);
+wandb is a mirror. Only rank 0 writes either: every other rank gets a logger
+that does nothing, so the loop never branches on the rank to log.
+
+On resume, lines past the checkpoint's step are dropped before appending
+(they belong to steps that are about to be replayed), so the file of a
+resumed run reads like the file of a run that was never interrupted. The
+wandb run id is kept in the run directory, and a resumed run logs into the
+same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from llama_train.errors import LlamaTrainError
+
+METRICS_FILENAME = "metrics.jsonl"
+WANDB_ID_FILENAME = "wandb_run_id"
+
+
+def system_metrics(device: torch.device) -> dict[str, Any]:
+    """Host and memory figures added to training lines: where and how big the process runs."""
+    figures: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+    }
+    if device.type == "cuda":
+        figures["gpu_mem_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+        figures["gpu_max_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return figures
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The lines of a metrics file; a torn last line (a killed writer) is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILENAME
+    if not path.is_file():
+        raise LlamaTrainError(f"no metrics file at {path}")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep only the lines with `step` <= the given step (atomically rewritten)."""
+    if not path.is_file():
+        return
+    kept = [json.dumps(record) for record in read_metrics(path) if record.get("step", 0) <= step]
+    partial = path.with_suffix(".jsonl.partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe value: tensors to numbers, non-finite floats to null (strict JSON)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricLogger:
+    """Writes metrics lines (rank 0 only) to metrics.jsonl and, when enabled, to wandb."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        wandb_mode: str = "disabled",
+        wandb_project: str | None = None,
+        wandb_entity: str | None = None,
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.path = self.run_dir / METRICS_FILENAME
+        self._file = None
+        self._wandb_run = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            truncate_after(self.path, resume_step)
+        self._file = self.path.open("a", buffering=1)  # line-buffered: a kill loses <= 1 line
+        if wandb_mode != "disabled":
+            self._wandb_run = _start_wandb(
+                self.run_dir, wandb_mode, wandb_project, wandb_entity, run_name, config or {}
+            )
+
+    def log(self, metrics: Mapping[str, Any]) -> None:
+        """Append one line; `metrics` must hold an integer `step`."""
+        if not self.enabled:
+            return
+        assert "step" in metrics, "every metrics line carries its step"
+        record = {key: _clean(value) for key, value in metrics.items()}
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            numeric = {
+                key: value
+                for key, value in record.items()
+                if key != "step" and isinstance(value, int | float) and value is not None
+            }
+            self._wandb_run.log(numeric, step=int(record["step"]))
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The wandb run id in use, None when wandb is off."""
+        return None if self._wandb_run is None else self._wandb_run.id
+
+    def close(self) -> None:
+        """Flush and close the file and the wandb run (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's wandb id: read from the run directory, or made and stored on first use."""
+    id_path = run_dir / WANDB_ID_FILENAME
+    if id_path.is_file():
+        return id_path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    id_path.write_text(run_id + "\n")
+    return run_id
+
+
+def _start_wandb(
+    run_dir: Path,
+    mode: str,
+    project: str | None,
+    entity: str | None,
+    name: str | None,
+    config: Mapping[str, Any],
+) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise LlamaTrainError(
+            "logging.wandb.mode is set but wandb is not installed; "
+            "pip install 'llama-train[wandb]' or set logging.wandb.mode=disabled"
+        ) from None
+    # Passed explicitly (WANDB_DIR if set, else the run directory): wandb reads its
+    # environment once per process, and a later run must not write into an earlier one's.
+    directory = os.environ.get("WANDB_DIR") or str(run_dir)
+    return wandb.init(
+        project=project,
+        entity=entity,
+        name=name,
+        id=wandb_run_id(run_dir),
+        resume="allow",
+        mode=mode,
+        config=dict(config),
+        dir=directory,
+    )
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw a run's curves into a PNG (default `<run dir>/loss.png`); return its path.
+
+    Left (log scale): training loss per metrics line, evaluation loss, and
+    the exact entropy of the evaluation set as the floor. Right: the last evaluation's
+    loss at each position next to the exact entropy at that position.
+    """
+    from llama_train.evaluate import latest_result
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LlamaTrainError(
+            "plotting needs matplotlib: pip install 'llama-train[plot]'"
+        ) from None
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train_lines = [r for r in records if r.get("loss") is not None]
+    eval_lines = [r for r in records if r.get("eval/loss") is not None]
+    if not train_lines and not eval_lines:
+        raise LlamaTrainError(f"{run_dir / METRICS_FILENAME} has no loss to plot yet")
+    final = latest_result(run_dir)
+    figure, (curve, positions) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if train_lines:
+        curve.plot(
+            [r["step"] for r in train_lines],
+            [r["loss"] for r in train_lines],
+            label="training loss",
+            color="tab:blue",
+            linewidth=1,
+        )
+    if eval_lines:
+        curve.plot(
+            [r["step"] for r in eval_lines],
+            [r["eval/loss"] for r in eval_lines],
+            "o-",
+            label="test loss",
+            color="tab:orange",
+            markersize=3,
+        )
+        entropy = eval_lines[-1]["eval/entropy"]
+        curve.axhline(
+            entropy, color="black", linestyle="--", label=f"exact entropy {entropy:.4f} nats"
+        )
+    for key, label, style in (("unigram_bits", "unigram", ":"), ("zstd_bits", "zstd", "-.")):
+        nats = _baseline_nats(run_dir, key)
+        if nats is not None:
+            curve.axhline(nats, color="grey", linestyle=style, label=f"{label} {nats:.4f} nats")
+    # Log scale: the approach to the floor, not the first steps, is the story.
+    curve.set_yscale("log")
+    curve.set_xlabel("step")
+    curve.set_ylabel("nats per token (log scale)")
+    curve.set_title(f"{run_dir.name}: loss against the exact entropy")
+    curve.legend(fontsize="small")
+    curve.grid(alpha=0.3)
+    if final is not None:
+        xs = range(1, len(final.loss_per_position) + 1)
+        positions.plot(
+            xs, final.loss_per_position, label=f"model (step {final.step})", color="tab:orange"
+        )
+        positions.plot(
+            xs, final.entropy_per_position, label="exact entropy", color="black", linestyle="--"
+        )
+        positions.set_title(f"per position, {final.split} split ({final.n_sequences} sequences)")
+        positions.legend()
+    else:
+        positions.set_title("no evaluation yet")
+    positions.set_xlabel("position t (predicting x_t from x_<t)")
+    positions.set_ylabel("nats")
+    positions.grid(alpha=0.3)
+    figure.tight_layout()
+    target = Path(out) if out is not None else run_dir / "loss.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target
+
+
+def _baseline_nats(run_dir: Path, key: str) -> float | None:
+    """A baseline of the run's data from its summary.json (bits there), in nats; None if absent."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    baselines = json.loads(path.read_text()).get("baselines") or {}
+    return baselines[key] * math.log(2) if key in baselines else None

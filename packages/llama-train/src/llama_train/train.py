@@ -1,0 +1,585 @@
+"""The training recipe, top to bottom.
+
+Launch (from the repository root)::
+
+    llama-train run packages/llama-train/configs/debug.yaml            # CPU or one GPU
+    llama-train run packages/llama-train/configs/demo.yaml optim.lr=1e-3 train.steps=200
+    python -m llama_train run CONFIG ...                               # the same
+
+Running the same command again on the same `run.dir` resumes from the latest
+checkpoint, and the losses continue exactly as if the run had never stopped
+(bit-exact on CPU): model, optimizer, grad scaler, loader position, every RNG
+state and the loop's own counters are in each checkpoint, and the learning
+rate is a pure function of the step (`optim.lr_at`).
+
+The recipe: resolve the config (done by the caller) -> write it to
+`run.dir/config.yaml` -> build the model (seeded), optimizer and loader ->
+load the latest checkpoint if any -> loop: `grad_accum` micro-batches under
+autocast, unscale, clip (the pre-clip norm is logged), step -> metrics every
+`train.log_every` steps, evaluation every `eval.every`, a checkpoint every
+`checkpoint.every`, all three at the last step -> `summary.json`.
+
+Ranks: only rank 0 writes metrics, checkpoints and the summary; the logged
+loss is averaged over ranks. Launching several processes is issue 5's work
+(DDP/FSDP); until then a multi-process launch is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from llama_train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from llama_train.config import (
+    CONFIG_FILENAME,
+    TrainConfig,
+    TrainSection,
+    load_yaml,
+    write_config,
+)
+from llama_train.data import DataSpec, TrainLoader, build_loader, resolve_data
+from llama_train.distributed import RankInfo, rank_info
+from llama_train.errors import LlamaTrainError
+from llama_train.evaluate import (
+    EvalResult,
+    EvalSet,
+    drop_results_after,
+    eval_file,
+    evaluate,
+    save_result,
+)
+from llama_train.metrics import MetricLogger, system_metrics
+from llama_train.model import Llama
+from llama_train.optim import build_optimizer, clip_gradients, lr_at, set_lr
+
+CHECKPOINT_DIR = "checkpoints"
+SUMMARY_FILENAME = "summary.json"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+console = Console(stderr=True)
+
+
+# ---------------------------------------------------------------------------
+# Loop state
+
+
+@dataclass
+class TrainState:
+    """The loop's own resumable counters (saved in every checkpoint as plain types)."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # predicted tokens consumed, all ranks
+    train_seconds: float = 0.0  # time inside training steps, all sessions
+    wall_seconds: float = 0.0  # wall-clock time of the run, all sessions (up to the last save)
+    window_losses: list[float] = field(default_factory=list)  # since the last metrics line
+    window_grad_norms: list[float] = field(default_factory=list)
+    last_eval: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
+        return cls(**state)
+
+
+class NonFiniteLoss(LlamaTrainError):
+    """The loss (or gradient norm) became NaN or infinite: the run stops."""
+
+
+class LossWindow:
+    """Per-step losses and pre-clip gradient norms since the last metrics line.
+
+    Kept as device tensors between syncs so the loop never waits on the GPU;
+    `sync` fetches them once (at a log, eval or checkpoint step), checks them
+    and averages the loss over ranks.
+    """
+
+    def __init__(self, state: TrainState, *, check_grad_norm: bool) -> None:
+        self.state = state
+        self.check_grad_norm = check_grad_norm
+        self._losses: list[torch.Tensor] = []
+        self._grad_norms: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, seconds: float) -> None:
+        self._losses.append(loss.detach().float())
+        self._grad_norms.append(grad_norm.detach().float())
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def sync(self) -> None:
+        """Move pending values into the state; raise NonFiniteLoss at the first bad step."""
+        if not self._losses:
+            return
+        started = time.perf_counter()
+        values = torch.stack([torch.stack(self._losses), torch.stack(self._grad_norms)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values[0], op=dist.ReduceOp.SUM)
+            values[0] /= dist.get_world_size()
+        losses, norms = values.cpu().tolist()
+        self.seconds += time.perf_counter() - started
+        first = self.state.step - len(losses) + 1
+        for offset, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
+            if not math.isfinite(loss) or (self.check_grad_norm and not math.isfinite(norm)):
+                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+                raise NonFiniteLoss(_nonfinite_message(what, first + offset))
+        self.state.window_losses.extend(losses)
+        self.state.window_grad_norms.extend(norms)
+        self._losses, self._grad_norms = [], []
+
+    def flush(self) -> dict[str, float]:
+        """The figures of a metrics line for the synced window; start a new window."""
+        losses, norms = self.state.window_losses, self.state.window_grad_norms
+        figures = {
+            "loss": math.fsum(losses) / len(losses),
+            "grad_norm": math.fsum(norms) / len(norms),
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+        }
+        self.state.window_losses, self.state.window_grad_norms = [], []
+        self.seconds, self.tokens = 0.0, 0
+        return figures
+
+
+def _nonfinite_message(what: str, step: int) -> str:
+    return f"{what} at step {step}: stopping without saving this step's state"
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+def resolve_device(section: TrainSection, ranks: RankInfo) -> torch.device:
+    """`auto` is CUDA when available (device `local_rank`), else the CPU."""
+    wanted = section.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda":
+        if not torch.cuda.is_available():
+            raise LlamaTrainError("train.device=cuda but CUDA is not available; use auto or cpu")
+        device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return device
+    return torch.device("cpu")
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = full precision). `auto`: bf16 on CUDA, fp32 on CPU."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "fp16" and device.type != "cuda":
+        raise LlamaTrainError(
+            "train.amp=fp16 needs CUDA (its gradient scaler is a GPU tool); "
+            "use bf16 or fp32 on the CPU"
+        )
+    return AMP_DTYPES[amp]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global RNG the loop may draw from (dropout, workers)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) -> list[str]:
+    """Compare the config of an existing run with this one before resuming it.
+
+    A different model cannot load the checkpoint: a user error naming the keys.
+    Other differences are allowed (a longer run, another eval cadence) and
+    returned as `key: old -> new` lines to show.
+    """
+    old_path = run_dir / CONFIG_FILENAME
+    if not has_checkpoint or not old_path.is_file():
+        return []
+    old = _flatten(load_yaml(old_path))
+    new = _flatten(config.model_dump(mode="json"))
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    model_changes = [key for key in changed if key.startswith("model.")]
+    if model_changes:
+        details = ", ".join(f"{key}: {old.get(key)} -> {new.get(key)}" for key in model_changes)
+        raise LlamaTrainError(
+            f"{run_dir} holds checkpoints of another model ({details}); "
+            "resume with the original model settings or choose another run.dir"
+        )
+    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in changed]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _progress_bar(enabled: bool, total: int) -> Progress:
+    return Progress(
+        TextColumn("step {task.completed}/{task.total}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("excess {task.fields[excess]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Trainer:
+    """Everything a run holds; built by :func:`build_trainer`, driven by :meth:`run`."""
+
+    config: TrainConfig
+    ranks: RankInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    spec: DataSpec
+    model: Llama
+    step_model: torch.nn.Module  # the model as the loop calls it (compiled or not)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: TrainLoader
+    checkpoints: CheckpointManager
+    eval_set: EvalSet
+    state: TrainState
+    resumed: bool
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Predicted tokens per optimizer step, all ranks (L-1 per sequence)."""
+        data = self.config.data
+        return (
+            data.batch_size
+            * (self.spec.seq_len - 1)
+            * self.config.train.grad_accum
+            * self.ranks.world_size
+        )
+
+    def say(self, message: str) -> None:
+        if self.ranks.is_main:
+            console.print(message, highlight=False, soft_wrap=True)
+
+    # -- one optimizer step --------------------------------------------------
+
+    def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate `grad_accum` micro-batches, clip, step. Returns (mean loss, pre-clip norm)."""
+        config = self.config
+        set_lr(self.optimizer, lr_at(self.state.step, config.train.steps, config.optim))
+        accum = config.train.grad_accum
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            batch = next(batches).to(self.device, non_blocking=True)  # (B, L)
+            with _autocast(self.device, self.amp_dtype):
+                loss = self.step_model(batch[:, :-1], batch[:, 1:]).loss / accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # true gradients before measuring/clipping
+        grad_norm = clip_gradients(self.model, config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    # -- evaluation and checkpoints -----------------------------------------
+
+    def evaluate(self) -> EvalResult:
+        batch_size = self.config.eval.batch_size or self.config.data.batch_size
+        return evaluate(
+            self.model,
+            self.eval_set,
+            step=self.state.step,
+            batch_size=batch_size,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+        )
+
+    def save_checkpoint(self) -> None:
+        if not self.ranks.is_main:
+            return
+        self.checkpoints.save(
+            self.state.step,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "loader": self.loader.state_dict(),
+                "rng": rng_state(),
+                "trainer": self.state.state_dict(),
+                "model_config": self.config.model.model_dump(mode="json"),
+            },
+        )
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.state = TrainState.from_state_dict(state["trainer"])
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self, *, progress: bool | None = None) -> dict[str, Any]:
+        """Train to `train.steps`, evaluating and checkpointing on schedule; return the summary."""
+        config = self.config
+        show = (config.train.progress if progress is None else progress) and self.ranks.is_main
+        wandb = config.logging.wandb
+        logger = MetricLogger(
+            self.run_dir,
+            enabled=self.ranks.is_main,
+            resume_step=self.state.step if self.resumed else None,
+            wandb_mode=wandb.effective_mode,
+            wandb_project=wandb.project,
+            wandb_entity=wandb.entity,
+            run_name=config.run.name,
+            config=config.model_dump(mode="json"),
+        )
+        with logger, _progress_bar(show, config.train.steps) as bar:
+            task = bar.add_task(
+                "train",
+                total=config.train.steps,
+                completed=self.state.step,
+                loss="-",
+                excess="-",
+                speed="-",
+            )
+            try:
+                self._loop(logger, bar, task)
+            except NonFiniteLoss as error:
+                raise NonFiniteLoss(f"{error}. {self._last_good()}") from None
+            if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
+                self._evaluate_and_log(logger)
+        return self.write_summary()
+
+    def _loop(self, logger: MetricLogger, bar: Progress, task: Any) -> None:
+        config, state = self.config, self.state
+        steps = config.train.steps
+        window = LossWindow(state, check_grad_norm=self.amp_dtype != torch.float16)
+        batches = iter(self.loader)
+        session_start = time.perf_counter()
+        wall_before = state.wall_seconds
+
+        def elapsed() -> float:
+            return wall_before + time.perf_counter() - session_start
+
+        while state.step < steps:
+            started = time.perf_counter()
+            loss, grad_norm = self.train_step(batches)
+            state.step += 1
+            state.tokens += self.tokens_per_step
+            seconds = time.perf_counter() - started
+            state.train_seconds += seconds
+            window.add(loss, grad_norm, self.tokens_per_step, seconds)
+            last = state.step == steps
+            due_log = state.step % config.train.log_every == 0 or last
+            due_eval = state.step % config.eval.every == 0 or last
+            due_checkpoint = state.step % config.checkpoint.every == 0 or last
+            if not (due_log or due_eval or due_checkpoint):
+                continue
+            window.sync()
+            if due_log:
+                figures = window.flush()
+                logger.log(
+                    {
+                        "step": state.step,
+                        **figures,
+                        "lr": lr_at(state.step - 1, steps, config.optim),
+                        "tokens": state.tokens,
+                        "epoch": self.loader.epoch,
+                        "elapsed": elapsed(),
+                        "train_seconds": state.train_seconds,
+                        **system_metrics(self.device),
+                    }
+                )
+                bar.update(task, loss=f"{figures['loss']:.4f}", speed=_si(figures["tokens_per_s"]))
+            if due_eval:
+                result = self._evaluate_and_log(logger)
+                bar.update(task, excess=f"{result.excess:.4f}")
+            if due_checkpoint:
+                state.wall_seconds = elapsed()
+                self.save_checkpoint()
+            bar.update(task, completed=state.step)
+
+    def _last_good(self) -> str:
+        steps = self.checkpoints.steps()
+        where = (
+            f"The last good checkpoint (step {steps[-1]}) is kept in {self.checkpoints.directory}"
+            if steps
+            else "No checkpoint was saved yet"
+        )
+        return (
+            f"{where}; lower optim.lr, raise optim.warmup_steps or use train.amp=fp32, "
+            "then run the same command to resume"
+        )
+
+    def _evaluate_and_log(self, logger: MetricLogger) -> EvalResult:
+        result = self.evaluate()
+        self.state.last_eval = result.to_dict()
+        if self.ranks.is_main:
+            logger.log({"step": result.step, **result.metrics()})
+            save_result(result, eval_file(self.run_dir, result.step))
+        self.say(
+            f"step {result.step}: {result.split} loss {result.loss:.4f}, exact entropy "
+            f"{result.entropy:.4f}, excess {result.excess:.4f} nats ({result.excess_bits:.4f} bits)"
+        )
+        return result
+
+    def write_summary(self) -> dict[str, Any]:
+        """summary.json: the final evaluation and the run's totals (nats, with bits beside)."""
+        assert self.state.last_eval is not None
+        result = EvalResult.from_dict(self.state.last_eval)
+        summary: dict[str, Any] = {
+            "step": self.state.step,
+            "test_loss": result.loss,
+            "test_entropy": result.entropy,
+            "excess_loss": result.excess,
+            "test_loss_bits": result.loss_bits,
+            "test_entropy_bits": result.entropy_bits,
+            "excess_loss_bits": result.excess_bits,
+            "entropy_method": result.entropy_method,
+            "eval_split": result.split,
+            "eval_sequences": result.n_sequences,
+            "parameters": self.model.num_parameters(),
+            "tokens": self.state.tokens,
+            "train_seconds": self.state.train_seconds,
+            "tokens_per_s": self.state.tokens / max(self.state.train_seconds, 1e-9),
+            "data": str(self.config.data.path) if self.config.data.path else None,
+            "baselines": self._baselines(),
+        }
+        if self.ranks.is_main:
+            path = self.run_dir / SUMMARY_FILENAME
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps(summary, indent=1))
+            os.replace(partial, path)
+        return summary
+
+    def _baselines(self) -> dict[str, float] | None:
+        store = self.spec.store
+        if store is None or self.eval_set.split not in store.manifest.splits:
+            return None
+        baselines = store.baselines(self.eval_set.split)
+        return None if baselines is None else baselines.model_dump()
+
+
+def build_trainer(config: TrainConfig) -> Trainer:
+    """Write the config, build model/optimizer/loader, and load the latest checkpoint."""
+    ranks = rank_info()
+    if ranks.distributed:
+        raise LlamaTrainError(
+            f"this is rank {ranks.rank} of {ranks.world_size} ({ranks.launcher}): multi-process "
+            "training is not supported yet; run a single process"
+        )
+    run_dir = config.run_dir
+    checkpoints = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep)
+    has_checkpoint = bool(checkpoints.steps())
+    changes = check_resumable(run_dir, config, has_checkpoint)
+    if ranks.is_main:
+        write_config(config)
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    device = resolve_device(config.train, ranks)
+    amp_dtype = resolve_amp(config.train.amp, device)
+    spec = resolve_data(config.data)
+    seed_everything(config.run.seed + ranks.rank)
+    model = Llama(config.model, seed=config.run.seed).to(device)
+    optimizer = build_optimizer(model, config.optim)
+    loader = build_loader(
+        config.data,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        seq_len=spec.seq_len,
+        seed=config.run.seed,
+        spec=spec,
+    )
+    eval_set = EvalSet(
+        spec,
+        split=config.eval.split,
+        max_sequences=config.eval.max_sequences,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+    )
+    trainer = Trainer(
+        config=config,
+        ranks=ranks,
+        device=device,
+        amp_dtype=amp_dtype,
+        spec=spec,
+        model=model,
+        step_model=torch.compile(model) if config.train.compile else model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        loader=loader,
+        checkpoints=checkpoints,
+        eval_set=eval_set,
+        state=TrainState(),
+        resumed=False,
+    )
+    latest = checkpoints.load_latest(map_location=device) if has_checkpoint else None
+    if latest is not None:
+        step, state = latest
+        trainer.restore(state)
+        trainer.resumed = True
+        if ranks.is_main:
+            drop_results_after(run_dir, step)
+        trainer.say(f"resuming {run_dir} from step {step}")
+        for change in changes:
+            trainer.say(f"  changed since the checkpoint: {change}")
+    trainer.say(
+        f"model: {model.num_parameters():,} parameters "
+        f"({model.num_parameters(exclude_embeddings=True):,} without embeddings); "
+        f"{trainer.tokens_per_step:,} tokens per step on {device}"
+        + (f" with {config.train.amp} autocast" if amp_dtype is not None else "")
+    )
+    return trainer
+
+
+def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run (or resume) the training described by a resolved config; return the summary.
+
+    `progress` overrides `train.progress` (the benchmark and tests turn it off).
+    """
+    return build_trainer(config).run(progress=progress)
