@@ -5,7 +5,7 @@
 
 Three commands of the repository, run as a user would run them:
 
-1. `gssm-data generate --preset hmm ...` writes `datasets/demo-hmm.zarr` (20,000 training
+1. `gssm-data generate --preset base ...` writes `datasets/demo-base.zarr` (20,000 training
    and 1,000 test sequences of 129 tokens, with their exact entropy); a complete store is
    reused, so the script is idempotent.
 2. `llama-train run packages/llama-train/configs/demo.yaml` trains into `runs/demo`
@@ -32,11 +32,11 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "packages" / "llama-train" / "configs" / "demo.yaml"
-STORE = ROOT / "datasets" / "demo-hmm.zarr"
+STORE = ROOT / "datasets" / "demo-base.zarr"
 RUN_DIR = ROOT / "runs" / "demo"
 GENERATE = [
     "generate",
-    "--preset", "hmm",
+    "--preset", "base",
     "--n", "20000",
     "--n-test", "1000",
     "--seq-len", "129",

@@ -7,6 +7,7 @@ Commands live in sibling modules (``data``: generate/info/verify/presets;
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
@@ -28,6 +29,21 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one clear line on stderr; return the Exit to raise (``raise fail(...)``)."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def progress_wanted(quiet: bool) -> bool:
+    """Progress bars only for a person watching: not --quiet, and stderr a terminal."""
+    return not quiet and sys.stderr.isatty()
+
+
+def say(quiet: bool) -> Callable[[str], None]:
+    """A printer of messages on stderr (stdout carries results), silenced by --quiet."""
+
+    def print_message(message: str) -> None:
+        if not quiet:
+            err_console.print(message, highlight=False, soft_wrap=True)
+
+    return print_message
 
 
 def main() -> None:

@@ -8,16 +8,16 @@ for what scripts read (the store's path, the JSON manifest).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from gssm_data.cli.app import app, console, err_console, fail
+from gssm_data.cli.app import app, console, err_console, fail, progress_wanted, say
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import (
     GenerateOptions,
@@ -34,19 +34,6 @@ from gssm_data.store import PROGRESS_DIR, Store, open_store, verify_store
 
 # The upstream experiments' reference configuration, and the benchmark's.
 DEFAULT_PRESET = "hmm"
-
-
-def _interactive(quiet: bool) -> bool:
-    """Progress bars only for a person watching (not --quiet, stderr a terminal)."""
-    return not quiet and sys.stderr.isatty()
-
-
-def _log(quiet: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if not quiet:
-            err_console.print(message, highlight=False, soft_wrap=True)
-
-    return log
 
 
 def resolve_graph(
@@ -146,7 +133,7 @@ def generate_command(
     Resumable: after a kill, run the same command again. Same spec and seed
     give the same bytes whatever --workers or --shard.
     """
-    log = _log(quiet)
+    log = say(quiet)
     try:
         spec, name = resolve_graph(preset, graph, mode)
         if target_bits is not None:
@@ -178,7 +165,7 @@ def generate_command(
             with_latents=with_latents,
             force=force,
         )
-        result = generate(options, show_progress=_interactive(quiet), log=log)
+        result = generate(options, show_progress=progress_wanted(quiet), log=log)
     except GssmDataError as error:
         raise fail(str(error)) from None
     except KeyboardInterrupt:
@@ -229,6 +216,10 @@ def _summary_table(store: Store) -> Table:
         ("token dtype", m.token_dtype),
         ("block size", m.block_size),
         ("latents stored", "yes" if m.with_latents else "no"),
+        *(
+            (f"{split} split", f"{info.n:,} sequences ({info.blocks:,} blocks)")
+            for split, info in m.splits.items()
+        ),
         ("created", m.created_at),
         ("format", f"{m.format_version} (gssm-data {m.package_version})"),
     ):
@@ -267,21 +258,20 @@ def _graph_table(graph: GraphSpec) -> Table:
 
 
 def _splits_table(store: Store) -> Table:
-    table = Table(title="splits (bits per predicted token)")
-    columns = ("split", "sequences", "blocks", "entropy", "± stderr", "measured on", "method")
-    for column in (*columns, "unigram", "zstd", "gzip"):
+    """Entropy beside its three upper bounds; narrow enough for an 80-column terminal."""
+    table = Table(title="bits per predicted token", box=box.SIMPLE_HEAD, title_justify="left")
+    for column in ("split", "exact ± stderr", "over", "method", "unigram", "zstd", "gzip"):
         table.add_column(column, justify="left" if column in ("split", "method") else "right")
     for split, info in store.manifest.splits.items():
         entropy, baselines = info.entropy, info.baselines
         measured = (
             [
-                f"{entropy.bits_per_token:.4f}",
-                f"{entropy.stderr / math.log(2):.4f}",
+                f"{entropy.bits_per_token:.4f} ± {entropy.stderr / math.log(2):.4f}",
                 f"{entropy.n_sequences:,}",
                 entropy.method,
             ]
             if entropy
-            else ["-"] * 4
+            else ["-"] * 3
         )
         bounds = (
             [
@@ -292,7 +282,7 @@ def _splits_table(store: Store) -> Table:
             if baselines
             else ["-"] * 3
         )
-        table.add_row(split, f"{info.n:,}", f"{info.blocks:,}", *measured, *bounds)
+        table.add_row(split, *measured, *bounds)
     return table
 
 
@@ -311,7 +301,7 @@ def verify_command(
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             console=err_console,
-            disable=not _interactive(quiet),
+            disable=not progress_wanted(quiet),
         ) as progress:
             task = progress.add_task("verify", total=total)
             problems = verify_store(store, on_block=lambda *_: progress.advance(task))

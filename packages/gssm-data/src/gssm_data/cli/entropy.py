@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,7 +17,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from gssm_data.cli.app import app, console, err_console, fail
+from gssm_data.cli.app import app, console, fail, progress_wanted, say
 from gssm_data.cli.data import resolve_graph
 from gssm_data.errors import GssmDataError
 from gssm_data.manifest import Baselines, EntropyStats
@@ -34,21 +32,6 @@ if TYPE_CHECKING:
 DEFAULT_TOLERANCE_BITS = 0.05  # = gssm_data.calibrate.DEFAULT_TOLERANCE_BITS (checked in tests)
 
 LN2 = math.log(2)
-
-
-def _progress_wanted(quiet: bool) -> bool:
-    """Progress bars only for a person watching (not --quiet, stderr a terminal)."""
-    return not quiet and sys.stderr.isatty()
-
-
-def _say(quiet: bool) -> Callable[[str], None]:
-    """Messages on stderr, silenced by --quiet."""
-
-    def say(message: str) -> None:
-        if not quiet:
-            err_console.print(message, highlight=False, soft_wrap=True)
-
-    return say
 
 
 def _device(device: str) -> str | None:
@@ -119,14 +102,14 @@ def entropy_command(
         store = open_store(path, mode="r+" if write else "r")
         if write:
             stats, baselines = write_split_entropy(
-                store, split, quiet=not _progress_wanted(quiet), device=chosen
+                store, split, quiet=not progress_wanted(quiet), device=chosen
             )
         else:
             stats, baselines = measure_split(
                 store,
                 split,
                 max_sequences=max_sequences,
-                quiet=not _progress_wanted(quiet),
+                quiet=not progress_wanted(quiet),
                 device=chosen,
             )
     except GssmDataError as error:
@@ -139,7 +122,7 @@ def entropy_command(
     if stats.note:
         console.print(f"note: {stats.note}", highlight=False, soft_wrap=True)
     if write:
-        _say(quiet)(f"wrote {path}/{split}/entropy ({stats.n_sequences:,} sequences)")
+        say(quiet)(f"wrote {path}/{split}/entropy ({stats.n_sequences:,} sequences)")
 
 
 def entropy_json(path: Path, split: str, stats: EntropyStats, baselines: Baselines) -> dict:
@@ -233,7 +216,7 @@ def calibrate_command(
     Reproducible: the same graph, seed and seq_len give the same alpha. Then
     `gssm-data generate --target-bits B` (same options) builds that dataset.
     """
-    say = _say(quiet)
+    log = say(quiet)
     try:
         spec, name = resolve_graph(preset, graph, mode)
         if target not in ("latent", "observed"):
@@ -249,7 +232,7 @@ def calibrate_command(
             target=target,  # type: ignore[arg-type]  (checked above)
             tolerance_bits=tolerance_bits,
             device=_device(device),
-            log=say,
+            log=log,
         )
     except GssmDataError as error:
         raise fail(str(error)) from None
@@ -308,8 +291,8 @@ def scaling_command(
             scale=scale,
             out_dir=out_dir,
             workers=workers,
-            show_progress=_progress_wanted(quiet),
-            log=_say(quiet),
+            show_progress=progress_wanted(quiet),
+            log=say(quiet),
         )
     except GssmDataError as error:
         raise fail(str(error)) from None
