@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 SCALE ?= small
+TASKS ?= 4
 
 .PHONY: venv demo test test-all lint format bench scaling-data clean
 
@@ -41,8 +42,14 @@ bench: venv
 demo: venv
 	$(BIN)/python scripts/demo.py
 
+# SLURM=1: one Slurm array of TASKS tasks per regime, then a job writing the index
+# (gssm-data submit-scaling); unset, the stores are written here.
 scaling-data: venv
+ifeq ($(SLURM),1)
+	$(BIN)/gssm-data submit-scaling datasets/scaling.yaml --scale $(SCALE) --tasks $(TASKS)
+else
 	$(BIN)/gssm-data scaling datasets/scaling.yaml --scale $(SCALE)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

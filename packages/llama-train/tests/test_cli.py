@@ -109,3 +109,12 @@ def test_python_dash_m_runs_the_same_command_line():
     )
     assert result.returncode == 0
     assert json.loads(result.stdout)["title"] == "TrainConfig"
+
+
+def test_run_refuses_a_config_with_a_sweep_and_points_to_submit(config_file):
+    result = runner.invoke(app, ["run", str(config_file), "sweep.optim.lr=[1e-3,3e-3]"])
+
+    assert result.exit_code == 1
+    assert "llama-train submit" in result.output
+    assert "optim.lr" in result.output
+    assert "Traceback" not in result.output

@@ -222,6 +222,9 @@ def test_the_json_schema_lists_every_section():
         "checkpoint",
         "logging",
         "run",
+        "distributed",  # issue 5, helper "dist"
+        "slurm",  # issue 5, helper "slurm"
+        "sweep",  # issue 5, helper "slurm"
     }
     assert schema["required"] == ["data"]
 

@@ -154,7 +154,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(store, tmp_
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
 
 
-def test_a_multi_process_launch_is_refused_until_distributed_training_exists(
+def test_build_trainer_without_a_process_group_refuses_a_multi_process_launch(
     store, tmp_path, monkeypatch
 ):
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():

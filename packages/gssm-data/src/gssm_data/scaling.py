@@ -19,7 +19,7 @@ running a recipe twice is cheap (its stores are already complete).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -194,16 +194,63 @@ def materialise(
     """
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
+    say = log or (lambda message: None)
+    index_path = Path(out_dir) / recipe_path.stem / f"index-{scale}.json"
+    results: list[RegimeResult] = []
+    for planned in plan_stores(recipe_path, scale=scale, out_dir=out_dir, workers=workers, log=say):
+        options = planned.options
+        generate(options, show_progress=show_progress, log=say)
+        store = open_store(options.out)
+        entropy, baselines = store.entropy("test"), store.baselines("test")
+        assert entropy is not None and baselines is not None, "generate measures the test split"
+        results.append(
+            RegimeResult(
+                planned.regime,
+                options.out,
+                planned.alpha,
+                planned.calibrated_bits,
+                entropy,
+                baselines,
+                recipe.scales[scale].train_sizes,
+            )
+        )
+        _write_index(index_path, recipe, scale, results)
+    return results
+
+
+@dataclass(frozen=True)
+class PlannedStore:
+    """One regime's store, ready to write: what `generate` needs, and how alpha was set."""
+
+    regime: Regime
+    options: GenerateOptions
+    alpha: float | None
+    calibrated_bits: float | None
+
+
+def plan_stores(
+    recipe_path: str | Path,
+    *,
+    scale: str = "small",
+    out_dir: str | Path = "datasets",
+    workers: int | None = None,
+    log: Log | None = None,
+) -> Iterator[PlannedStore]:
+    """The stores of a recipe's scale, one regime at a time (calibrating, or reusing alphas).
+
+    :func:`materialise` writes each as it comes; ``gssm-data submit-scaling``
+    (``gssm_data.slurm``) hands each to a Slurm array instead.
+    """
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path)
     if scale not in recipe.scales:
         raise GssmDataError(
             f"--scale {scale!r} is not in {recipe_path}; scales: {', '.join(recipe.scales)}"
         )
     say = log or (lambda message: None)
     folder = Path(out_dir) / recipe_path.stem
-    index_path = folder / f"index-{scale}.json"
     calibrations_path = folder / CALIBRATIONS_FILE
     sizes = recipe.scales[scale]
-    results: list[RegimeResult] = []
     for regime in recipe.regimes_of(scale):
         say(f"regime {regime.name}")
         graph, alpha, calibrated = _resolve_alpha(
@@ -230,15 +277,7 @@ def materialise(
             seed=recipe.seed,
             workers=workers or available_cpus(),
         )
-        generate(options, show_progress=show_progress, log=say)
-        store = open_store(path)
-        entropy, baselines = store.entropy("test"), store.baselines("test")
-        assert entropy is not None and baselines is not None, "generate measures the test split"
-        results.append(
-            RegimeResult(regime, path, alpha, calibrated, entropy, baselines, sizes.train_sizes)
-        )
-        _write_index(index_path, recipe, scale, results)
-    return results
+        yield PlannedStore(regime, options, alpha, calibrated)
 
 
 def _resolve_alpha(

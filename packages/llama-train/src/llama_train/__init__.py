@@ -11,10 +11,12 @@ layer over them)::
     result = evaluate_run(config.run.dir)   # test loss, exact entropy, excess loss
 
 One module per job: `config` (composes the sections, YAML, overrides, the link to
-the store), `data` (loader), `model`, `optim`, `checkpoint`, `distributed` (rank
-info), `train` (the recipe), `evaluate` (against the exact entropy), `metrics`
-(JSONL, wandb, plots), `cli`. Names are imported on first use, so `import
-llama_train` and `llama-train --help` stay fast.
+the store), `data` (loader), `model`, `optim`, `checkpoint`, `distributed` (ranks,
+the process group, DDP/FSDP2, preemption, the `--nproc` launch), `train` (the
+recipe), `evaluate` (against the exact entropy), `metrics` (JSONL, wandb,
+plots), `slurm` and `sweep` (submitit jobs, grids, requeue), `cli`. Names are
+imported on first use, so `import llama_train` and `llama-train --help` stay
+fast.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Checkpoints: atomic step folders with checksums, retention, and corrupt fallback.
 
-Layout of a checkpoint directory::
+Layout of a checkpoint directory (the trainer's format, :class:`DcpPayload`)::
 
     step_000300/
-        model_optim.pt   the payload: model and optimizer state (see TorchPayload)
-        state.pt         everything else: step, loader position, RNG states, ...
+        dcp/             model and optimizer through torch.distributed.checkpoint:
+            .metadata        what every tensor is and where its pieces are
+            __0_0.distcp     one file per rank (rank r's shards, or its share of
+            __1_0.distcp     the replicated tensors): resharded on load, N -> M ranks
+        state.pt         everything else: step, loader position, RNG states of every rank, ...
         meta.json        written last: step, payload format, size and sha256 of every file
         PENDING_EVAL     marker: retention never deletes the folder while it exists
     .step_000400.tmp/    a save in progress, or one killed midway: never read
@@ -15,14 +18,21 @@ parent. A killed save therefore leaves only a hidden folder (removed by the
 next save), and a folder that was damaged later (disk error, a partial copy)
 fails its checksums: ``load_latest`` warns and falls back to the previous one.
 
-The model and optimizer go through one seam, the payload format, so that
-sharded training can write them with torch.distributed.checkpoint (one shard
-per rank, reshardable from N to M processes) while this module keeps the
-atomic rename, checksums, retention and fallback.
+The model and optimizer go through one seam, the payload format: DCP for
+training (any number of ranks, sharded or not), or one torch.save file
+(:class:`TorchPayload`, what one process without DCP would write). This module
+keeps the atomic rename, checksums, retention and fallback for both.
+
+With several ranks (a process group is up) every rank calls ``save`` and
+``load_latest``: the payload is written and read by all of them, everything
+else by rank 0 (the folder, state.pt, checksums, rename, retention), and the
+choice of checkpoint is rank 0's, broadcast, so all ranks load the same step.
+The checkpoint directory must be on a file system all ranks share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -31,7 +41,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from llama_train import distributed
 from llama_train.errors import LlamaTrainError
 
 FORMAT_VERSION = 1
@@ -69,6 +80,8 @@ class PayloadFormat(Protocol):
     `write` puts files under `folder` (any names except state.pt, meta.json
     and PENDING_EVAL, subfolders allowed); every file it leaves is checksummed.
     `read` returns {"model": ..., "optimizer": ...} from such a folder.
+    A format that can also load *into* existing (possibly sharded) state dicts,
+    as a resuming run needs, has ``read_into(folder, into)`` (see DcpPayload).
     """
 
     name: str
@@ -89,6 +102,117 @@ class TorchPayload:
 
     def read(self, folder: Path, map_location: str | torch.device) -> dict[str, Any]:
         return torch.load(folder / self.filename, map_location=map_location, weights_only=True)
+
+
+class DcpPayload:
+    """Model and optimizer through torch.distributed.checkpoint (DCP), in `dcp/`.
+
+    Every rank writes its part (its FSDP shards; replicated DDP tensors are
+    written once, spread over the ranks) and rank 0 the metadata. Keys are
+    parameter names (get_state_dict), not positions, so a checkpoint loads into
+    any number of ranks and either strategy: :meth:`read_into` fills the
+    caller's state dicts in place, resharding as needed; :meth:`read` rebuilds
+    plain, full tensors in one process (evaluation). Collective when a process
+    group is up, coordinated over the host (gloo) group so that NCCL runs do
+    not ship planning objects through the GPU; errors on any rank are raised
+    on every rank (DCP gathers them).
+    """
+
+    name = "dcp"
+    dirname = "dcp"
+
+    def write(self, folder: Path, payload: Mapping[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        writer = dcp.FileSystemWriter(folder / self.dirname, sync_files=True)
+        try:
+            with _single_process_is_intended():
+                dcp.save(
+                    dict(payload),
+                    storage_writer=writer,
+                    process_group=distributed.host_group(),
+                    no_dist=_no_group(),
+                )
+        except CheckpointException as error:
+            raise _unwrapped(error) from None
+
+    def read(self, folder: Path, map_location: str | torch.device) -> dict[str, Any]:
+        # What torch's dcp_to_torch_save does: a planner that rebuilds full tensors from
+        # the metadata, and the loader that fills the given dict (dcp.load would not).
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        state: dict[str, Any] = {}
+        try:
+            _load_state_dict(
+                state,
+                storage_reader=dcp.FileSystemReader(folder / self.dirname),
+                planner=_EmptyStateDictLoadPlanner(),
+                no_dist=True,
+            )
+        except CheckpointException as error:
+            raise _unwrapped(error) from None
+        return _to_device(state, map_location)
+
+    def read_into(self, folder: Path, into: dict[str, Any]) -> None:
+        """Load in place into `into` (state dicts from get_state_dict; sharded or not)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        reader = dcp.FileSystemReader(folder / self.dirname)
+        try:
+            with _single_process_is_intended():
+                dcp.load(
+                    into,
+                    storage_reader=reader,
+                    process_group=distributed.host_group(),
+                    no_dist=_no_group(),
+                )
+        except CheckpointException as error:
+            raise _unwrapped(error) from None
+
+
+def _no_group() -> bool:
+    return not distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that it saves or loads in one process: that is what we ask."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+PAYLOAD_FORMATS: dict[str, type[PayloadFormat]] = {"torch": TorchPayload, "dcp": DcpPayload}
+
+
+def _unwrapped(error: BaseException) -> Exception:
+    """DCP's CheckpointException (a BaseException) as an ordinary exception.
+
+    An OSError of any rank comes back as itself, so a full disk still reads as
+    one line; anything else as a RuntimeError with the first rank's reason.
+    """
+    failures = getattr(error, "failures", {})
+    causes = [cause for cause, _ in failures.values()]
+    for cause in causes:
+        if isinstance(cause, OSError):
+            return cause
+    first = causes[0] if causes else error
+    return RuntimeError(f"torch.distributed.checkpoint failed: {type(first).__name__}: {first}")
+
+
+def _to_device(value: Any, map_location: str | torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(map_location)
+    if isinstance(value, dict):
+        return {key: _to_device(item, map_location) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_device(item, map_location) for item in value]
+    return value
 
 
 def save_file(path: Path, obj: Any) -> None:
@@ -134,36 +258,53 @@ class CheckpointManager:
         payload format) and anything else (loader position, RNG states, step)
         in state.pt. A full disk or unwritable directory raises
         LlamaTrainError and leaves no folder that looks like a checkpoint.
+        With a process group, every rank calls it (the payload is collective)
+        and rank 0's non-payload state is the one written; when it returns, on
+        any rank, the checkpoint is published.
         """
         if step < 0:
             raise LlamaTrainError(f"checkpoint step must be non-negative, got {step}")
         final = self.folder(step)
         temporary = self.directory / f".{final.name}.tmp"
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._remove_leftovers()
-            temporary.mkdir()
-            self._write(temporary, step, state)
-            self._publish(temporary, final)
-        except OSError as error:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise LlamaTrainError(self._write_error(error, step)) from None
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-        self._apply_retention(protect=step)
-        return final
-
-    def _write(self, folder: Path, step: int, state: Mapping[str, Any]) -> None:
+        writer = distributed.rank() == 0
         payload = {key: state[key] for key in PAYLOAD_KEYS if key in state}
         rest = {key: value for key, value in state.items() if key not in PAYLOAD_KEYS}
-        self.payload.write(folder, payload)
-        save_file(folder / STATE_FILE, rest)
+        try:
+            with distributed.together(f"preparing checkpoint step {step}"):
+                if writer:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    self._remove_leftovers()
+                    temporary.mkdir()
+            with distributed.together(f"writing checkpoint step {step}"):
+                self.payload.write(temporary, payload)
+            with distributed.together(f"publishing checkpoint step {step}"):
+                if writer:
+                    self._write_rest(temporary, step, rest, sorted(payload))
+                    self._publish(temporary, final)
+        except OSError as error:
+            if writer:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise LlamaTrainError(self._write_error(error, step)) from None
+        except BaseException:
+            if writer:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        with distributed.together(f"removing checkpoints older than step {step}"):
+            if writer:
+                self._apply_retention(protect=step)
+        return final
+
+    def _write_rest(
+        self, folder: Path, step: int, rest: Mapping[str, Any], payload_keys: list[str]
+    ) -> None:
+        """state.pt, then meta.json listing every file (the payload's too), all made durable."""
+        save_file(folder / STATE_FILE, dict(rest))
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "payload": self.payload.name,
-            "payload_keys": sorted(payload),
+            "payload_keys": payload_keys,
+            "world_size": distributed.world_size(),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "files": {name: _file_record(folder / name, sync=True) for name in _files(folder)},
         }
@@ -244,26 +385,33 @@ class CheckpointManager:
     # -- loading -------------------------------------------------------------
 
     def load_latest(
-        self, *, map_location: str | torch.device = "cpu"
+        self,
+        *,
+        map_location: str | torch.device = "cpu",
+        into: dict[str, Any] | None = None,
     ) -> tuple[int, dict[str, Any]] | None:
         """The newest sound checkpoint as (step, state); None when there is none yet.
 
         A checkpoint that fails its checks is skipped with a
         CorruptCheckpointWarning naming the reason; when none is sound,
-        LlamaTrainError lists every reason.
+        LlamaTrainError lists every reason. `into` ({"model": ...,
+        "optimizer": ...} from get_state_dict, sharded or not) is filled in
+        place by a payload that can (DCP) and returned inside the state. With
+        a process group every rank calls it and gets the same step.
         """
         problems = []
-        for step in reversed(self.steps()):
+        for step in reversed(self.agreed_steps()):
             try:
-                return step, self._load(step, map_location)
+                return step, self._load(step, map_location, into)
             except _Unusable as reason:
                 problems.append(f"{self.folder(step).name} ({reason})")
-                warnings.warn(
-                    f"checkpoint {self.folder(step)} is unusable ({reason}); "
-                    "trying the previous one",
-                    CorruptCheckpointWarning,
-                    stacklevel=2,
-                )
+                if distributed.rank() == 0:
+                    warnings.warn(
+                        f"checkpoint {self.folder(step)} is unusable ({reason}); "
+                        "trying the previous one",
+                        CorruptCheckpointWarning,
+                        stacklevel=2,
+                    )
         if not problems:
             return None
         raise LlamaTrainError(
@@ -271,28 +419,76 @@ class CheckpointManager:
             "move the directory away to start the run afresh"
         )
 
-    def load(self, step: int, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    def load(
+        self,
+        step: int,
+        *,
+        map_location: str | torch.device = "cpu",
+        into: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The state of the checkpoint of `step`; LlamaTrainError if missing or corrupt."""
         folder = self._existing(step)
         try:
-            return self._load(step, map_location)
+            return self._load(step, map_location, into)
         except _Unusable as reason:
             raise LlamaTrainError(f"checkpoint {folder} is unusable: {reason}") from None
 
-    def _load(self, step: int, map_location: str | torch.device) -> dict[str, Any]:
+    def agreed_steps(self) -> list[int]:
+        """Rank 0's list of checkpoint steps, on every rank (collective; steps() alone is not)."""
+        with distributed.together(f"listing the checkpoints in {self.directory}"):
+            steps = self.steps() if distributed.rank() == 0 else []
+        return distributed.broadcast_object(steps)
+
+    def _load(
+        self, step: int, map_location: str | torch.device, into: dict[str, Any] | None
+    ) -> dict[str, Any]:
         folder = self.folder(step)
-        meta = _verified_meta(folder, step)
-        if meta["payload"] != self.payload.name:
-            raise _Unusable(
-                f"payload written as {meta['payload']!r}, this run reads {self.payload.name!r}"
-            )
+        meta = distributed.broadcast_object(
+            self._verdict(folder, step) if distributed.rank() == 0 else None
+        )
+        if isinstance(meta, str):
+            raise _Unusable(meta)
+        payload = self._reader(meta["payload"], in_place=into is not None)
         try:
-            state = torch.load(folder / STATE_FILE, map_location=map_location, weights_only=True)
+            with distributed.together(f"loading {folder / STATE_FILE}"):
+                state = torch.load(
+                    folder / STATE_FILE, map_location=map_location, weights_only=True
+                )
             if meta["payload_keys"]:
-                state.update(self.payload.read(folder, map_location))
+                with distributed.together(f"loading the model and optimizer of {folder}"):
+                    if into is not None:
+                        payload.read_into(folder, into)  # type: ignore[attr-defined]
+                        state.update(into)
+                    else:
+                        state.update(payload.read(folder, map_location))
         except Exception as error:  # checksums passed, yet the content does not load
             raise _Unusable(f"cannot be loaded: {str(error).splitlines()[0]}") from None
         return state
+
+    @staticmethod
+    def _verdict(folder: Path, step: int) -> dict[str, Any] | str:
+        """The verified metadata of a folder, or why it is unusable (rank 0 checks for all)."""
+        try:
+            return _verified_meta(folder, step)
+        except _Unusable as reason:
+            return str(reason)
+        except Exception as error:  # a meta.json of the right version but the wrong shape
+            return f"{META_FILE} is malformed: {error!r}"
+
+    def _reader(self, name: str, *, in_place: bool) -> PayloadFormat:
+        """The payload format a checkpoint was written with (this manager's, or a known one)."""
+        if name == self.payload.name:
+            payload = self.payload
+        elif name in PAYLOAD_FORMATS:
+            payload = PAYLOAD_FORMATS[name]()
+        else:
+            raise _Unusable(f"payload written as {name!r}, this run reads {self.payload.name!r}")
+        if in_place and not hasattr(payload, "read_into"):
+            raise _Unusable(
+                f"payload written as {name!r}, which cannot be resumed in place (an older "
+                "single-process format); evaluate it with llama-train eval or use another run.dir"
+            )
+        return payload
 
     def _existing(self, step: int) -> Path:
         folder = self.folder(step)

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.table import Table
 
 from gssm_data.errors import GssmDataError
 from llama_train.errors import LlamaTrainError
+
+if TYPE_CHECKING:
+    from llama_train.config import TrainConfig
 
 app = typer.Typer(
     name="llama-train",
@@ -39,7 +42,9 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (LlamaTrainError, GssmDataError) as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        # Another rank failed first and printed its own error (distributed.OtherRankFailed).
+        if not getattr(error, "reported_elsewhere", False):
+            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("interrupted; run the same command again to resume", highlight=False)
@@ -98,20 +103,71 @@ def run_command(
         list[str] | None,
         typer.Argument(help="key.sub=value overrides, e.g. optim.lr=3e-4 model.n_layers=2."),
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Start N processes on this machine through torchrun (standalone rendezvous): "
+            "one per GPU, or N one-thread CPU processes. Global batch = data.batch_size x "
+            "train.grad_accum x N. Leave it out under torchrun or srun.",
+        ),
+    ] = None,
 ) -> None:
     """Train (or resume: the same command again continues from the latest checkpoint).
 
     Precedence: defaults < CONFIG < overrides. The run directory (run.dir)
     receives config.yaml, metrics.jsonl, checkpoints/, eval/ and summary.json.
+    On SIGUSR1 or SIGTERM the run checkpoints at the next step, says where,
+    and exits with code 3; the same command resumes it. Works unchanged as
+    every rank of `torchrun -m llama_train run ...`.
     """
     from llama_train.config import resolve_config
-    from llama_train.train import train
+    from llama_train.distributed import rank_info
+
+    if nproc is not None and nproc > 1:
+        _launch(nproc, config, overrides or [])
+    from llama_train.train import PREEMPTED_EXIT_CODE, Preempted, train
 
     with user_errors():
-        resolved = resolve_config(config, overrides or [])
-        summary = train(resolved)
-    console.print(summary_table(summary))
-    console.print(f"run directory: {resolved.run_dir}", highlight=False)
+        is_main = rank_info().is_main
+        resolved = _refuse_sweep(resolve_config(config, overrides or []))
+        try:
+            summary = train(resolved)
+        except Preempted as preempted:
+            if is_main:
+                err_console.print(str(preempted), highlight=False, soft_wrap=True)
+            raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    if is_main:
+        console.print(summary_table(summary))
+        console.print(f"run directory: {resolved.run_dir}", highlight=False)
+
+
+def _refuse_sweep(config: TrainConfig) -> TrainConfig:
+    """`run` trains one config: a grid would silently train only its base point."""
+    if config.sweep:
+        keys = ", ".join(sorted(config.sweep))
+        raise LlamaTrainError(
+            f"this config has a sweep over {keys}: `llama-train submit CONFIG` runs every point "
+            "(add --local to run them here); `run` trains a single configuration"
+        )
+    return config
+
+
+def _launch(nproc: int, config: Path, overrides: list[str]) -> None:
+    """`run --nproc N`: check the config once here, then start N ranks; exit with their code."""
+    from llama_train.config import resolve_config
+    from llama_train.distributed import launch_torchrun, rank_info
+
+    with user_errors():
+        if rank_info().distributed:
+            raise LlamaTrainError(
+                "--nproc starts torchrun itself; this process is already one rank of a "
+                "launched job, so leave --nproc out"
+            )
+        _refuse_sweep(resolve_config(config, overrides))  # fails once, not in every rank
+        code = launch_torchrun(nproc, ["run", str(config), *overrides])
+    raise typer.Exit(code)
 
 
 @app.command("eval")
@@ -189,3 +245,7 @@ def plot_command(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# Issue 5, helper "slurm": `submit`, `sweep-status` and `best` register themselves on `app`.
+from llama_train import cli_slurm  # noqa: E402, F401

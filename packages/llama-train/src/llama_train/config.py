@@ -1,8 +1,9 @@
 """The training configuration: each module's section, composed and linked to the data.
 
 `TrainConfig` only composes: `data` (:class:`~llama_train.data.DataConfig`),
-`model` (:class:`~llama_train.model.ModelConfig`) and `optim`
-(:class:`~llama_train.optim.OptimConfig`) live beside the code they configure;
+`model` (:class:`~llama_train.model.ModelConfig`), `optim`
+(:class:`~llama_train.optim.OptimConfig`) and `distributed`
+(:class:`~llama_train.distributed.DistributedConfig`) live beside the code they configure;
 the sections that belong to the training recipe itself (`train`, `eval`,
 `checkpoint`, `logging`, `run`) are defined here. Every section forbids
 unknown keys, so a typo is an error rather than a silently ignored setting.
@@ -30,9 +31,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llama_train.data import DataConfig, resolve_data
+from llama_train.distributed import DistributedConfig  # issue 5, helper "dist"
 from llama_train.errors import LlamaTrainError
 from llama_train.model import ModelConfig
 from llama_train.optim import OptimConfig
+from llama_train.slurm import SlurmConfig  # issue 5, helper "slurm": the `slurm` section
+from llama_train.sweep import SweepGrid  # issue 5, helper "slurm": the `sweep` section
 
 CONFIG_FILENAME = "config.yaml"
 
@@ -146,6 +150,15 @@ class TrainConfig(BaseModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     run: RunConfig = RunConfig()
+    distributed: DistributedConfig = DistributedConfig()  # issue 5, helper "dist"
+    # --- issue 5, helper "slurm": `llama-train submit` (llama_train/slurm.py, sweep.py) ---
+    slurm: SlurmConfig = SlurmConfig()
+    sweep: SweepGrid = Field(
+        default_factory=dict,
+        description="grid of `llama-train submit`: config key -> list of values, one run per "
+        "combination under run.dir (e.g. optim.lr: [1e-4, 3e-4]); `llama-train run` ignores it",
+    )
+    # --- end of helper "slurm" ---
 
     @property
     def run_dir(self) -> Path:

@@ -16,7 +16,9 @@ cover exactly the evaluated sequences, and the forward algorithm
 (`gssm_data.entropy`) otherwise.
 
 Ranks split the sequences and sum per-position totals with an all-reduce, so
-every rank returns the same result.
+every rank returns the same result. Every rank runs the same number of forward
+passes (the ranks with one sequence fewer add a discarded one), which a
+sharded (FSDP) model needs: each forward gathers parameters from all ranks.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from gssm_data.entropy import iter_split_entropy, sequence_entropy
 from gssm_data.errors import GssmDataError
 from gssm_data.kernels import draw_kernels
 from gssm_data.sampler import BLOCK_SIZE, STREAMS
+from llama_train import distributed
 from llama_train.data import DataSpec, online_sampler
 from llama_train.errors import LlamaTrainError
 
@@ -139,9 +141,7 @@ def _rank_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks when a process group is up; identity in a single process."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    return distributed.all_reduce(values, "sum")
 
 
 class EvalSet:
@@ -192,6 +192,15 @@ class EvalSet:
         for first in range(self.start, self.stop, batch_size):
             yield self._tokens(first, min(first + batch_size, self.stop))
 
+    def batch_count(self, batch_size: int) -> int:
+        """The most batches any rank has (ranks' shares differ by at most one sequence)."""
+        share = math.ceil(self.n_sequences / distributed.world_size())
+        return math.ceil(share / batch_size)
+
+    def filler(self) -> np.ndarray:
+        """One sequence for a forward pass whose losses are discarded (lockstep padding)."""
+        return self._tokens(0, 1)
+
     def _tokens(self, start: int, stop: int) -> np.ndarray:
         if self.spec.store is not None:
             return np.asarray(self.spec.store.tokens(self.split)[start:stop])
@@ -212,7 +221,9 @@ class EvalSet:
     def entropy_per_position(self) -> tuple[np.ndarray, str]:
         """Mean exact entropy at positions 1..L-1 over all ranks' sequences, and its source."""
         if self._entropy is None:
-            sums, method = self._entropy_sums()
+            # A rank that cannot read its share (a damaged chunk) stops every rank here.
+            with distributed.together(f"computing the exact entropy of the {self.split} split"):
+                sums, method = self._entropy_sums()
             total = _all_reduce_sum(torch.from_numpy(sums)).numpy()
             self._entropy = (total / self.n_sequences, method)
         return self._entropy
@@ -307,12 +318,19 @@ def evaluate(
         if amp_dtype is not None
         else contextlib.nullcontext()
     )
+    passes = 0
     try:
         for rows in eval_set.batches(batch_size):
             tokens = torch.from_numpy(rows.astype(np.int64)).to(device)
             with autocast:
                 losses = _token_losses(model, tokens)
             sums += losses.double().sum(dim=0)
+            passes += 1
+        if distributed.world_size() > 1:
+            filler = torch.from_numpy(eval_set.filler().astype(np.int64)).to(device)
+            for _ in range(eval_set.batch_count(batch_size) - passes):
+                with autocast:
+                    _token_losses(model, filler)  # keeps a sharded model's gathers in step
     finally:
         model.train(was_training)
     loss_curve = (_all_reduce_sum(sums).cpu().numpy()) / eval_set.n_sequences

@@ -5,6 +5,9 @@ Launch (from the repository root)::
     llama-train run packages/llama-train/configs/debug.yaml            # CPU or one GPU
     llama-train run packages/llama-train/configs/demo.yaml optim.lr=1e-3 train.steps=200
     python -m llama_train run CONFIG ...                               # the same
+    llama-train run --nproc 4 CONFIG ...                               # 4 processes (torchrun)
+    torchrun --standalone --nproc-per-node 4 -m llama_train run CONFIG ...   # the same
+    torchrun ... -m llama_train run CONFIG distributed.strategy=fsdp   # sharded (FSDP2)
 
 Running the same command again on the same `run.dir` resumes from the latest
 checkpoint, and the losses continue exactly as if the run had never stopped
@@ -19,9 +22,19 @@ autocast, unscale, clip (the pre-clip norm is logged), step -> metrics every
 `train.log_every` steps, evaluation every `eval.every`, a checkpoint every
 `checkpoint.every`, all three at the last step -> `summary.json`.
 
-Ranks: only rank 0 writes metrics, checkpoints and the summary; the logged
-loss is averaged over ranks. Launching several processes is issue 5's work
-(DDP/FSDP); until then a multi-process launch is refused with a clear message.
+Ranks (:mod:`llama_train.distributed`): each rank reads its own slice of
+every global batch (data.batch_size x train.grad_accum x world size rows per
+step), gradients are averaged once per step (DDP) or reduce-scattered (FSDP2),
+the logged loss, evaluation and throughput are reduced over ranks, and only
+rank 0 writes metrics, evaluation files and the summary. Checkpoints go
+through torch.distributed.checkpoint (every rank writes its part), so a run
+saved on N processes resumes on M; with the same global batch the losses
+continue as if nothing had changed (up to float rounding of the reductions).
+
+Preemption: SIGUSR1 or SIGTERM only raises a flag; at the next step boundary
+all ranks agree, save a checkpoint, and :func:`train` raises
+:class:`Preempted`; `llama-train run` exits with PREEMPTED_EXIT_CODE (3).
+Running the same command again resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -39,11 +52,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from llama_train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from llama_train import distributed
+from llama_train.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
 from llama_train.config import (
     CONFIG_FILENAME,
     TrainConfig,
@@ -52,7 +65,7 @@ from llama_train.config import (
     write_config,
 )
 from llama_train.data import DataSpec, TrainLoader, build_loader, resolve_data
-from llama_train.distributed import RankInfo, rank_info
+from llama_train.distributed import PreemptionWatch, RankInfo, rank_info
 from llama_train.errors import LlamaTrainError
 from llama_train.evaluate import (
     EvalResult,
@@ -69,6 +82,9 @@ from llama_train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILENAME = "summary.json"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# Exit code of `llama-train run` when the run was preempted (SIGUSR1/SIGTERM) and
+# checkpointed: not a failure, the same command resumes. Slurm wrappers requeue on it.
+PREEMPTED_EXIT_CODE = 3
 
 console = Console(stderr=True)
 
@@ -101,6 +117,21 @@ class NonFiniteLoss(LlamaTrainError):
     """The loss (or gradient norm) became NaN or infinite: the run stops."""
 
 
+class Preempted(Exception):
+    """The run stopped on a preemption signal after checkpointing `step` (not a user error).
+
+    Raised on every rank at the same step. `checkpoint` is the folder holding
+    that step (None when the signal came before the first step: there was
+    nothing to save, and running again starts afresh exactly as before).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None = None) -> None:
+        self.step = step
+        self.checkpoint = checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "nothing to save yet"
+        super().__init__(f"preempted at step {step}: {where}; run the same command again to resume")
+
+
 class LossWindow:
     """Per-step losses and pre-clip gradient norms since the last metrics line.
 
@@ -124,16 +155,23 @@ class LossWindow:
         self.seconds += seconds
 
     def sync(self) -> None:
-        """Move pending values into the state; raise NonFiniteLoss at the first bad step."""
+        """Move pending values into the state; raise NonFiniteLoss at the first bad step.
+
+        Collective: the losses are averaged over ranks (every rank sees the
+        same figures, so all stop together on a bad one) and the window's
+        time is the slowest rank's, so tokens_per_s is the job's throughput.
+        Gradient norms are already global (all-reduced or sharded gradients).
+        """
         if not self._losses:
             return
         started = time.perf_counter()
-        values = torch.stack([torch.stack(self._losses), torch.stack(self._grad_norms)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(values[0], op=dist.ReduceOp.SUM)
-            values[0] /= dist.get_world_size()
+        losses_tensor = distributed.all_reduce(torch.stack(self._losses), "sum")
+        values = torch.stack(
+            [losses_tensor / distributed.world_size(), torch.stack(self._grad_norms)]
+        )
         losses, norms = values.cpu().tolist()
         self.seconds += time.perf_counter() - started
+        self.seconds = float(distributed.all_reduce(torch.tensor([self.seconds]), "max").item())
         first = self.state.step - len(losses) + 1
         for offset, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
             if not math.isfinite(loss) or (self.check_grad_norm and not math.isfinite(norm)):
@@ -273,8 +311,8 @@ class Trainer:
     device: torch.device
     amp_dtype: torch.dtype | None
     spec: DataSpec
-    model: Llama
-    step_model: torch.nn.Module  # the model as the loop calls it (compiled or not)
+    model: Llama  # the model's parameters (sharded in place under FSDP): state dicts, eval
+    step_model: torch.nn.Module  # the model as the loop calls it (compiled, DDP-wrapped or not)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loader: TrainLoader
@@ -282,6 +320,7 @@ class Trainer:
     eval_set: EvalSet
     state: TrainState
     resumed: bool
+    saved_step: int | None = None  # step of the checkpoint on disk that matches the state
 
     @property
     def run_dir(self) -> Path:
@@ -310,14 +349,16 @@ class Trainer:
         set_lr(self.optimizer, lr_at(self.state.step, config.train.steps, config.optim))
         accum = config.train.grad_accum
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for micro in range(accum):
             batch = next(batches).to(self.device, non_blocking=True)  # (B, L)
-            with _autocast(self.device, self.amp_dtype):
-                loss = self.step_model(batch[:, :-1], batch[:, 1:]).loss / accum
-            self.scaler.scale(loss).backward()
+            # Gradients cross ranks once per optimizer step, on the last micro-batch.
+            with distributed.gradient_sync(self.step_model, enabled=micro == accum - 1):
+                with _autocast(self.device, self.amp_dtype):
+                    loss = self.step_model(batch[:, :-1], batch[:, 1:]).loss / accum
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)  # true gradients before measuring/clipping
-        grad_norm = clip_gradients(self.model, config.optim.grad_clip)
+        grad_norm = distributed.full_value(clip_gradients(self.model, config.optim.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -336,35 +377,80 @@ class Trainer:
             amp_dtype=self.amp_dtype,
         )
 
-    def save_checkpoint(self) -> None:
-        if not self.ranks.is_main:
-            return
-        self.checkpoints.save(
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (collective: every rank calls it); return its folder.
+
+        Model and optimizer go through DCP under parameter names (sharded
+        under FSDP); the rest is rank 0's, except the RNG states, one per rank.
+        The loader position and the counters are global, so any number of
+        ranks can resume from it.
+        """
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        folder = self.checkpoints.save(
             self.state.step,
             {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scaler": self.scaler.state_dict(),
                 "loader": self.loader.state_dict(),
-                "rng": rng_state(),
+                "rng": distributed.gather_objects(rng_state()),  # rank r's at index r
                 "trainer": self.state.state_dict(),
                 "model_config": self.config.model.model_dump(mode="json"),
+                "world_size": self.ranks.world_size,
+                "strategy": self.config.distributed.strategy,
             },
         )
+        self.saved_step = self.state.step
+        return folder
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_latest_checkpoint(self) -> int | None:
+        """Restore the newest sound checkpoint, whatever world size wrote it; its step or None.
+
+        get_state_dict's templates (this run's layout: sharded or not) are
+        filled in place by DCP, then set_state_dict hands them to the model
+        and optimizer. Building the templates initialises an empty optimizer's
+        state, so it is done only when there is something to load.
+        """
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not self.checkpoints.agreed_steps():
+            return None
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        latest = self.checkpoints.load_latest(
+            map_location="cpu", into={"model": model_state, "optimizer": optimizer_state}
+        )
+        if latest is None:
+            return None
+        step, state = latest
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        # A rank beyond those that saved (resuming on more ranks) keeps its fresh seed.
+        rng_states = state["rng"]
+        if self.ranks.rank < len(rng_states):
+            set_rng_state(rng_states[self.ranks.rank])
         self.state = TrainState.from_state_dict(state["trainer"])
+        self.saved_step = step
+        return step
 
     # -- the loop ------------------------------------------------------------
 
-    def run(self, *, progress: bool | None = None) -> dict[str, Any]:
-        """Train to `train.steps`, evaluating and checkpointing on schedule; return the summary."""
+    def run(
+        self, *, progress: bool | None = None, preemption: PreemptionWatch | None = None
+    ) -> dict[str, Any]:
+        """Train to `train.steps`, evaluating and checkpointing on schedule; return the summary.
+
+        With a `preemption` watch, a signal stops the loop at an agreed step
+        boundary: the state is checkpointed and Preempted raised.
+        """
         config = self.config
         show = (config.train.progress if progress is None else progress) and self.ranks.is_main
         wandb = config.logging.wandb
@@ -388,14 +474,16 @@ class Trainer:
                 speed="-",
             )
             try:
-                self._loop(logger, bar, task)
+                self._loop(logger, bar, task, preemption or PreemptionWatch(signals=()))
             except NonFiniteLoss as error:
                 raise NonFiniteLoss(f"{error}. {self._last_good()}") from None
             if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
                 self._evaluate_and_log(logger)
         return self.write_summary()
 
-    def _loop(self, logger: MetricLogger, bar: Progress, task: Any) -> None:
+    def _loop(
+        self, logger: MetricLogger, bar: Progress, task: Any, preemption: PreemptionWatch
+    ) -> None:
         config, state = self.config, self.state
         steps = config.train.steps
         window = LossWindow(state, check_grad_norm=self.amp_dtype != torch.float16)
@@ -407,6 +495,10 @@ class Trainer:
             return wall_before + time.perf_counter() - session_start
 
         while state.step < steps:
+            if preemption.poll():  # the same answer on every rank, at the same step
+                window.sync()
+                state.wall_seconds = elapsed()
+                self._preempt(preemption)
             started = time.perf_counter()
             loss, grad_norm = self.train_step(batches)
             state.step += 1
@@ -443,6 +535,21 @@ class Trainer:
                 state.wall_seconds = elapsed()
                 self.save_checkpoint()
             bar.update(task, completed=state.step)
+        preemption.settle()  # every rank polled as often: its last agreement can finish
+
+    def _preempt(self, preemption: PreemptionWatch) -> None:
+        """Checkpoint the current step (unless the one on disk is it) and raise Preempted.
+
+        Before the first step of a fresh run there is nothing worth saving (and
+        DCP would initialise the empty optimizer state): the same command
+        simply starts again.
+        """
+        step = self.state.step
+        if self.saved_step != step and step > 0:
+            self.save_checkpoint()
+        folder = self.checkpoints.folder(step) if self.saved_step == step else None
+        preemption.settle()
+        raise Preempted(step, folder)
 
     def _last_good(self) -> str:
         steps = self.checkpoints.steps()
@@ -484,6 +591,7 @@ class Trainer:
             "eval_split": result.split,
             "eval_sequences": result.n_sequences,
             "parameters": self.model.num_parameters(),
+            "world_size": self.ranks.world_size,
             "tokens": self.state.tokens,
             "train_seconds": self.state.train_seconds,
             "tokens_per_s": self.state.tokens / max(self.state.train_seconds, 1e-9),
@@ -505,42 +613,60 @@ class Trainer:
         return None if baselines is None else baselines.model_dump()
 
 
-def build_trainer(config: TrainConfig) -> Trainer:
-    """Write the config, build model/optimizer/loader, and load the latest checkpoint."""
-    ranks = rank_info()
-    if ranks.distributed:
+def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer:
+    """Write the config, build model/optimizer/loader, and load the latest checkpoint.
+
+    Every rank calls it. Several ranks (or FSDP on one) need the process
+    group that :func:`train` starts. Whatever can fail for a user's reason
+    (data, run directory, config) is checked on every rank before the first
+    collective, and a failure on any rank stops them all (no rank is left
+    waiting for one that has exited).
+    """
+    ranks = ranks or rank_info()
+    if distributed.needs_process_group(ranks, config.distributed) and not (
+        distributed.is_initialized()
+    ):
         raise LlamaTrainError(
-            f"this is rank {ranks.rank} of {ranks.world_size} ({ranks.launcher}): multi-process "
-            "training is not supported yet; run a single process"
+            f"this is rank {ranks.rank} of {ranks.world_size} ({ranks.launcher}) with "
+            f"distributed.strategy={config.distributed.strategy}, but no process group is up; "
+            "train through llama_train.train.train(config) or the llama-train command"
         )
-    run_dir = config.run_dir
-    checkpoints = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep)
-    has_checkpoint = bool(checkpoints.steps())
-    changes = check_resumable(run_dir, config, has_checkpoint)
-    if ranks.is_main:
-        write_config(config)
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
+    _set_threads(config.train, ranks)
     device = resolve_device(config.train, ranks)
-    amp_dtype = resolve_amp(config.train.amp, device)
-    spec = resolve_data(config.data)
-    seed_everything(config.run.seed + ranks.rank)
-    model = Llama(config.model, seed=config.run.seed).to(device)
-    optimizer = build_optimizer(model, config.optim)
-    loader = build_loader(
-        config.data,
-        rank=ranks.rank,
-        world_size=ranks.world_size,
-        seq_len=spec.seq_len,
-        seed=config.run.seed,
-        spec=spec,
-    )
-    eval_set = EvalSet(
-        spec,
-        split=config.eval.split,
-        max_sequences=config.eval.max_sequences,
-        rank=ranks.rank,
-        world_size=ranks.world_size,
+    run_dir = config.run_dir
+    with distributed.together("checking the run directory, the data and the model"):
+        amp_dtype = resolve_amp(config.train.amp, device)
+        checkpoints = CheckpointManager(
+            run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, payload=DcpPayload()
+        )
+        changes = check_resumable(run_dir, config, has_checkpoint=bool(checkpoints.steps()))
+        spec = resolve_data(config.data)
+        seed_everything(config.run.seed + ranks.rank)
+        model = Llama(config.model, seed=config.run.seed)  # the same weights on every rank
+        loader = build_loader(
+            config.data,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            seq_len=spec.seq_len,
+            seed=config.run.seed,
+            spec=spec,
+        )
+        eval_set = EvalSet(
+            spec,
+            split=config.eval.split,
+            max_sequences=config.eval.max_sequences,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
+    with distributed.together(f"writing {run_dir / 'config.yaml'}"):
+        if ranks.is_main:
+            write_config(config)
+    step_model = distributed.parallelize(
+        model,
+        strategy=config.distributed.strategy,
+        device=device,
+        amp_dtype=amp_dtype,
+        compile=config.train.compile,
     )
     trainer = Trainer(
         config=config,
@@ -549,8 +675,8 @@ def build_trainer(config: TrainConfig) -> Trainer:
         amp_dtype=amp_dtype,
         spec=spec,
         model=model,
-        step_model=torch.compile(model) if config.train.compile else model,
-        optimizer=optimizer,
+        step_model=step_model,
+        optimizer=build_optimizer(model, config.optim),  # after sharding: on the shards
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         loader=loader,
         checkpoints=checkpoints,
@@ -558,28 +684,46 @@ def build_trainer(config: TrainConfig) -> Trainer:
         state=TrainState(),
         resumed=False,
     )
-    latest = checkpoints.load_latest(map_location=device) if has_checkpoint else None
-    if latest is not None:
-        step, state = latest
-        trainer.restore(state)
+    step = trainer.load_latest_checkpoint()
+    if step is not None:
         trainer.resumed = True
         if ranks.is_main:
             drop_results_after(run_dir, step)
         trainer.say(f"resuming {run_dir} from step {step}")
         for change in changes:
             trainer.say(f"  changed since the checkpoint: {change}")
+    where = f"{device}"
+    if distributed.is_initialized():
+        where = f"{ranks.world_size} x {device} ({config.distributed.strategy})"
     trainer.say(
         f"model: {model.num_parameters():,} parameters "
         f"({model.num_parameters(exclude_embeddings=True):,} without embeddings); "
-        f"{trainer.tokens_per_step:,} tokens per step on {device}"
+        f"{trainer.tokens_per_step:,} tokens per step on {where}"
         + (f" with {config.train.amp} autocast" if amp_dtype is not None else "")
     )
     return trainer
 
 
+def _set_threads(section: TrainSection, ranks: RankInfo) -> None:
+    """train.threads when set; else one per process when several share the machine."""
+    if section.threads is not None:
+        torch.set_num_threads(section.threads)
+    elif ranks.distributed:
+        torch.set_num_threads(1)
+
+
 def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) the training described by a resolved config; return the summary.
 
-    `progress` overrides `train.progress` (the benchmark and tests turn it off).
+    Launched as several ranks (torchrun, srun), it starts the process group
+    and always destroys it. `progress` overrides `train.progress` (the
+    benchmark and tests turn it off). On SIGUSR1 or SIGTERM the run
+    checkpoints at an agreed step and raises :class:`Preempted` on every rank.
     """
-    return build_trainer(config).run(progress=progress)
+    ranks = rank_info()
+    device = resolve_device(config.train, ranks)
+    with (
+        PreemptionWatch() as preemption,
+        distributed.process_group(ranks, device, config.distributed),
+    ):
+        return build_trainer(config, ranks).run(progress=progress, preemption=preemption)

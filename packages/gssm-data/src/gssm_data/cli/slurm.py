@@ -1,0 +1,171 @@
+"""`gssm-data submit` and `submit-scaling`: stores written by Slurm array tasks.
+
+Thin commands over :mod:`gssm_data.slurm`. `submit` takes the options of
+`gssm-data generate` that decide the store (not --workers, --shard or --force:
+each task gets --cpus-per-task writers and its own shard) plus the array's
+size and resources; stdout carries the job id and the store's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gssm_data.cli.app import app, err_console, fail
+from gssm_data.cli.data import DEFAULT_PRESET, _calibrated, resolve_graph
+from gssm_data.errors import GssmDataError
+from gssm_data.generate import GenerateOptions, default_store_path, parse_count
+from gssm_data.slurm import SlurmSettings, SubmittedStore, submit_generate, submit_scaling
+
+TasksOption = Annotated[int, typer.Option(help="Array tasks sharing the store (--shard k/N).")]
+PartitionOption = Annotated[
+    str | None, typer.Option(help="Slurm partition; default the cluster's.")
+]
+TimeOption = Annotated[
+    str | None, typer.Option(help="Time limit per task: 90, 1:30:00 or 2-00:00:00.")
+]
+CpusOption = Annotated[int, typer.Option(help="CPUs per task, also its writer processes.")]
+MemOption = Annotated[str | None, typer.Option(help="Memory per task's node, e.g. 8G.")]
+AccountOption = Annotated[str | None, typer.Option(help="Slurm account.")]
+
+
+def _say(message: str) -> None:
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+@app.command("submit")
+def submit_command(
+    tasks: TasksOption = 4,
+    preset: Annotated[
+        str | None,
+        typer.Option(help=f"Named graph (see `gssm-data presets`); default {DEFAULT_PRESET}."),
+    ] = None,
+    graph: Annotated[
+        Path | None, typer.Option("--graph", help="Graph spec YAML file, instead of --preset.")
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="Set every latent node's mode: default, transition, slow or dead."),
+    ] = None,
+    n: Annotated[str, typer.Option("--n", help="Training sequences: 100000, 1e8 or 2.5M.")] = (
+        "100_000"
+    ),
+    n_test: Annotated[str, typer.Option("--n-test", help="Test sequences.")] = "10_000",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence, start token included.")] = 257,
+    seed: Annotated[int, typer.Option(help="Seed of the kernels and of every block.")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Store path; default datasets/<name>-<fingerprint>-n<N>-t<M>.zarr."),
+    ] = None,
+    with_latents: Annotated[
+        bool, typer.Option("--with-latents", help="Also store every latent node's states.")
+    ] = False,
+    target_bits: Annotated[
+        float | None,
+        typer.Option(help="Calibrate alpha (here, once) so the entropy is this many bits/token."),
+    ] = None,
+    target: Annotated[
+        str, typer.Option(help="Which alphas --target-bits tunes: latent or observed.")
+    ] = "latent",
+    partition: PartitionOption = None,
+    time: TimeOption = None,
+    cpus_per_task: CpusOption = 1,
+    mem: MemOption = None,
+    account: AccountOption = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Return when every task has ended (sbatch --wait).")
+    ] = False,
+) -> None:
+    """Write one store with a Slurm array of --tasks tasks; print the job id and the path.
+
+    Same options, same bytes as `gssm-data generate`. Submitting again after a
+    failed task finishes the store (written blocks are kept); a complete store
+    is left alone.
+    """
+    try:
+        spec, name = resolve_graph(preset, graph, mode)
+        if target_bits is not None:
+            spec, name = _calibrated(
+                spec, name, seed=seed, seq_len=seq_len, bits=target_bits, target=target, log=_say
+            )
+        n_train, n_testing = parse_count(n, option="--n"), parse_count(n_test, option="--n-test")
+        if n_train < 1:
+            raise GssmDataError("--n must be at least 1")
+        if seq_len < 2:
+            raise GssmDataError("--seq-len must be at least 2 (a start token and one target)")
+        if seed < 0:
+            raise GssmDataError("--seed must not be negative")
+        path = out or default_store_path(
+            name, spec, seed=seed, seq_len=seq_len, n_train=n_train, n_test=n_testing
+        )
+        options = GenerateOptions(
+            graph=spec,
+            name=name,
+            out=path,
+            n_train=n_train,
+            n_test=n_testing,
+            seq_len=seq_len,
+            seed=seed,
+            workers=cpus_per_task,
+            with_latents=with_latents,
+        )
+        settings = SlurmSettings(
+            partition=partition, time=time, cpus_per_task=cpus_per_task, mem=mem, account=account
+        )
+        submitted = submit_generate(options, tasks=tasks, settings=settings, wait=wait, log=_say)
+        if wait and submitted.job_id is not None:
+            _check_published(submitted)
+    except GssmDataError as error:
+        raise fail(str(error)) from None
+    _print(submitted)
+
+
+def _check_published(submitted: SubmittedStore) -> None:
+    if not submitted.path.exists():
+        raise GssmDataError(
+            f"job {submitted.job_id} ended but {submitted.path} is not published; see the logs "
+            f"in {submitted.job_dir}, then submit again to finish it"
+        )
+
+
+def _print(submitted: SubmittedStore) -> None:
+    if submitted.job_id is None:
+        typer.echo(f"complete: {submitted.path.absolute()}")
+        return
+    typer.echo(f"job {submitted.job_id} ({submitted.tasks} tasks): {submitted.path.absolute()}")
+    _say(f"logs: {submitted.log_pattern} (%A = job, %a = task)")
+
+
+@app.command("submit-scaling")
+def submit_scaling_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (e.g. datasets/scaling.yaml).")],
+    scale: Annotated[str, typer.Option(help="Which grid of the recipe: small or full.")] = "small",
+    out_dir: Annotated[Path, typer.Option(help="Stores go to <out-dir>/<recipe name>/.")] = Path(
+        "datasets"
+    ),
+    tasks: TasksOption = 4,
+    partition: PartitionOption = None,
+    time: TimeOption = None,
+    cpus_per_task: CpusOption = 1,
+    mem: MemOption = None,
+    account: AccountOption = None,
+) -> None:
+    """`gssm-data scaling` on Slurm: one array per regime, then a job writing the index.
+
+    Alphas are calibrated here (and recorded, as `gssm-data scaling` does); the
+    index job runs after every array succeeds. Submitting again resumes.
+    """
+    try:
+        settings = SlurmSettings(
+            partition=partition, time=time, cpus_per_task=cpus_per_task, mem=mem, account=account
+        )
+        submitted = submit_scaling(
+            recipe, scale=scale, out_dir=out_dir, tasks=tasks, settings=settings, log=_say
+        )
+    except GssmDataError as error:
+        raise fail(str(error)) from None
+    for store in submitted.stores:
+        _print(store)
+    typer.echo(f"index job {submitted.index_job_id}: {out_dir / recipe.stem}/index-{scale}.json")

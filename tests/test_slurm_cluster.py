@@ -1,0 +1,308 @@
+"""Against a real one-node Slurm cluster: an array sweep, a preempted run that requeues
+itself and finishes with the losses of an uninterrupted run, a store written by an array.
+
+The cluster is the one `tests/slurm/start-local-cluster.sh` starts (idempotent; `.ci/run`
+starts it first). Where it cannot start (not root, no slurm-wlm and no way to install
+it), every test here skips, saying why. Models are tiny and runs short: the file takes
+about a minute on a 2-core machine, most of it Python and torch starting inside jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gssm_data.generate import GenerateOptions, generate
+from gssm_data.presets import load_preset
+from gssm_data.store import open_store
+from llama_train.config import resolve_config
+from llama_train.metrics import read_metrics
+from llama_train.slurm import read_state
+from llama_train.sweep import sweep_status
+from llama_train.train import train
+
+START_SCRIPT = Path(__file__).parent / "slurm" / "start-local-cluster.sh"
+# What depends on the arithmetic only (not on time or the machine): compared exactly.
+DETERMINISTIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "epoch", "eval/loss")
+JOB_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """A running local cluster, with SLURM_CONF exported for this session; else a skip."""
+    try:
+        started = subprocess.run([str(START_SCRIPT)], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.skip(f"no local Slurm cluster: {START_SCRIPT.name} did not run ({error})")
+    if started.returncode != 0:
+        reason = (started.stderr.strip().splitlines() or ["no message"])[-1]
+        pytest.skip(f"no local Slurm cluster: {reason}")
+    printed = subprocess.run(
+        [str(START_SCRIPT), "env"], capture_output=True, text=True, check=True
+    ).stdout
+    conf = printed.strip().removeprefix("export SLURM_CONF=")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+def _wait_for(condition: Callable[[], object], what: str, timeout: float = JOB_TIMEOUT_S):
+    """Poll `condition` until it returns something true; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _queue_state(job_id: str) -> str:
+    result = subprocess.run(
+        ["squeue", "--noheader", "--format=%T", f"--jobs={job_id}"],
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+def read_metrics_or_none(run_dir: Path) -> list[dict] | None:
+    """The metrics lines written so far; None before the file exists."""
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else None
+
+
+def _logs(directory: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(directory.glob("*.err")))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "debug.zarr"
+    generate(
+        GenerateOptions(
+            graph=load_preset("debug"),
+            name="debug",
+            out=out,
+            n_train=1024,
+            n_test=128,
+            seq_len=17,
+            block_size=256,
+        )
+    )
+    return out
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# A sweep as one array job
+
+
+def test_a_sweep_runs_as_one_array_job_and_status_and_best_read_its_run_directories(
+    slurm_cluster, store, cli, tmp_path
+):
+    _write(
+        tmp_path / "lr.yaml",
+        {
+            "data": {"path": str(store), "batch_size": 8},
+            "model": {"dim": 16, "n_layers": 1, "n_heads": 2},
+            "optim": {"warmup_steps": 5},
+            "train": {"steps": 20, "log_every": 10, "threads": 1},
+            "eval": {"every": 20},
+            "checkpoint": {"every": 20},
+            "run": {"dir": "runs/lr"},
+            "slurm": {"partition": "debug", "timeout_min": 10},
+            "sweep": {"optim.lr": [1e-3, 3e-3, 1e-2]},
+        },
+    )
+    submitted = cli("llama-train", "submit", "lr.yaml")
+    array = re.search(r"submitted Slurm array job (\d+): 3 points", submitted.stdout)
+    assert array, submitted.stdout
+    directory = tmp_path / "runs" / "lr"
+    names = ["optim.lr=0.001", "optim.lr=0.003", "optim.lr=0.01"]
+    manifest = json.loads((directory / "sweep.json").read_text())
+    assert [(p["name"], p["job_id"]) for p in manifest["points"]] == [
+        (name, f"{array[1]}_{index}") for index, name in enumerate(names)
+    ]
+
+    def finished() -> bool:
+        states = [status.state for status in sweep_status(directory)]
+        if "failed" in states:
+            pytest.fail(f"a point failed: {states}\n{_logs(directory / 'slurm')}")
+        return states == ["done"] * 3
+
+    _wait_for(finished, "the three points to finish")
+    summaries = {
+        name: json.loads((directory / name / "summary.json").read_text()) for name in names
+    }
+    assert all(summary["step"] == 20 for summary in summaries.values())
+
+    rows = json.loads(cli("llama-train", "sweep-status", "runs/lr", "--json").stdout)
+    assert [(row["name"], row["state"], row["step"]) for row in rows] == [
+        (name, "done", 20) for name in names
+    ]
+    assert [row["excess"] for row in rows] == [summaries[n]["excess_loss"] for n in names]
+    table = " ".join(cli("llama-train", "sweep-status", "runs/lr").stdout.split())
+    assert "3 point(s): 3 done" in table
+
+    lowest = min(names, key=lambda name: summaries[name]["excess_loss"])
+    best = json.loads(cli("llama-train", "best", "runs/lr", "--by", "eval.excess", "--json").stdout)
+    assert best["best"]["name"] == lowest
+    assert best["best"]["value"] == pytest.approx(summaries[lowest]["excess_loss"], rel=1e-12)
+    by_loss = cli("llama-train", "best", "runs/lr", "--by", "test_loss").stdout
+    winner = min(names, key=lambda name: summaries[name]["test_loss"])
+    assert f"best by test_loss: {winner} " in by_loss
+
+
+# ---------------------------------------------------------------------------
+# Preemption: SIGUSR1, checkpoint, requeue, resume
+
+
+def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted_losses(
+    slurm_cluster, store, cli, tmp_path
+):
+    config = {
+        "data": {"path": str(store), "batch_size": 16},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
+        "optim": {"lr": 3e-3, "warmup_steps": 10},
+        "train": {"steps": 600, "log_every": 10, "threads": 1, "progress": False},
+        "eval": {"every": 600, "max_sequences": 64},
+        "checkpoint": {"every": 1000},  # the preemption's checkpoint and the last one only
+        "run": {"dir": "runs/preempted"},
+        "slurm": {"timeout_min": 10},
+    }
+    _write(tmp_path / "long.yaml", config)
+    submitted = cli("llama-train", "submit", "long.yaml")
+    job_id = re.search(r"submitted Slurm job (\d+)", submitted.stdout)[1]
+    run_dir = tmp_path / "runs" / "preempted"
+    _wait_for(lambda: read_metrics_or_none(run_dir), "the first metrics line")
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # what --signal sends
+
+    state = _wait_for(
+        lambda: (read_state(run_dir) or {}).get("state") == "preempted" and read_state(run_dir),
+        "the run to checkpoint and requeue",
+    )
+    preempted_at = state["step"]
+    assert 0 < preempted_at < 600 and state["message"].endswith("requeued")
+    assert (run_dir / "checkpoints" / f"step_{preempted_at:06d}").is_dir()
+    # Slurm holds a requeued job for 120 s; a test need not wait.
+    _wait_for(lambda: _queue_state(job_id) == "PENDING", "the requeued job to be pending")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+    reference_dir = tmp_path / "runs" / "reference"
+    reference_file = _write(
+        tmp_path / "reference.yaml", {**config, "run": {"dir": str(reference_dir)}}
+    )
+    reference = resolve_config(reference_file)
+    train(reference, progress=False)  # meanwhile, the uninterrupted run, in this process
+
+    _wait_for(lambda: (read_state(run_dir) or {}).get("state") in ("done", "failed"), "the end")
+    final = read_state(run_dir)
+    assert final["state"] == "done", _logs(run_dir / "slurm")
+    assert final["restarts"] == 1 and final["step"] == 600
+    log = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
+    assert f"resuming runs/preempted from step {preempted_at}" in log
+
+    assert _deterministic(run_dir) == _deterministic(reference.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    expected = json.loads((reference.run_dir / "summary.json").read_text())
+    assert summary["test_loss"] == expected["test_loss"]
+
+
+def test_a_two_task_job_trains_as_two_ranks_and_resumes_them_after_preemption(
+    slurm_cluster, store, cli, tmp_path
+):
+    """One task per GPU on GPU nodes; here two CPU tasks stand in for them (gloo)."""
+    config = {
+        "data": {"path": str(store), "batch_size": 8},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
+        "optim": {"lr": 3e-3, "warmup_steps": 10},
+        "train": {"steps": 200, "log_every": 10, "threads": 1, "progress": False},
+        "eval": {"every": 200, "max_sequences": 64},
+        "checkpoint": {"every": 1000},
+        "slurm": {"timeout_min": 10, "tasks_per_node": 2},
+    }
+    _write(tmp_path / "ranks.yaml", config)
+    jobs = {}
+    for name in ("preempted", "reference"):  # the reference waits for the two CPUs
+        submitted = cli("llama-train", "submit", "ranks.yaml", f"run.dir=runs/{name}")
+        assert "1 node(s) x 2 task(s)" in submitted.stdout
+        jobs[name] = re.search(r"submitted Slurm job (\d+)", submitted.stdout)[1]
+    run_dir, reference_dir = tmp_path / "runs" / "preempted", tmp_path / "runs" / "reference"
+    _wait_for(lambda: read_metrics_or_none(run_dir), "the first metrics line")
+    subprocess.run(["scancel", "--signal=USR1", jobs["preempted"]], check=True)
+    _wait_for(lambda: _queue_state(jobs["preempted"]) == "PENDING", "the requeue")
+    preempted_at = read_state(run_dir)["step"]
+    subprocess.run(
+        ["scontrol", "update", f"JobId={jobs['preempted']}", "StartTime=now"], check=True
+    )
+
+    for directory in (run_dir, reference_dir):
+        _wait_for(
+            lambda directory=directory: (
+                (read_state(directory) or {}).get("state") in ("done", "failed")
+            ),
+            f"{directory.name} to end",
+        )
+        assert read_state(directory)["state"] == "done", _logs(directory / "slurm")
+    log = (run_dir / "slurm" / f"{jobs['preempted']}_0_log.err").read_text()
+    assert "256 tokens per step on 2 x cpu (ddp)" in log  # 8 rows x 16 targets x 2 ranks
+    assert f"resuming runs/preempted from step {preempted_at}" in log
+    assert read_state(run_dir)["restarts"] == 1
+    assert _deterministic(run_dir) == _deterministic(reference_dir)
+
+
+def _deterministic(directory: Path) -> list[dict]:
+    return [
+        {key: record[key] for key in DETERMINISTIC_KEYS if key in record}
+        for record in read_metrics(directory)
+    ]
+
+
+# ---------------------------------------------------------------------------
+# gssm-data on Slurm
+
+
+def test_gssm_data_submit_writes_with_two_array_tasks_the_bytes_of_a_local_generate(
+    slurm_cluster, cli, tmp_path
+):
+    options = ["--preset", "debug", "--n", "9000", "--n-test", "1000", "--seq-len", "17"]
+    submitted = cli(
+        "gssm-data", "submit", "--tasks", "2", *options, "--out", "sharded.zarr", "--wait"
+    )
+    assert re.fullmatch(rf"job \d+ \(2 tasks\): {tmp_path / 'sharded.zarr'}\n", submitted.stdout), (
+        submitted.stdout
+    )
+    cli("gssm-data", "generate", *options, "--out", "local.zarr", "--workers", "1", "--quiet")
+    sharded, local = tmp_path / "sharded.zarr", tmp_path / "local.zarr"
+
+    files = sorted(path.relative_to(local) for path in local.rglob("*") if path.is_file())
+    assert sorted(p.relative_to(sharded) for p in sharded.rglob("*") if p.is_file()) == files
+    different = [
+        str(name) for name in files if (sharded / name).read_bytes() != (local / name).read_bytes()
+    ]
+    assert different == ["zarr.json"]  # the manifest, whose created_at differs:
+    manifests = [open_store(path).manifest.model_dump() for path in (sharded, local)]
+    for manifest in manifests:
+        manifest.pop("created_at")
+    assert manifests[0] == manifests[1]
+
+    logs = [path.read_text() for path in sorted((tmp_path / "sharded.zarr.slurm").glob("*.out"))]
+    assert len(logs) == 2
+    assert sum("complete" in log.splitlines()[-1] for log in logs) == 1  # one task published
+    assert "ok:" in cli("gssm-data", "verify", "sharded.zarr").stdout
