@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from llama_train.config import (
     TrainConfig,
     apply_overrides,
@@ -39,21 +37,9 @@ STABLE_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(make_debug_store) -> Path:
     """A debug-preset store: vocabulary 8, sequences of 17 tokens, 128 train sequences."""
-    out = tmp_path_factory.mktemp("stores") / "debug.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("debug"),
-            name="debug",
-            out=out,
-            n_train=128,
-            n_test=32,
-            seq_len=17,
-            block_size=64,
-        )
-    )
-    return out
+    return make_debug_store(n_train=128, n_test=32, seq_len=17)
 
 
 def _write(path: Path, data: dict) -> Path:

@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from llama_train import distributed
 from llama_train.checkpoint import CheckpointManager, CorruptCheckpointWarning, DcpPayload
 from llama_train.cli import app
@@ -106,21 +104,9 @@ def test_rank_info_is_frozen():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(make_debug_store) -> Path:
     """Debug preset, 256 train sequences in chunks of 64, 32 test sequences of 17 tokens."""
-    out = tmp_path_factory.mktemp("stores") / "debug.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("debug"),
-            name="debug",
-            out=out,
-            n_train=256,
-            n_test=32,
-            seq_len=17,
-            block_size=64,
-        )
-    )
-    return out
+    return make_debug_store(n_train=256, n_test=32, seq_len=17)
 
 
 def _config(store: Path, run_dir: Path, *overrides: str):

@@ -10,8 +10,6 @@ import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 from typer.testing import CliRunner
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from llama_train import train as recipe
 from llama_train.cli import app
 from llama_train.config import validate
@@ -232,20 +230,8 @@ def test_an_error_is_recorded_failed_and_raised(job, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("stores") / "debug.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("debug"),
-            name="debug",
-            out=out,
-            n_train=64,
-            n_test=16,
-            seq_len=9,
-            block_size=64,
-        )
-    )
-    return out
+def store(make_debug_store) -> Path:
+    return make_debug_store(n_train=64, n_test=16, seq_len=9)
 
 
 def test_submit_local_trains_records_done_and_a_second_submit_skips_the_run(store, tmp_path):

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from llama_train.cli import app
 from llama_train.config import validate
 from llama_train.errors import LlamaTrainError
@@ -31,20 +29,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("stores") / "debug.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("debug"),
-            name="debug",
-            out=out,
-            n_train=64,
-            n_test=16,
-            seq_len=9,
-            block_size=64,
-        )
-    )
-    return out
+def store(make_debug_store) -> Path:
+    return make_debug_store(n_train=64, n_test=16, seq_len=9)
 
 
 def _grid_error(grid: object) -> str:

@@ -13,8 +13,6 @@ import pytest
 import torch
 import yaml
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from llama_train.checkpoint import CheckpointManager
 from llama_train.config import TrainConfig, resolve_config
 from llama_train.errors import LlamaTrainError
@@ -34,21 +32,9 @@ DETERMINISTIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "epoch", "eva
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(make_debug_store) -> Path:
     """Debug preset, 256 train sequences in 4 chunks of 64, 32 test sequences of 17 tokens."""
-    out = tmp_path_factory.mktemp("stores") / "debug.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("debug"),
-            name="debug",
-            out=out,
-            n_train=256,
-            n_test=32,
-            seq_len=17,
-            block_size=64,
-        )
-    )
-    return out
+    return make_debug_store(n_train=256, n_test=32, seq_len=17)
 
 
 def _config(store: Path, run_dir: Path, *overrides: str) -> TrainConfig:

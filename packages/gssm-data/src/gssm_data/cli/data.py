@@ -81,31 +81,103 @@ def _calibrated(
     return calibration.graph, f"{name}-{bits:g}bits"
 
 
+# Options shared by `generate` and `submit` (cli/slurm.py): the ones that decide a store.
+PresetOption = Annotated[
+    str | None,
+    typer.Option(help=f"Named graph (see `gssm-data presets`); default {DEFAULT_PRESET}."),
+]
+GraphOption = Annotated[
+    Path | None, typer.Option("--graph", help="Graph spec YAML file, instead of --preset.")
+]
+ModeOption = Annotated[
+    str | None,
+    typer.Option(help="Set every latent node's mode: default, transition, slow or dead."),
+]
+NOption = Annotated[
+    str, typer.Option("--n", help="Training sequences: 100000, 100_000, 1e8 or 2.5M.")
+]
+NTestOption = Annotated[str, typer.Option("--n-test", help="Test sequences.")]
+SeqLenOption = Annotated[
+    int, typer.Option(help="Tokens per sequence, start token included (257: 256 targets).")
+]
+SeedOption = Annotated[int, typer.Option(help="Seed of the kernels and of every block.")]
+OutOption = Annotated[
+    Path | None,
+    typer.Option(help="Store path; default datasets/<name>-<fingerprint>-n<N>-t<M>.zarr."),
+]
+WithLatentsOption = Annotated[
+    bool, typer.Option("--with-latents", help="Also store every latent node's states.")
+]
+TargetBitsOption = Annotated[
+    float | None,
+    typer.Option(help="Calibrate alpha so the entropy is this many bits per token."),
+]
+TargetOption = Annotated[
+    str, typer.Option(help="Which alphas --target-bits tunes: latent or observed.")
+]
+
+
+def store_options(
+    *,
+    preset: str | None,
+    graph: Path | None,
+    mode: str | None,
+    n: str,
+    n_test: str,
+    seq_len: int,
+    seed: int,
+    out: Path | None,
+    with_latents: bool,
+    target_bits: float | None,
+    target: str,
+    workers: int,
+    shard: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None],
+) -> GenerateOptions:
+    """Validated GenerateOptions from the command-line options (calibrating alpha if asked)."""
+    spec, name = resolve_graph(preset, graph, mode)
+    if target_bits is not None:
+        spec, name = _calibrated(
+            spec, name, seed=seed, seq_len=seq_len, bits=target_bits, target=target, log=log
+        )
+    n_train, n_testing = parse_count(n, option="--n"), parse_count(n_test, option="--n-test")
+    if n_train < 1:
+        raise GssmDataError("--n must be at least 1")
+    if seq_len < 2:
+        raise GssmDataError("--seq-len must be at least 2 (a start token and one target)")
+    if seed < 0:
+        raise GssmDataError("--seed must not be negative")
+    if workers < 1:
+        raise GssmDataError("--workers must be at least 1")
+    path = out or default_store_path(
+        name, spec, seed=seed, seq_len=seq_len, n_train=n_train, n_test=n_testing
+    )
+    return GenerateOptions(
+        graph=spec,
+        name=name,
+        out=path,
+        n_train=n_train,
+        n_test=n_testing,
+        seq_len=seq_len,
+        seed=seed,
+        workers=workers,
+        shard=Shard.parse(shard) if shard is not None else None,
+        with_latents=with_latents,
+        force=force,
+    )
+
+
 @app.command("generate")
 def generate_command(
-    preset: Annotated[
-        str | None,
-        typer.Option(help=f"Named graph (see `gssm-data presets`); default {DEFAULT_PRESET}."),
-    ] = None,
-    graph: Annotated[
-        Path | None, typer.Option("--graph", help="Graph spec YAML file, instead of --preset.")
-    ] = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(help="Set every latent node's mode: default, transition, slow or dead."),
-    ] = None,
-    n: Annotated[
-        str, typer.Option("--n", help="Training sequences: 100000, 100_000, 1e8 or 2.5M.")
-    ] = "100_000",
-    n_test: Annotated[str, typer.Option("--n-test", help="Test sequences.")] = "10_000",
-    seq_len: Annotated[
-        int, typer.Option(help="Tokens per sequence, start token included (257: 256 targets).")
-    ] = 257,
-    seed: Annotated[int, typer.Option(help="Seed of the kernels and of every block.")] = 0,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Store path; default datasets/<name>-<fingerprint>-n<N>-t<M>.zarr."),
-    ] = None,
+    preset: PresetOption = None,
+    graph: GraphOption = None,
+    mode: ModeOption = None,
+    n: NOption = "100_000",
+    n_test: NTestOption = "10_000",
+    seq_len: SeqLenOption = 257,
+    seed: SeedOption = 0,
+    out: OutOption = None,
     workers: Annotated[
         int | None, typer.Option(help="Writer processes; default: every CPU available.")
     ] = None,
@@ -113,20 +185,13 @@ def generate_command(
         str | None,
         typer.Option(help="k/N: write only task k's blocks of N (Slurm array tasks)."),
     ] = None,
-    with_latents: Annotated[
-        bool, typer.Option("--with-latents", help="Also store every latent node's states.")
-    ] = False,
+    with_latents: WithLatentsOption = False,
     force: Annotated[
         bool, typer.Option("--force", help="Start over and replace an existing store.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no messages.")] = False,
-    target_bits: Annotated[
-        float | None,
-        typer.Option(help="Calibrate alpha so the entropy is this many bits per token."),
-    ] = None,
-    target: Annotated[
-        str, typer.Option(help="Which alphas --target-bits tunes: latent or observed.")
-    ] = "latent",
+    target_bits: TargetBitsOption = None,
+    target: TargetOption = "latent",
 ) -> None:
     """Sample a train/test dataset into a Zarr store and print the store's path.
 
@@ -135,35 +200,22 @@ def generate_command(
     """
     log = say(quiet)
     try:
-        spec, name = resolve_graph(preset, graph, mode)
-        if target_bits is not None:
-            spec, name = _calibrated(
-                spec, name, seed=seed, seq_len=seq_len, bits=target_bits, target=target, log=log
-            )
-        n_train, n_testing = parse_count(n, option="--n"), parse_count(n_test, option="--n-test")
-        if n_train < 1:
-            raise GssmDataError("--n must be at least 1")
-        if seq_len < 2:
-            raise GssmDataError("--seq-len must be at least 2 (a start token and one target)")
-        if seed < 0:
-            raise GssmDataError("--seed must not be negative")
-        if workers is not None and workers < 1:
-            raise GssmDataError("--workers must be at least 1")
-        path = out or default_store_path(
-            name, spec, seed=seed, seq_len=seq_len, n_train=n_train, n_test=n_testing
-        )
-        options = GenerateOptions(
-            graph=spec,
-            name=name,
-            out=path,
-            n_train=n_train,
-            n_test=n_testing,
+        options = store_options(
+            preset=preset,
+            graph=graph,
+            mode=mode,
+            n=n,
+            n_test=n_test,
             seq_len=seq_len,
             seed=seed,
-            workers=workers or available_cpus(),
-            shard=Shard.parse(shard) if shard is not None else None,
+            out=out,
             with_latents=with_latents,
+            target_bits=target_bits,
+            target=target,
+            workers=available_cpus() if workers is None else workers,
+            shard=shard,
             force=force,
+            log=log,
         )
         result = generate(options, show_progress=progress_wanted(quiet), log=log)
     except GssmDataError as error:

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gssm_data.cli.app import app, console, fail, progress_wanted, say
-from gssm_data.cli.data import resolve_graph
+from gssm_data.cli.data import GraphOption, ModeOption, PresetOption, resolve_graph
 from gssm_data.errors import GssmDataError
 from gssm_data.manifest import Baselines, EntropyStats
 from gssm_data.store import open_store
@@ -188,16 +188,9 @@ def _position_table(stats: EntropyStats) -> Table:
 @app.command("calibrate")
 def calibrate_command(
     target_bits: Annotated[float, typer.Option(help="Wanted entropy, bits per predicted token.")],
-    preset: Annotated[
-        str | None, typer.Option(help="Named graph (see `gssm-data presets`); default hmm.")
-    ] = None,
-    graph: Annotated[
-        Path | None, typer.Option("--graph", help="Graph spec YAML file, instead of --preset.")
-    ] = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(help="Set every latent node's mode: default, transition, slow or dead."),
-    ] = None,
+    preset: PresetOption = None,
+    graph: GraphOption = None,
+    mode: ModeOption = None,
     target: Annotated[
         str, typer.Option(help="Which alphas to tune: latent (all latent nodes) or observed.")
     ] = "latent",

@@ -13,10 +13,22 @@ from typing import Annotated
 
 import typer
 
-from gssm_data.cli.app import app, err_console, fail
-from gssm_data.cli.data import DEFAULT_PRESET, _calibrated, resolve_graph
+from gssm_data.cli.app import app, fail, say
+from gssm_data.cli.data import (
+    GraphOption,
+    ModeOption,
+    NOption,
+    NTestOption,
+    OutOption,
+    PresetOption,
+    SeedOption,
+    SeqLenOption,
+    TargetBitsOption,
+    TargetOption,
+    WithLatentsOption,
+    store_options,
+)
 from gssm_data.errors import GssmDataError
-from gssm_data.generate import GenerateOptions, default_store_path, parse_count
 from gssm_data.slurm import SlurmSettings, SubmittedStore, submit_generate, submit_scaling
 
 TasksOption = Annotated[int, typer.Option(help="Array tasks sharing the store (--shard k/N).")]
@@ -31,44 +43,24 @@ MemOption = Annotated[str | None, typer.Option(help="Memory per task's node, e.g
 AccountOption = Annotated[str | None, typer.Option(help="Slurm account.")]
 
 
-def _say(message: str) -> None:
-    err_console.print(message, highlight=False, soft_wrap=True)
+# `submit` has no --quiet: its messages (calibration, logs) always go to stderr.
+_say = say(quiet=False)
 
 
 @app.command("submit")
 def submit_command(
     tasks: TasksOption = 4,
-    preset: Annotated[
-        str | None,
-        typer.Option(help=f"Named graph (see `gssm-data presets`); default {DEFAULT_PRESET}."),
-    ] = None,
-    graph: Annotated[
-        Path | None, typer.Option("--graph", help="Graph spec YAML file, instead of --preset.")
-    ] = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(help="Set every latent node's mode: default, transition, slow or dead."),
-    ] = None,
-    n: Annotated[str, typer.Option("--n", help="Training sequences: 100000, 1e8 or 2.5M.")] = (
-        "100_000"
-    ),
-    n_test: Annotated[str, typer.Option("--n-test", help="Test sequences.")] = "10_000",
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence, start token included.")] = 257,
-    seed: Annotated[int, typer.Option(help="Seed of the kernels and of every block.")] = 0,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Store path; default datasets/<name>-<fingerprint>-n<N>-t<M>.zarr."),
-    ] = None,
-    with_latents: Annotated[
-        bool, typer.Option("--with-latents", help="Also store every latent node's states.")
-    ] = False,
-    target_bits: Annotated[
-        float | None,
-        typer.Option(help="Calibrate alpha (here, once) so the entropy is this many bits/token."),
-    ] = None,
-    target: Annotated[
-        str, typer.Option(help="Which alphas --target-bits tunes: latent or observed.")
-    ] = "latent",
+    preset: PresetOption = None,
+    graph: GraphOption = None,
+    mode: ModeOption = None,
+    n: NOption = "100_000",
+    n_test: NTestOption = "10_000",
+    seq_len: SeqLenOption = 257,
+    seed: SeedOption = 0,
+    out: OutOption = None,
+    with_latents: WithLatentsOption = False,
+    target_bits: TargetBitsOption = None,
+    target: TargetOption = "latent",
     partition: PartitionOption = None,
     time: TimeOption = None,
     cpus_per_task: CpusOption = 1,
@@ -85,31 +77,21 @@ def submit_command(
     is left alone.
     """
     try:
-        spec, name = resolve_graph(preset, graph, mode)
-        if target_bits is not None:
-            spec, name = _calibrated(
-                spec, name, seed=seed, seq_len=seq_len, bits=target_bits, target=target, log=_say
-            )
-        n_train, n_testing = parse_count(n, option="--n"), parse_count(n_test, option="--n-test")
-        if n_train < 1:
-            raise GssmDataError("--n must be at least 1")
-        if seq_len < 2:
-            raise GssmDataError("--seq-len must be at least 2 (a start token and one target)")
-        if seed < 0:
-            raise GssmDataError("--seed must not be negative")
-        path = out or default_store_path(
-            name, spec, seed=seed, seq_len=seq_len, n_train=n_train, n_test=n_testing
-        )
-        options = GenerateOptions(
-            graph=spec,
-            name=name,
-            out=path,
-            n_train=n_train,
-            n_test=n_testing,
+        # Alpha is calibrated once, here; every task then writes the same graph.
+        options = store_options(
+            preset=preset,
+            graph=graph,
+            mode=mode,
+            n=n,
+            n_test=n_test,
             seq_len=seq_len,
             seed=seed,
-            workers=cpus_per_task,
+            out=out,
             with_latents=with_latents,
+            target_bits=target_bits,
+            target=target,
+            workers=cpus_per_task,
+            log=_say,
         )
         settings = SlurmSettings(
             partition=partition, time=time, cpus_per_task=cpus_per_task, mem=mem, account=account
