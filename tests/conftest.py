@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from gssm_data.generate import GenerateOptions, generate
+from gssm_data.presets import load_preset
+
 
 @pytest.fixture(autouse=True)
 def no_network_logging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,3 +56,19 @@ def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def write_preset_store() -> Callable[..., Path]:
+    """`write(out, preset, n_train=..., n_test=..., seq_len=..., **options)`: a real store.
+
+    The one way the cross-package tests and benchmarks make their data, in
+    process (no console script); `options` are further GenerateOptions fields
+    (block_size, workers).
+    """
+
+    def write(out: Path, preset: str, **options: object) -> Path:
+        generate(GenerateOptions(graph=load_preset(preset), name=preset, out=out, **options))
+        return out
+
+    return write

@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from gssm_data.store import open_store
 from llama_train.config import resolve_config
 from llama_train.metrics import read_metrics
@@ -88,19 +86,9 @@ def _logs(directory: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(tmp_path_factory: pytest.TempPathFactory, write_preset_store) -> Path:
     out = tmp_path_factory.mktemp("stores") / "debug.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("debug"),
-            name="debug",
-            out=out,
-            n_train=1024,
-            n_test=128,
-            seq_len=17,
-            block_size=256,
-        )
-    )
+    write_preset_store(out, "debug", n_train=1024, n_test=128, seq_len=17, block_size=256)
     return out
 
 

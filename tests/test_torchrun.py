@@ -35,8 +35,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from llama_train.checkpoint import CheckpointManager
 from llama_train.metrics import read_metrics
 from llama_train.train import PREEMPTED_EXIT_CODE
@@ -95,21 +93,11 @@ main()
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workspace(tmp_path_factory: pytest.TempPathFactory, write_preset_store) -> Path:
     """A debug store, the shared config and the test hooks."""
     root = tmp_path_factory.mktemp("torchrun")
     store = root / "debug.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("debug"),
-            name="debug",
-            out=store,
-            n_train=512,
-            n_test=64,
-            seq_len=17,
-            block_size=64,
-        )
-    )
+    write_preset_store(store, "debug", n_train=512, n_test=64, seq_len=17, block_size=64)
     config = {
         "data": {"path": str(store), "batch_size": 8},
         "model": {"dim": 16, "n_layers": 2, "n_heads": 2},

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from gssm_data.sampler import BLOCK_SIZE
 from gssm_data.store import open_store
 from llama_train.data import DataConfig, build_loader
@@ -30,18 +28,10 @@ MEASURED_BATCHES = 1500  # crosses at least one window boundary (1024 batches pe
 
 
 @pytest.fixture(scope="module")
-def hmm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hmm_store(tmp_path_factory: pytest.TempPathFactory, write_preset_store) -> Path:
     out = tmp_path_factory.mktemp("bench") / "hmm.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("hmm"),
-            name="hmm",
-            out=out,
-            n_train=TRAIN_BLOCKS * BLOCK_SIZE,
-            n_test=BLOCK_SIZE,
-            seq_len=SEQ_LEN,
-            workers=2,
-        )
+    write_preset_store(
+        out, "hmm", n_train=TRAIN_BLOCKS * BLOCK_SIZE, n_test=BLOCK_SIZE, seq_len=SEQ_LEN, workers=2
     )
     return out
 

@@ -29,8 +29,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gssm_data.generate import GenerateOptions, generate
-from gssm_data.presets import load_preset
 from gssm_data.sampler import BLOCK_SIZE
 from llama_train.config import TrainConfig, resolve_config
 from llama_train.data import build_loader
@@ -44,19 +42,10 @@ LOADER_BATCHES = 3000  # 12 epochs of the 8192-row store: window reads included
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(tmp_path_factory: pytest.TempPathFactory, write_preset_store) -> Path:
     """The demo's data at a smaller size: `hmm`, 129 tokens, 2 blocks of train sequences."""
     out = tmp_path_factory.mktemp("bench") / "hmm.zarr"
-    generate(
-        GenerateOptions(
-            graph=load_preset("hmm"),
-            name="hmm",
-            out=out,
-            n_train=2 * BLOCK_SIZE,
-            n_test=256,
-            seq_len=129,
-        )
-    )
+    write_preset_store(out, "hmm", n_train=2 * BLOCK_SIZE, n_test=256, seq_len=129)
     return out
 
 
