@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gssm_data.store import open_store
-from llama_train.metrics import read_metrics
+from llama_train.core.metrics import read_metrics
 
 
 def test_generate_train_and_evaluate_against_the_exact_entropy(cli, tmp_path):

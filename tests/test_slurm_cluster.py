@@ -22,9 +22,9 @@ import yaml
 
 from gssm_data.store import open_store
 from llama_train.config import resolve_config
-from llama_train.metrics import read_metrics
-from llama_train.slurm import read_state
-from llama_train.sweep import sweep_status
+from llama_train.core.metrics import read_metrics
+from llama_train.launch.status import sweep_status
+from llama_train.rundir import read_state
 from llama_train.train import train
 
 START_SCRIPT = Path(__file__).parent / "slurm" / "start-local-cluster.sh"

@@ -35,9 +35,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_train.checkpoint import CheckpointManager
-from llama_train.metrics import read_metrics
-from llama_train.train import PREEMPTED_EXIT_CODE
+from llama_train.core.checkpoint import CheckpointManager
+from llama_train.core.distributed import PREEMPTED_EXIT_CODE
+from llama_train.core.metrics import read_metrics
 
 STEPS = 12
 # What depends on the arithmetic only (not on time or the machine).

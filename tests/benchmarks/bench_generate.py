@@ -14,7 +14,7 @@ in the same run:
 - peak memory: the summed RSS of the process tree (main process and workers),
   sampled every 20 ms.
 
-Targets (issue 2): at least 20x the reference, `--n 1e8` under 30 minutes and
+Targets: at least 20x the reference, `--n 1e8` under 30 minutes and
 under 2 GB on a 2-core machine.
 """
 

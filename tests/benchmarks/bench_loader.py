@@ -20,7 +20,7 @@ import torch
 
 from gssm_data.sampler import BLOCK_SIZE
 from gssm_data.store import open_store
-from llama_train.data import DataConfig, build_loader
+from llama_train.core.data import DataConfig, build_loader
 
 BATCH_SIZE, SEQ_LEN = 32, 257
 TRAIN_BLOCKS = 10  # 40960 sequences: more than one shuffle window of 8 chunks

@@ -31,9 +31,9 @@ import torch
 
 from gssm_data.sampler import BLOCK_SIZE
 from llama_train.config import TrainConfig, resolve_config
-from llama_train.data import build_loader
-from llama_train.metrics import read_metrics
-from llama_train.model import Llama
+from llama_train.core.data import build_loader
+from llama_train.core.metrics import read_metrics
+from llama_train.core.model import Llama
 from llama_train.train import train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "packages/llama-train/configs/demo.yaml"

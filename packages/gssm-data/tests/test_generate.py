@@ -21,8 +21,8 @@ from gssm_data.generate import (
     default_store_path,
     format_count,
     generate,
-    parse_count,
 )
+from gssm_data.humanize import parse_count
 from gssm_data.kernels import draw_kernels
 from gssm_data.presets import load_preset
 from gssm_data.sampler import STREAMS, BlockSampler

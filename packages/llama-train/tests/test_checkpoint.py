@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama_train import checkpoint
-from llama_train.checkpoint import (
+from llama_train.core import checkpoint
+from llama_train.core.checkpoint import (
     CheckpointManager,
     CorruptCheckpointWarning,
     TorchPayload,
@@ -89,7 +89,7 @@ _KILLED_MIDWAY = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     import torch
-    from llama_train.checkpoint import CheckpointManager, TorchPayload, save_file
+    from llama_train.core.checkpoint import CheckpointManager, TorchPayload, save_file
 
     class DiesMidway(TorchPayload):
         def write(self, folder, payload):

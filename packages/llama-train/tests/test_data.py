@@ -21,15 +21,13 @@ from gssm_data.kernels import draw_kernels
 from gssm_data.presets import load_preset
 from gssm_data.sampler import STREAMS, BlockSampler
 from gssm_data.store import open_store
-from llama_train.data import (
+from llama_train.core.data import (
     DataConfig,
     OnlineRowStream,
     TrainLoader,
     ZarrRowStream,
     build_loader,
-    iter_split,
     online_sampler,
-    parse_count,
     resolve_data,
 )
 from llama_train.errors import LlamaTrainError
@@ -266,15 +264,6 @@ def test_online_loader_resumes_exactly(debug_sampler):
 # Evaluation reads and configuration
 
 
-def test_iter_split_gives_each_rank_its_contiguous_share_in_order(row_ids):
-    shares = [list(iter_split(row_ids, 8, rank=r, world_size=3, limit=70)) for r in range(3)]
-    rows = [row for share in shares for _, batch in share for row in _ids(batch)]
-    assert rows == list(range(70))
-    for share in shares:
-        for first, batch in share:
-            assert _ids(batch)[0] == first and batch.shape[0] <= 8
-
-
 @pytest.mark.parametrize(
     ("text", "count"),
     [
@@ -288,13 +277,13 @@ def test_iter_split_gives_each_rank_its_contiguous_share_in_order(row_ids):
     ],
 )
 def test_counts_accept_scientific_and_suffixed_notation(text, count):
-    assert parse_count(text) == count
+    assert DataConfig(path=Path("s.zarr"), n_train=text).n_train == count
 
 
 @pytest.mark.parametrize("text", ["2.5", "abc", "0", "-3", "inf", True])
 def test_counts_reject_fractions_junk_and_non_positive_values(text):
     with pytest.raises(ValueError):
-        parse_count(text)
+        DataConfig(path=Path("s.zarr"), n_train=text)
 
 
 def test_data_config_parses_n_train_and_forbids_unknown_keys():

@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
-from llama_train import distributed
-from llama_train.checkpoint import CheckpointManager, CorruptCheckpointWarning, DcpPayload
 from llama_train.cli import app
 from llama_train.config import resolve_config
-from llama_train.distributed import (
+from llama_train.core import distributed
+from llama_train.core.checkpoint import CheckpointManager, CorruptCheckpointWarning, DcpPayload
+from llama_train.core.distributed import (
+    PREEMPTED_EXIT_CODE,
     DistributedConfig,
     PreemptionWatch,
     RankInfo,
@@ -31,10 +32,12 @@ from llama_train.distributed import (
     resolve_backend,
     together,
 )
+from llama_train.core.metrics import read_metrics
 from llama_train.errors import LlamaTrainError
-from llama_train.evaluate import evaluate_run
-from llama_train.metrics import read_metrics
-from llama_train.train import CHECKPOINT_DIR, PREEMPTED_EXIT_CODE, Preempted, Trainer, train
+from llama_train.eval import evaluate_run
+from llama_train.launch import torchrun
+from llama_train.rundir import CHECKPOINT_DIR
+from llama_train.train import Preempted, Trainer, train
 
 runner = CliRunner()
 TINY = ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "data.batch_size=8"]
@@ -366,7 +369,7 @@ def test_run_exits_3_and_names_the_checkpoint_when_preempted(store, tmp_path, mo
 
 def test_run_nproc_checks_the_config_once_before_starting_any_process(store, tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(distributed, "launch_torchrun", lambda n, args: started.append(n) or 0)
+    monkeypatch.setattr(torchrun, "launch_torchrun", lambda n, args: started.append(n) or 0)
     bad = runner.invoke(app, ["run", "--nproc", "2", str(_write_config(store, tmp_path)), "x.y=1"])
     assert bad.exit_code == 1 and "unknown config key 'x.y'" in bad.output and started == []
     config = str(_write_config(store, tmp_path))
@@ -410,5 +413,5 @@ def test_the_launcher_exits_3_when_a_rank_was_preempted_and_none_failed_otherwis
     for name in ("TORCHELASTIC_SIGNALS_TO_HANDLE", "OMP_NUM_THREADS"):  # set by the launcher
         monkeypatch.setenv(name, os.environ.get(name, "1"))
     before = signal.getsignal(signal.SIGTERM)
-    assert distributed.launch_torchrun(2, ["run", "config.yaml"]) == expected
+    assert torchrun.launch_torchrun(2, ["run", "config.yaml"]) == expected
     assert signal.getsignal(signal.SIGTERM) == before

@@ -16,10 +16,11 @@ from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store
 from llama_train.config import resolve_config
-from llama_train.data import DataConfig, resolve_data
+from llama_train.core.data import DataConfig, resolve_data
+from llama_train.core.evaluate import EvalResult, EvalSet, evaluate
+from llama_train.core.model import Llama, ModelConfig
 from llama_train.errors import LlamaTrainError
-from llama_train.evaluate import EvalResult, EvalSet, evaluate, evaluate_run
-from llama_train.model import Llama, ModelConfig
+from llama_train.eval import evaluate_run
 from llama_train.train import train
 
 SEQ_LEN, N_TEST, SEED = 17, 48, 3

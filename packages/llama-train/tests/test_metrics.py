@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama_train.core.evaluate import EvalResult, eval_file, save_result
+from llama_train.core.metrics import MetricLogger, read_metrics, system_metrics, truncate_after
 from llama_train.errors import LlamaTrainError
-from llama_train.evaluate import EvalResult, eval_file, save_result
-from llama_train.metrics import (
-    METRICS_FILENAME,
-    WANDB_ID_FILENAME,
-    MetricLogger,
-    plot_run,
-    read_metrics,
-    system_metrics,
-    truncate_after,
-)
+from llama_train.plot import plot_run
+from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME
 
 
 def test_each_log_call_is_one_json_line_with_its_step(tmp_path):

@@ -8,8 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from llama_train.errors import LlamaTrainError
-from llama_train.model import (
+from llama_train.core.model import (
     KVCache,
     Llama,
     ModelConfig,
@@ -17,6 +16,7 @@ from llama_train.model import (
     rotary_tables,
     sample_next_token,
 )
+from llama_train.errors import LlamaTrainError
 
 VOCAB = 17
 

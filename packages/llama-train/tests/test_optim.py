@@ -9,8 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from llama_train.model import Llama, ModelConfig
-from llama_train.optim import (
+from llama_train.core.model import Llama, ModelConfig
+from llama_train.core.optim import (
     OptimConfig,
     build_optimizer,
     clip_gradients,

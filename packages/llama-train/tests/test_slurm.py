@@ -12,16 +12,12 @@ from typer.testing import CliRunner
 
 from llama_train import train as recipe
 from llama_train.cli import app
-from llama_train.config import validate
+from llama_train.core.configuration import validate
+from llama_train.core.distributed import PREEMPTED_EXIT_CODE
 from llama_train.errors import LlamaTrainError
-from llama_train.slurm import (
-    SlurmConfig,
-    TrainJob,
-    current_job_id,
-    executor_parameters,
-    parse_time_limit,
-    read_state,
-)
+from llama_train.launch.config import SlurmConfig, SubmitConfig
+from llama_train.launch.slurm import TrainJob, executor_parameters, parse_time_limit
+from llama_train.rundir import current_job_id, read_state
 
 runner = CliRunner()
 
@@ -111,7 +107,8 @@ def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TrainJob:
             "data": {"path": "unused.zarr"},
             "run": {"dir": str(tmp_path)},
             "slurm": {"max_requeues": 2},
-        }
+        },
+        SubmitConfig,
     )
     return TrainJob(config)
 
@@ -131,7 +128,7 @@ def requeues(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(job_id)
         return None
 
-    monkeypatch.setattr("llama_train.slurm.requeue", fake_requeue)
+    monkeypatch.setattr("llama_train.launch.slurm.requeue", fake_requeue)
     return calls
 
 
@@ -146,7 +143,7 @@ def test_a_preempted_run_is_requeued_and_exits_with_the_preempted_code(job, monk
     monkeypatch.setattr(recipe, "train", _preempt_at(12))
     with pytest.raises(SystemExit) as exit_:
         job()
-    assert exit_.value.code == recipe.PREEMPTED_EXIT_CODE == 3
+    assert exit_.value.code == PREEMPTED_EXIT_CODE == 3
     assert requeues == ["42"]
     state = read_state(job.config.run_dir)
     assert (state["state"], state["step"]) == ("preempted", 12)
@@ -181,7 +178,7 @@ def test_after_max_requeues_a_preempted_run_waits_for_a_resubmission(job, monkey
 
 
 def test_a_failed_requeue_is_recorded_with_what_to_do(job, monkeypatch):
-    monkeypatch.setattr("llama_train.slurm.requeue", lambda job_id: "Requeue of job denied")
+    monkeypatch.setattr("llama_train.launch.slurm.requeue", lambda job_id: "Requeue of job denied")
     monkeypatch.setattr(recipe, "train", _preempt_at(5))
     with pytest.raises(SystemExit):
         job()

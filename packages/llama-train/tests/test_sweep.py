@@ -9,21 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from llama_train.cli import app
-from llama_train.config import validate
+from llama_train.core.configuration import validate
 from llama_train.errors import LlamaTrainError
-from llama_train.slurm import write_state
-from llama_train.sweep import (
-    expand_grid,
-    format_value,
-    normalise_grid,
-    plan,
-    point_name,
-    point_status,
-    rank_points,
-    read_manifest,
-    sweep_status,
-    write_manifest,
-)
+from llama_train.launch.config import SubmitConfig, format_value, normalise_grid
+from llama_train.launch.status import point_status, rank_points, read_manifest, sweep_status
+from llama_train.launch.sweep import expand_grid, plan, point_name, write_manifest
+from llama_train.rundir import write_state
 
 runner = CliRunner()
 
@@ -35,7 +26,7 @@ def store(make_debug_store) -> Path:
 
 def _grid_error(grid: object) -> str:
     with pytest.raises(LlamaTrainError) as caught:
-        validate({"data": {"path": "unused.zarr"}, "sweep": grid})
+        validate({"data": {"path": "unused.zarr"}, "sweep": grid}, SubmitConfig)
     return str(caught.value)
 
 

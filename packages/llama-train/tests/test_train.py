@@ -13,18 +13,14 @@ import pytest
 import torch
 import yaml
 
-from llama_train.checkpoint import CheckpointManager
 from llama_train.config import TrainConfig, resolve_config
+from llama_train.core.checkpoint import CheckpointManager
+from llama_train.core.distributed import resolve_amp
+from llama_train.core.metrics import read_metrics
+from llama_train.core.model import Llama, ModelOutput
 from llama_train.errors import LlamaTrainError
-from llama_train.metrics import read_metrics
-from llama_train.model import Llama, ModelOutput
-from llama_train.train import (
-    CHECKPOINT_DIR,
-    NonFiniteLoss,
-    build_trainer,
-    resolve_amp,
-    train,
-)
+from llama_train.rundir import CHECKPOINT_DIR
+from llama_train.train import NonFiniteLoss, build_trainer, train
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
 # What depends on the arithmetic only (not on time or the machine): compared exactly.

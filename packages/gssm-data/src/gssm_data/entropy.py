@@ -2,7 +2,7 @@
 
 Because the generating distribution is known, the Bayes-optimal next-token
 loss of a sequence is -log p(x_t | x_<t), the floor every training curve is
-compared with (DESIGN.md section 3). It is computed by the forward algorithm:
+compared with (docs/design.md, section Entropy). It is computed by the forward algorithm:
 
 - t = 0 is the fixed start: every node, the observed one included, is in
   state 0, so the forward vector starts as a point mass and token 0 is never

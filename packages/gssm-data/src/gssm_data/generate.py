@@ -57,6 +57,7 @@ from rich.text import Text
 
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
+from gssm_data.humanize import format_si
 from gssm_data.kernels import draw_kernels
 from gssm_data.manifest import Manifest, SplitInfo, fingerprint
 from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler, state_dtype
@@ -177,29 +178,6 @@ class GenerateResult:
                 parts.append(f"{phase} {self.phase_seconds[phase]:.1f} s")
         parts.append(f"total {self.seconds:.1f} s")
         return "; ".join(parts)
-
-
-_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
-
-
-def parse_count(text: str, *, option: str = "--n") -> int:
-    """A count as people type it: 100000, 100_000, 1e8, 2.5e6, 2.5M, 10k."""
-    cleaned = text.strip().replace("_", "").replace(",", "").lower()
-    multiplier = 1
-    if cleaned[-1:] in _SUFFIXES:
-        multiplier, cleaned = _SUFFIXES[cleaned[-1]], cleaned[:-1]
-    try:
-        value = float(cleaned) * multiplier if any(c in cleaned for c in ".e") else None
-        count = int(cleaned) * multiplier if value is None else int(value)
-    except (ValueError, OverflowError):
-        raise GssmDataError(
-            f"{option} {text!r} is not a count; write e.g. 100000, 100_000, 1e8 or 2.5M"
-        ) from None
-    if value is not None and value != count:
-        raise GssmDataError(f"{option} {text!r} is not a whole number of sequences")
-    if count < 0:
-        raise GssmDataError(f"{option} {text!r} must not be negative")
-    return count
 
 
 def format_count(count: int) -> str:
@@ -798,7 +776,7 @@ def _finalise(
 
 def _measured(store: Store, split: str, progress: bool) -> SplitInfo:
     """A split's info with its entropy and baselines (train: first sequences only)."""
-    from gssm_data.entropy import measure_split  # helper "entropy"; imported when needed
+    from gssm_data.entropy import measure_split  # imported when needed: it loads torch
 
     info = store.manifest.splits[split]
     if info.n == 0:
@@ -843,14 +821,7 @@ class _TokensPerSecond(ProgressColumn):
         speed = task.finished_speed or task.speed
         if speed is None:
             return Text("-- tok/s", style="progress.data.speed")
-        return Text(f"{_si(speed)} tok/s", style="progress.data.speed")
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
+        return Text(f"{format_si(speed)} tok/s", style="progress.data.speed")
 
 
 @contextlib.contextmanager

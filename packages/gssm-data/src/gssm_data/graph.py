@@ -4,7 +4,7 @@ A GSSM is a directed acyclic graph of discrete nodes. Exactly one node is
 observed (its states are the token vocabulary); the others are latent. At t = 0
 every node is in state 0; from t = 1 on, a node is drawn from
 p(z_t | z_{t-1} (latent nodes only), parents_t), parents first (topological
-order). See DESIGN.md section 2.
+order). See docs/design.md, section GSSM semantics.
 
 Everything here is validation and structure; no randomness.
 """
@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gssm_data.errors import GssmDataError
+from gssm_data.humanize import format_validation_error
 
 KernelKind = Literal["product", "fullrank"]
 Mode = Literal["default", "transition", "slow", "dead"]
@@ -237,16 +238,6 @@ def _find_cycle(parents: dict[str, set[str]]) -> list[str]:
         path.append(name)
         name = min(parents[name])
     return [*path[seen[name] :], name][::-1]
-
-
-def format_validation_error(error: ValidationError) -> str:
-    """One readable line per problem, `location: message`."""
-    lines = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{location}: {message}" if location else message)
-    return "; ".join(lines)
 
 
 def parse_graph(data: object, *, source: str = "graph") -> GraphSpec:

@@ -1,6 +1,6 @@
 """Vectorised, block-deterministic sampling of GSSM sequences.
 
-Determinism by blocks (DESIGN.md section 4): the sequences of block b of a
+Determinism by blocks (docs/design.md, section Determinism): the sequences of block b of a
 split come from a generator seeded by (seed, stream, b), and every block is
 drawn at the full :data:`BLOCK_SIZE` (the last one is truncated). So the same
 spec and seed give the same bytes whatever the worker count, shard layout or

@@ -34,9 +34,9 @@ from gssm_data.generate import (
     available_cpus,
     default_store_path,
     generate,
-    parse_count,
 )
-from gssm_data.graph import GraphSpec, Mode, format_validation_error, load_graph
+from gssm_data.graph import GraphSpec, Mode, load_graph
+from gssm_data.humanize import format_validation_error, parse_count
 from gssm_data.manifest import Baselines, EntropyStats
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store

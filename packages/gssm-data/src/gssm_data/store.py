@@ -1,4 +1,4 @@
-"""The dataset store: a Zarr v3 group laid out as DESIGN.md section 4 says.
+"""The dataset store: a Zarr v3 group laid out as docs/design.md, section Store format, says.
 
 ```
 zarr.json                    group attributes: {"manifest": Manifest}
@@ -34,7 +34,8 @@ from zarr.codecs import ZstdCodec
 from zarr.errors import GroupNotFoundError
 
 from gssm_data.errors import GssmDataError
-from gssm_data.graph import GraphSpec, format_validation_error
+from gssm_data.graph import GraphSpec
+from gssm_data.humanize import format_validation_error
 from gssm_data.manifest import FORMAT_VERSION, Baselines, EntropyStats, Manifest
 from gssm_data.sampler import BlockSampler, state_dtype
 

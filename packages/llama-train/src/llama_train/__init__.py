@@ -10,13 +10,13 @@ layer over them)::
     summary = train(config)          # or resumes: the same call again continues the run
     result = evaluate_run(config.run.dir)   # test loss, exact entropy, excess loss
 
-One module per job: `config` (composes the sections, YAML, overrides, the link to
-the store), `data` (loader), `model`, `optim`, `checkpoint`, `distributed` (ranks,
-the process group, DDP/FSDP2, preemption, the `--nproc` launch), `train` (the
-recipe), `evaluate` (against the exact entropy), `metrics` (JSONL, wandb,
-plots), `slurm` and `sweep` (submitit jobs, grids, requeue), `cli`. Names are
-imported on first use, so `import llama_train` and `llama-train --help` stay
-fast.
+Layers, each importing only those below it (docs/design.md, section Architecture):
+`errors` and `rundir` (run-directory files, job state, atomic writes); `core/`
+(`configuration`, `model`, `optim`, `data`, `distributed`, `checkpoint`,
+`evaluate`, `metrics`, each owning its config section); the recipe (`config`,
+`train`, `eval`, `plot`); `launch/` (`torchrun`, `slurm`, `sweep`, `status`);
+`cli/`. Names are imported on first use, so `import llama_train` and
+`llama-train --help` stay fast.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 _EXPORTS = {
     "TrainConfig": "llama_train.config",
     "resolve_config": "llama_train.config",
-    "evaluate_run": "llama_train.evaluate",
-    "EvalResult": "llama_train.evaluate",
+    "evaluate_run": "llama_train.eval",
+    "EvalResult": "llama_train.core.evaluate",
     "LlamaTrainError": "llama_train.errors",
 }
 

@@ -1,28 +1,24 @@
-"""The training configuration: each module's section, composed and linked to the data.
+"""The training config: the recipe's sections, composed with the core's, and linked to the data.
 
-`TrainConfig` only composes: `data` (:class:`~llama_train.data.DataConfig`),
-`model` (:class:`~llama_train.model.ModelConfig`), `optim`
-(:class:`~llama_train.optim.OptimConfig`) and `distributed`
-(:class:`~llama_train.distributed.DistributedConfig`) live beside the code they configure;
-the sections that belong to the training recipe itself (`train`, `eval`,
-`checkpoint`, `logging`, `run`) are defined here. Every section forbids
-unknown keys, so a typo is an error rather than a silently ignored setting.
+`TrainConfig` only composes: `data` (:class:`~llama_train.core.data.DataConfig`),
+`model` (:class:`~llama_train.core.model.ModelConfig`), `optim`
+(:class:`~llama_train.core.optim.OptimConfig`), `distributed`
+(:class:`~llama_train.core.distributed.DistributedConfig`), `checkpoint`,
+`eval` and `logging` live beside the code they configure; the sections that
+belong to the training recipe itself (`train`, `run`) are defined here. Every
+section forbids unknown keys, so a typo is an error rather than a silently
+ignored setting. The launcher's sections (`slurm`, `sweep`) are not part of it:
+they belong to `llama-train submit` (:class:`~llama_train.launch.config.SubmitConfig`).
 
-Precedence, lowest first: field defaults < the YAML file < command-line
-overrides (`key.sub=value`, the value parsed as YAML, so `optim.lr=3e-4`,
-`train.compile=true` and `optim.betas=[0.9,0.95]` all work). Then the data
-section is opened (:func:`link_to_data`): the store's manifest (or the online
-graph) supplies `model.vocab_size` and `model.max_seq_len` when the config
-leaves them out, and must agree with them when it sets them.
+Precedence (:mod:`llama_train.core.configuration`), lowest first: field
+defaults < the YAML file < command-line overrides. Then the data section is
+opened (:func:`link_to_data`): the store's manifest (or the online graph)
+supplies `model.vocab_size` and `model.max_seq_len` when the config leaves them
+out, and must agree with them when it sets them.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
-import re
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -30,15 +26,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llama_train.data import DataConfig, resolve_data
-from llama_train.distributed import DistributedConfig  # issue 5, helper "dist"
+from gssm_data.humanize import format_validation_error
+from llama_train.core import configuration
+from llama_train.core.checkpoint import CheckpointConfig
+from llama_train.core.data import DataConfig, resolve_data
+from llama_train.core.distributed import DistributedConfig
+from llama_train.core.evaluate import EvalConfig
+from llama_train.core.metrics import LoggingConfig
+from llama_train.core.model import ModelConfig
+from llama_train.core.optim import OptimConfig
 from llama_train.errors import LlamaTrainError
-from llama_train.model import ModelConfig
-from llama_train.optim import OptimConfig
-from llama_train.slurm import SlurmConfig  # issue 5, helper "slurm": the `slurm` section
-from llama_train.sweep import SweepGrid  # issue 5, helper "slurm": the `sweep` section
+from llama_train.rundir import CONFIG_FILENAME, atomic_write
 
-CONFIG_FILENAME = "config.yaml"
+# Sections of `llama-train submit`'s config that a training config does not take.
+LAUNCHER_SECTIONS = ("slurm", "sweep")
 
 
 class TrainSection(BaseModel):
@@ -70,57 +71,6 @@ class TrainSection(BaseModel):
     progress: bool = Field(True, description="show a progress bar (rank 0 only)")
 
 
-class EvalConfig(BaseModel):
-    """Evaluation against the exact entropy (the `eval` section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    every: int = Field(500, gt=0, description="steps between evaluations (also at the end)")
-    max_sequences: int | None = Field(
-        None, gt=0, description="first sequences of the split to use; None = the whole split"
-    )
-    split: str = Field("test", description="store split to evaluate on")
-    batch_size: int | None = Field(
-        None, gt=0, description="sequences per forward pass; None = data.batch_size"
-    )
-
-
-class CheckpointConfig(BaseModel):
-    """When checkpoints are written and how many are kept (the `checkpoint` section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    every: int = Field(500, gt=0, description="steps between checkpoints (also at the end)")
-    keep: int = Field(2, ge=1, description="most recent checkpoints kept on disk")
-
-
-class WandbConfig(BaseModel):
-    """Weights & Biases logging (`logging.wandb`); metrics.jsonl is written regardless."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["offline", "online", "disabled"] | None = Field(
-        None, description="None = offline when a project is set, else disabled"
-    )
-    project: str | None = None
-    entity: str | None = None
-
-    @property
-    def effective_mode(self) -> Literal["offline", "online", "disabled"]:
-        """The mode actually used: an unset mode logs offline only when a project is named."""
-        if self.mode is not None:
-            return self.mode
-        return "offline" if self.project else "disabled"
-
-
-class LoggingConfig(BaseModel):
-    """Where metrics go besides metrics.jsonl (the `logging` section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    wandb: WandbConfig = WandbConfig()
-
-
 class RunConfig(BaseModel):
     """Identity of the run (the `run` section): its name, directory and seed."""
 
@@ -150,15 +100,7 @@ class TrainConfig(BaseModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     run: RunConfig = RunConfig()
-    distributed: DistributedConfig = DistributedConfig()  # issue 5, helper "dist"
-    # --- issue 5, helper "slurm": `llama-train submit` (llama_train/slurm.py, sweep.py) ---
-    slurm: SlurmConfig = SlurmConfig()
-    sweep: SweepGrid = Field(
-        default_factory=dict,
-        description="grid of `llama-train submit`: config key -> list of values, one run per "
-        "combination under run.dir (e.g. optim.lr: [1e-4, 3e-4]); `llama-train run` ignores it",
-    )
-    # --- end of helper "slurm" ---
+    distributed: DistributedConfig = DistributedConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -168,219 +110,75 @@ class TrainConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------
-# Loading and overrides
+# Reading
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML with 1.2-style numbers: `1e5` and `3e-4` are floats, as people mean them.
-
-    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e5`), so `train.steps=1e4`
-    would arrive as the string "1e4" and fail validation as an integer.
-    """
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
-        |[-+]?(?:[0-9][0-9_]*)\.[0-9_]*
-        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.VERBOSE,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad syntax is a one-line user error."""
-    path = Path(path)
-    try:
-        data = _parse_yaml(path.read_text())
-    except FileNotFoundError:
-        raise LlamaTrainError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise LlamaTrainError(f"{path}: invalid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LlamaTrainError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `key.sub=value` into its key path and YAML-parsed value."""
-    key, sep, value_text = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise LlamaTrainError(f"override {text!r} is not of the form key.sub=value")
-    parts = key.split(".")
-    if any(not part for part in parts):
-        raise LlamaTrainError(f"override {text!r}: empty component in key {key!r}")
-    try:
-        value = _parse_yaml(value_text) if value_text.strip() else None
-    except yaml.YAMLError:
-        # Not valid YAML (e.g. an unquoted `a: b`): take it as the literal string.
-        value = value_text
-    return parts, value
+def known_keys() -> list[str]:
+    """Every dotted key of TrainConfig (sections and leaves), for messages and docs."""
+    return configuration.known_keys(TrainConfig)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of `raw` with each `key.sub=value` set; unknown keys name close matches."""
-    result = _deep_copy(raw)
-    for text in overrides:
-        parts, value = parse_override(text)
-        check_key(parts)
-        node = result
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                prefix = ".".join(parts[: depth + 1])
-                raise LlamaTrainError(f"override {text!r}: {prefix} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
-    return result
-
-
-def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        key: _deep_copy(value) if isinstance(value, Mapping) else value
-        for key, value in raw.items()
-    }
-
-
-# ---------------------------------------------------------------------------
-# Known keys (for suggestions)
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model a field holds (also through `X | None`), else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        models = [_section_model(arg) for arg in typing.get_args(annotation)]
-        models = [model for model in models if model is not None]
-        if len(models) == 1:
-            return models[0]
-    return None
-
-
-def _is_open_mapping(annotation: Any) -> bool:
-    """Whether a field accepts arbitrary sub-keys (a dict, Any, or a union with one)."""
-    if annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (dict, Mapping) or annotation is dict:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_open_mapping(arg) for arg in typing.get_args(annotation))
-    return False
-
-
-def known_keys(model: type[BaseModel] | None = None) -> list[str]:
-    """Every dotted key of the schema (sections and leaves), for messages and docs."""
-    model = model or TrainConfig
-    keys: list[str] = []
-    for name, field in model.model_fields.items():
-        keys.append(name)
-        section = _section_model(field.annotation)
-        if section is not None:
-            keys.extend(f"{name}.{sub}" for sub in known_keys(section))
-    return keys
-
-
-def check_key(parts: list[str], model: type[BaseModel] | None = None) -> None:
-    """Raise a user error naming `parts` and close matches when the key is not in the schema."""
-    model = model or TrainConfig
-    for depth, part in enumerate(parts):
-        fields = model.model_fields
-        if part not in fields:
-            prefix = ".".join(parts[:depth])
-            key = ".".join(parts)
-            candidates = [f"{prefix}.{name}" if prefix else name for name in fields]
-            raise LlamaTrainError(_unknown_key_message(key, candidates, prefix))
-        annotation = fields[part].annotation
-        section = _section_model(annotation)
-        if section is None:
-            if depth < len(parts) - 1 and not _is_open_mapping(annotation):
-                raise LlamaTrainError(
-                    f"unknown config key {'.'.join(parts)!r}: "
-                    f"{'.'.join(parts[: depth + 1])} is a value, not a section"
-                )
-            return
-        model = section
-
-
-def _unknown_key_message(key: str, candidates: list[str], prefix: str) -> str:
-    # Siblings first (a typo in the last part), then anywhere (a misspelt section).
-    close = difflib.get_close_matches(key, candidates, n=2, cutoff=0.6) or (
-        difflib.get_close_matches(key, known_keys(), n=2, cutoff=0.6)
-    )
-    if close:
-        return f"unknown config key {key!r}; did you mean {' or '.join(map(repr, close))}?"
-    where = f"section {prefix!r}" if prefix else "the top level"
-    names = ", ".join(candidate.rsplit(".", 1)[-1] for candidate in candidates)
-    return f"unknown config key {key!r}; {where} has: {names}"
-
-
-def check_keys(
-    raw: Mapping[str, Any], model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()
-) -> None:
-    """Check every key of a raw (YAML) mapping against the schema, with suggestions."""
-    model = model or TrainConfig
-    for key, value in raw.items():
-        parts = [*prefix, str(key)]
-        check_key(parts)
-        field = model.model_fields[str(key)]
-        section = _section_model(field.annotation)
-        if section is not None and isinstance(value, Mapping):
-            check_keys(value, section, tuple(parts))
-
-
-# ---------------------------------------------------------------------------
-# Validation
-
-
-def format_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One `key: message (got value)` line per problem, keys dotted like overrides."""
-    lines = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"] if not _is_type_tag(part))
-        if prefix:
-            location = f"{prefix}.{location}" if location else prefix
-        message = item["msg"].removeprefix("Value error, ")
-        value = item.get("input")
-        got = ""
-        if item["type"] != "missing" and not isinstance(value, dict | list):
-            got = f" (got {value!r})"
-        lines.append(f"{location}: {message}{got}" if location else f"{message}{got}")
-    return "\n".join(dict.fromkeys(lines))
-
-
-def _is_type_tag(part: object) -> bool:
-    # Union members show up in error locations as type names (`int`, `function-after[...]`).
-    return isinstance(part, str) and (
-        part in {"int", "float", "str", "bool", "none", "list", "dict"} or "[" in part
-    )
+    return configuration.apply_overrides(raw, overrides, TrainConfig)
 
 
 def validate(raw: Mapping[str, Any]) -> TrainConfig:
     """Validate a raw mapping as a TrainConfig; errors become one line per field."""
-    check_keys(raw)
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as error:
-        raise LlamaTrainError("invalid config:\n" + format_validation_error(error)) from None
+    return configuration.validate(raw, TrainConfig)
+
+
+def raw_config(
+    path: str | Path | None, overrides: Iterable[str] = (), model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Defaults < YAML file (`path`, optional) < `overrides`, keys checked against `model`.
+
+    `model` is TrainConfig unless a launcher extends it. `run.name` defaults to
+    the YAML file's stem. A training config that names a launcher's section is
+    refused in one line that says which command takes it.
+    """
+    model = model or TrainConfig
+    if model is TrainConfig:
+        _refuse_launcher_sections(path, overrides)
+    raw = configuration.merge_sources(path, overrides, model)
+    run_raw = raw.setdefault("run", {})
+    if isinstance(run_raw, dict) and path is not None:
+        run_raw.setdefault("name", Path(path).stem)
+    return raw
+
+
+def _refuse_launcher_sections(path: str | Path | None, overrides: Iterable[str]) -> None:
+    """`run` trains one config: a grid would silently train only its base point."""
+    raw = configuration.load_yaml(path) if path is not None else {}
+    named: dict[str, list[str]] = {
+        section: _leaf_keys(raw[section]) for section in LAUNCHER_SECTIONS if section in raw
+    }
+    for text in overrides:
+        section, _, key = text.partition("=")[0].strip().partition(".")
+        if section in LAUNCHER_SECTIONS:
+            named.setdefault(section, []).append(key)
+    if "sweep" in named:
+        keys = ", ".join(sorted({key for key in named["sweep"] if key})) or "(empty)"
+        raise LlamaTrainError(
+            f"this config has a sweep over {keys}: `llama-train submit CONFIG` runs every point "
+            "(add --local to run them here); `run` trains a single configuration"
+        )
+    if "slurm" in named:
+        raise LlamaTrainError(
+            "this config has a `slurm` section, which belongs to `llama-train submit CONFIG`; "
+            "`run` trains here: remove the section to run it directly"
+        )
+
+
+def _leaf_keys(section: object, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping (a sweep grid: nested or dotted keys alike)."""
+    if not isinstance(section, Mapping):
+        return []
+    keys = []
+    for key, value in section.items():
+        dotted = f"{prefix}{key}"
+        keys.extend(_leaf_keys(value, dotted + ".") if isinstance(value, Mapping) else [dotted])
+    return keys
 
 
 def link_to_data(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -392,7 +190,7 @@ def link_to_data(raw: Mapping[str, Any]) -> dict[str, Any]:
     `max_seq_len` defaults to `seq_len` and may be larger but not shorter than
     `seq_len - 1`.
     """
-    result = _deep_copy(raw)
+    result = configuration.deep_copy(raw)
     data_raw = result.get("data")
     if not isinstance(data_raw, Mapping):
         raise LlamaTrainError("invalid config:\ndata: Field required (set data.path to a store)")
@@ -400,7 +198,7 @@ def link_to_data(raw: Mapping[str, Any]) -> dict[str, Any]:
         data_config = DataConfig.model_validate(data_raw)
     except ValidationError as error:
         raise LlamaTrainError(
-            "invalid config:\n" + format_validation_error(error, prefix="data")
+            "invalid config:\n" + format_validation_error(error, prefix="data", separator="\n")
         ) from None
     spec = resolve_data(data_config)
     model_raw = result.setdefault("model", {})
@@ -439,13 +237,7 @@ def resolve_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Tr
     `runs/<run.name>`. Without a file, the overrides alone describe the run
     (at least `data.path=...`).
     """
-    raw = load_yaml(path) if path is not None else {}
-    check_keys(raw)
-    raw = apply_overrides(raw, overrides)
-    run_raw = raw.setdefault("run", {})
-    if isinstance(run_raw, dict) and path is not None:
-        run_raw.setdefault("name", Path(path).stem)
-    return validate(link_to_data(raw))
+    return validate(link_to_data(raw_config(path, overrides)))
 
 
 def config_to_yaml(config: TrainConfig) -> str:
@@ -457,11 +249,7 @@ def write_config(config: TrainConfig, run_dir: Path | None = None) -> Path:
     """Write the resolved config to `<run dir>/config.yaml` atomically; return its path."""
     run_dir = Path(run_dir or config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / CONFIG_FILENAME
-    partial = target.with_suffix(".yaml.partial")
-    partial.write_text(config_to_yaml(config))
-    os.replace(partial, target)
-    return target
+    return atomic_write(run_dir / CONFIG_FILENAME, config_to_yaml(config))
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
@@ -469,7 +257,11 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILENAME
     if not path.is_file():
         raise LlamaTrainError(f"{run_dir} is not a run directory (no {CONFIG_FILENAME})")
-    return validate(load_yaml(path))
+    raw = configuration.load_yaml(path)
+    # Run directories written before the launcher had its own config hold its sections.
+    for section in LAUNCHER_SECTIONS:
+        raw.pop(section, None)
+    return validate(raw)
 
 
 def config_schema() -> dict[str, Any]:

@@ -22,7 +22,7 @@ autocast, unscale, clip (the pre-clip norm is logged), step -> metrics every
 `train.log_every` steps, evaluation every `eval.every`, a checkpoint every
 `checkpoint.every`, all three at the last step -> `summary.json`.
 
-Ranks (:mod:`llama_train.distributed`): each rank reads its own slice of
+Ranks (:mod:`llama_train.core.distributed`): each rank reads its own slice of
 every global batch (data.batch_size x train.grad_accum x world size rows per
 step), gradients are averaged once per step (DDP) or reduce-scattered (FSDP2),
 the logged loss, evaluation and throughput are reduced over ranks, and only
@@ -33,16 +33,15 @@ continue as if nothing had changed (up to float rounding of the reductions).
 
 Preemption: SIGUSR1 or SIGTERM only raises a flag; at the next step boundary
 all ranks agree, save a checkpoint, and :func:`train` raises
-:class:`Preempted`; `llama-train run` exits with PREEMPTED_EXIT_CODE (3).
+:class:`Preempted`; `llama-train run` exits with
+:data:`~llama_train.core.distributed.PREEMPTED_EXIT_CODE` (3).
 Running the same command again resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -55,19 +54,20 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from llama_train import distributed
-from llama_train.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
-from llama_train.config import (
-    CONFIG_FILENAME,
-    TrainConfig,
-    TrainSection,
-    load_yaml,
-    write_config,
+from gssm_data.humanize import format_si
+from llama_train.config import TrainConfig, TrainSection, write_config
+from llama_train.core import distributed
+from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
+from llama_train.core.configuration import load_yaml
+from llama_train.core.data import DataSpec, TrainLoader, build_loader, resolve_data
+from llama_train.core.distributed import (
+    PreemptionWatch,
+    RankInfo,
+    rank_info,
+    resolve_amp,
+    resolve_device,
 )
-from llama_train.data import DataSpec, TrainLoader, build_loader, resolve_data
-from llama_train.distributed import PreemptionWatch, RankInfo, rank_info
-from llama_train.errors import LlamaTrainError
-from llama_train.evaluate import (
+from llama_train.core.evaluate import (
     EvalResult,
     EvalSet,
     drop_results_after,
@@ -75,16 +75,11 @@ from llama_train.evaluate import (
     evaluate,
     save_result,
 )
-from llama_train.metrics import MetricLogger, system_metrics
-from llama_train.model import Llama
-from llama_train.optim import build_optimizer, clip_gradients, lr_at, set_lr
-
-CHECKPOINT_DIR = "checkpoints"
-SUMMARY_FILENAME = "summary.json"
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-# Exit code of `llama-train run` when the run was preempted (SIGUSR1/SIGTERM) and
-# checkpointed: not a failure, the same command resumes. Slurm wrappers requeue on it.
-PREEMPTED_EXIT_CODE = 3
+from llama_train.core.metrics import MetricLogger, system_metrics
+from llama_train.core.model import Llama
+from llama_train.core.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from llama_train.errors import LlamaTrainError
+from llama_train.rundir import CHECKPOINT_DIR, CONFIG_FILENAME, SUMMARY_FILENAME, atomic_write
 
 console = Console(stderr=True)
 
@@ -202,40 +197,6 @@ def _nonfinite_message(what: str, step: int) -> str:
 # Building blocks
 
 
-def resolve_device(section: TrainSection, ranks: RankInfo) -> torch.device:
-    """`auto` is CUDA when available (device `local_rank`), else the CPU."""
-    wanted = section.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda":
-        if not torch.cuda.is_available():
-            raise LlamaTrainError("train.device=cuda but CUDA is not available; use auto or cpu")
-        device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return device
-    return torch.device("cpu")
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = full precision). `auto`: bf16 on CUDA, fp32 on CPU."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "fp16" and device.type != "cuda":
-        raise LlamaTrainError(
-            "train.amp=fp16 needs CUDA (its gradient scaler is a GPU tool); "
-            "use bf16 or fp32 on the CPU"
-        )
-    return AMP_DTYPES[amp]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def seed_everything(seed: int) -> None:
     """Seed every global RNG the loop may draw from (dropout, workers)."""
     random.seed(seed)
@@ -289,13 +250,6 @@ def _progress_bar(enabled: bool, total: int) -> Progress:
         console=console,
         disable=not enabled,
     )
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +307,7 @@ class Trainer:
             batch = next(batches).to(self.device, non_blocking=True)  # (B, L)
             # Gradients cross ranks once per optimizer step, on the last micro-batch.
             with distributed.gradient_sync(self.step_model, enabled=micro == accum - 1):
-                with _autocast(self.device, self.amp_dtype):
+                with distributed.autocast(self.device, self.amp_dtype):
                     loss = self.step_model(batch[:, :-1], batch[:, 1:]).loss / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -527,7 +481,9 @@ class Trainer:
                         **system_metrics(self.device),
                     }
                 )
-                bar.update(task, loss=f"{figures['loss']:.4f}", speed=_si(figures["tokens_per_s"]))
+                bar.update(
+                    task, loss=f"{figures['loss']:.4f}", speed=format_si(figures["tokens_per_s"])
+                )
             if due_eval:
                 result = self._evaluate_and_log(logger)
                 bar.update(task, excess=f"{result.excess:.4f}")
@@ -599,10 +555,7 @@ class Trainer:
             "baselines": self._baselines(),
         }
         if self.ranks.is_main:
-            path = self.run_dir / SUMMARY_FILENAME
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(json.dumps(summary, indent=1))
-            os.replace(partial, path)
+            atomic_write(self.run_dir / SUMMARY_FILENAME, json.dumps(summary, indent=1))
         return summary
 
     def _baselines(self) -> dict[str, float] | None:
@@ -658,7 +611,7 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
             rank=ranks.rank,
             world_size=ranks.world_size,
         )
-    with distributed.together(f"writing {run_dir / 'config.yaml'}"):
+    with distributed.together(f"writing {run_dir / CONFIG_FILENAME}"):
         if ranks.is_main:
             write_config(config)
     step_model = distributed.parallelize(

@@ -1,7 +1,8 @@
 """The typer application and its one place for user errors.
 
 Commands live in sibling modules (``data``: generate/info/verify/presets;
-``entropy``: entropy/calibrate/scaling) and register themselves on ``app``.
+``entropy``: entropy/calibrate/scaling; ``slurm``: submit) and register themselves
+on ``app`` when ``gssm_data.cli`` imports them; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections.abc import Callable
 
 import typer
 from rich.console import Console
-
-from gssm_data.errors import GssmDataError
 
 app = typer.Typer(
     name="gssm-data",
@@ -44,14 +43,3 @@ def say(quiet: bool) -> Callable[[str], None]:
             err_console.print(message, highlight=False, soft_wrap=True)
 
     return print_message
-
-
-def main() -> None:
-    """Console-script entry point: user errors become one line and exit code 1."""
-    from gssm_data.cli import data, entropy  # noqa: F401  (register commands)
-
-    try:
-        app()
-    except GssmDataError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gssm_data.cli.app import app, console, fail, progress_wanted, say
-from gssm_data.cli.data import GraphOption, ModeOption, PresetOption, resolve_graph
+from gssm_data.cli.options import GraphOption, ModeOption, PresetOption, resolve_graph
 from gssm_data.errors import GssmDataError
 from gssm_data.manifest import Baselines, EntropyStats
 from gssm_data.store import open_store

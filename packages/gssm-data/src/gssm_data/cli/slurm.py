@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from gssm_data.cli.app import app, fail, say
-from gssm_data.cli.data import (
+from gssm_data.cli.options import (
     GraphOption,
     ModeOption,
     NOption,

@@ -22,9 +22,9 @@
 - Preemption: :class:`PreemptionWatch` turns SIGUSR1/SIGTERM (Slurm's warning
   signals) into a flag, and ``poll()`` makes all ranks agree on the step at
   which to stop.
-- Launch: :func:`launch_torchrun` is ``llama-train run --nproc N``: torchrun's
-  standalone rendezvous, preemption signals forwarded to the workers, and the
-  workers' exit code (3 = preempted) returned.
+- Device and precision: :func:`resolve_device` (``train.device``) and
+  :func:`resolve_amp` (``train.amp``), and :func:`autocast` for the forward passes
+  of training and evaluation alike.
 
 Helpers that communicate degrade to local no-ops in a single process, so the
 same code runs with and without a process group.
@@ -33,7 +33,6 @@ same code runs with and without a process group.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import threading
@@ -41,7 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -59,6 +58,10 @@ _SLURM = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
 # SIGUSR1: what `sbatch --signal=USR1@120` sends before the time limit; SIGTERM: what
 # Slurm sends on preemption or scancel (and torchrun forwards when it is stopped).
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Exit code of `llama-train run` when the run was preempted (SIGUSR1/SIGTERM) and
+# checkpointed: not a failure, the same command resumes. Slurm wrappers requeue on it.
+PREEMPTED_EXIT_CODE = 3
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class DistributedConfig(BaseModel):
@@ -512,60 +515,46 @@ class PreemptionWatch:
 
 
 # ---------------------------------------------------------------------------
-# Launching torchrun
+# Device and precision
 
 
-def launch_torchrun(nproc: int, arguments: Sequence[str]) -> int:
-    """Run ``torchrun --standalone --nproc-per-node N -m llama_train ARGUMENTS``; its exit code.
+class DeviceSetting(Protocol):
+    """Any section with a `device` choice (the recipe's `train` section)."""
 
-    This process becomes torchrun's agent (torch.distributed.run, one node,
-    rendezvous on a free local port). SIGTERM and SIGUSR1 sent to it are
-    forwarded to the workers, which save and exit with the preemption code;
-    torchrun itself would stop them with SIGTERM and SIGKILL 30 s later, and
-    ignores SIGUSR1 (which would kill this process and orphan them).
-
-    Returns 0 on success; 3 when a worker exited 3 (preempted) and none with
-    another error code: a worker exits 3 only once the checkpoint is
-    published on every rank, and torchrun then stops the others with a
-    signal, whose deaths are part of that shutdown. Otherwise the first
-    failing worker's code (1 for one killed by a signal).
-    """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    from llama_train.train import PREEMPTED_EXIT_CODE
-
-    # torchrun's agent turns the signals it handles into "stop every worker now"; we keep
-    # SIGTERM (and SIGUSR1, which it never handles) to forward them ourselves. Recent torch
-    # takes the list as an option, older torch from the environment.
-    agent_signals = "SIGINT,SIGHUP,SIGQUIT"
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = agent_signals
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, stated (no warning)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    parser = get_args_parser()
-    options = ["--standalone", f"--nproc-per-node={nproc}"]
-    if "--signals-to-handle" in parser._option_string_actions:
-        options.append(f"--signals-to-handle={agent_signals}")
-    args = parser.parse_args([*options, "-m", "llama_train", *arguments])
-    previous = {sig: signal.signal(sig, _forward_to_workers) for sig in PREEMPTION_SIGNALS}
-    try:
-        run(args)
-    except ChildFailedError as error:
-        codes = [failure.exitcode for _, failure in sorted(error.failures.items())]
-        errors = [code for code in codes if code > 0 and code != PREEMPTED_EXIT_CODE]
-        if PREEMPTED_EXIT_CODE in codes and not errors:
-            return PREEMPTED_EXIT_CODE
-        return errors[0] if errors else 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    @property
+    def device(self) -> str: ...
 
 
-def _forward_to_workers(signum: int, frame: FrameType | None) -> None:
-    """Send a preemption signal on to this launcher's worker processes (its children)."""
-    import psutil
+def resolve_device(section: DeviceSetting, ranks: RankInfo) -> torch.device:
+    """`train.device`: `auto` is CUDA when available (device `local_rank`), else the CPU."""
+    wanted = section.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda":
+        if not torch.cuda.is_available():
+            raise LlamaTrainError("train.device=cuda but CUDA is not available; use auto or cpu")
+        device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return device
+    return torch.device("cpu")
 
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.send_signal(signum)
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = full precision). `auto`: bf16 on CUDA, fp32 on CPU."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "fp16" and device.type != "cuda":
+        raise LlamaTrainError(
+            "train.amp=fp16 needs CUDA (its gradient scaler is a GPU tool); "
+            "use bf16 or fp32 on the CPU"
+        )
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`; nothing when `dtype` is None (full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -48,9 +48,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from llama_train import distributed
+from llama_train.core import distributed
 from llama_train.errors import LlamaTrainError
+from llama_train.rundir import fsync_directory
 
 FORMAT_VERSION = 1
 PAYLOAD_KEYS = ("model", "optimizer")
@@ -60,6 +62,15 @@ PENDING_EVAL_FILE = "PENDING_EVAL"
 
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")
 _HIDDEN_LEFTOVER = re.compile(r"^\.step_\d+\.(tmp|delete)$")
+
+
+class CheckpointConfig(BaseModel):
+    """When checkpoints are written and how many are kept (the `checkpoint` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(500, gt=0, description="steps between checkpoints (also at the end)")
+    keep: int = Field(2, ge=1, description="most recent checkpoints kept on disk")
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -313,7 +324,7 @@ class CheckpointManager:
             file.flush()
             os.fsync(file.fileno())
         for directory in sorted({path.parent for path in folder.rglob("*")}, reverse=True):
-            _fsync_directory(directory)  # subfolders first: a multi-file payload's entries too
+            fsync_directory(directory)  # subfolders first: a multi-file payload's entries too
 
     def _publish(self, temporary: Path, final: Path) -> None:
         if final.exists():  # saving the same step again: swap, never two at one name
@@ -323,7 +334,7 @@ class CheckpointManager:
             shutil.rmtree(old)
         else:
             os.rename(temporary, final)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def _write_error(self, error: OSError, step: int) -> str:
         where = f"checkpoint step {step} to {self.directory}"
@@ -346,7 +357,7 @@ class CheckpointManager:
         """Protect the checkpoint of `step` from retention until its evaluation is done."""
         folder = self._existing(step)
         (folder / PENDING_EVAL_FILE).touch()
-        _fsync_directory(folder)
+        fsync_directory(folder)
 
     def clear_pending_eval(self, step: int) -> None:
         """Evaluation of `step` is done: it falls under normal retention again."""
@@ -560,15 +571,6 @@ def _verified_meta(folder: Path, step: int) -> dict[str, Any]:
         if _file_record(path)["sha256"] != record["sha256"]:
             raise _Unusable(f"{name} fails its checksum")
     return meta
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make a folder's entries (new files, renames) durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -44,7 +43,8 @@ from pydantic import (
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gssm_data.errors import GssmDataError
-from gssm_data.graph import GraphSpec, format_validation_error, load_graph
+from gssm_data.graph import GraphSpec, load_graph
+from gssm_data.humanize import format_validation_error, parse_count
 from gssm_data.kernels import draw_kernels
 from gssm_data.manifest import fingerprint
 from gssm_data.presets import load_preset
@@ -61,38 +61,9 @@ TRAIN_SPLIT = "train"
 _CHUNK_ORDER = 0
 _WINDOW_ORDER = 1
 
-_COUNT_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-
 
 # ---------------------------------------------------------------------------
 # Configuration
-
-
-def parse_count(value: object) -> int:
-    """A positive whole count from 100000, 1e5, "1e5", "2.5M", "100k" or "100_000".
-
-    YAML reads ``1e5`` as a string and command-line overrides arrive as text,
-    so data-scaling sweeps can write sizes the way people say them.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a count (examples: 100000, 1e5, 2.5M)")
-    if isinstance(value, int):
-        number = Decimal(value)
-    else:
-        text = str(value).strip().replace("_", "")
-        scale = 1
-        if text and text[-1].lower() in _COUNT_SUFFIXES:
-            scale = _COUNT_SUFFIXES[text[-1].lower()]
-            text = text[:-1]
-        try:
-            number = Decimal(text) * scale
-        except InvalidOperation:
-            raise ValueError(f"{value!r} is not a count (examples: 100000, 1e5, 2.5M)") from None
-    if not number.is_finite() or number != number.to_integral_value():
-        raise ValueError(f"{value!r} is not a whole number of sequences")
-    if number < 1:
-        raise ValueError(f"{value!r} must be at least 1")
-    return int(number)
 
 
 class DataConfig(BaseModel):
@@ -134,7 +105,12 @@ class DataConfig(BaseModel):
     @field_validator("n_train", mode="before")
     @classmethod
     def _parse_n_train(cls, value: object) -> object:
-        return None if value is None else parse_count(value)
+        if value is None:
+            return None
+        try:
+            return parse_count(value, option="", minimum=1)
+        except GssmDataError as error:
+            raise ValueError(str(error)) from None
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -591,33 +567,3 @@ def build_loader(
         num_workers=cfg.num_workers,
         start_row=start_batch * cfg.batch_size * world_size,
     )
-
-
-def iter_split(
-    array: zarr.Array,
-    batch_size: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    limit: int | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Evaluation batches: this rank's contiguous share of the first `limit` rows, in order.
-
-    Yields (index of the batch's first row, int64 (b, seq_len) tensor); the
-    last batch may be shorter. Reads whole chunks; the row index lets the
-    caller line batches up with per-row arrays (per-token entropy, latents).
-    """
-    n_rows = array.shape[0] if limit is None else min(limit, array.shape[0])
-    lo, hi = n_rows * rank // world_size, n_rows * (rank + 1) // world_size
-    chunk_rows = int(array.chunks[0])
-    pending = np.empty((0, array.shape[1]), dtype=array.dtype)
-    pending_start = lo
-    position = lo
-    while position < hi:
-        stop = min((position // chunk_rows + 1) * chunk_rows, hi)
-        pending = np.concatenate([pending, array[position:stop]])
-        position = stop
-        while pending.shape[0] >= batch_size or (position == hi and pending.shape[0] > 0):
-            take = min(batch_size, pending.shape[0])
-            yield pending_start, torch.from_numpy(pending[:take].astype(np.int64))
-            pending, pending_start = pending[take:], pending_start + take

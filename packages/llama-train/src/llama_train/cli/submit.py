@@ -1,7 +1,8 @@
 """`llama-train submit`, `sweep-status` and `best`: Slurm jobs, sweeps and their winner.
 
-Thin commands over :func:`llama_train.slurm.submit` and :mod:`llama_train.sweep`;
-importing this module registers them on the `llama-train` app (cli.py does).
+Thin commands over :func:`llama_train.launch.slurm.submit` and
+:mod:`llama_train.launch.sweep`, imported inside the commands so `llama-train
+--help` does not load torch; importing this module registers them on the app.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from llama_train.cli import app, console, err_console, user_errors
+from llama_train.cli.app import app, console, err_console, user_errors
+from llama_train.launch.status import PointStatus, rank_points, state_counts, sweep_status
 
 if TYPE_CHECKING:
-    from llama_train.slurm import Submission
-    from llama_train.sweep import PointStatus
+    from llama_train.launch.slurm import Submission
 
 
 def _say(message: str) -> None:
@@ -61,7 +62,7 @@ def submit_command(
     Preempted or timed-out runs (SIGUSR1 slurm.signal_delay_s before the limit,
     or SIGTERM) checkpoint, requeue themselves and resume.
     """
-    from llama_train.slurm import parse_time_limit, submit
+    from llama_train.launch.slurm import parse_time_limit, submit
 
     with user_errors():
         settings: dict[str, Any] = {
@@ -82,7 +83,7 @@ def submit_command(
 
 def _report(submission: Submission) -> None:
     """Job id, what runs where, logs, and the command that shows progress."""
-    from llama_train.slurm import tasks_per_node
+    from llama_train.launch.slurm import tasks_per_node
 
     plan = submission.plan
     directory = plan.directory
@@ -119,8 +120,6 @@ def _report(submission: Submission) -> None:
 
 
 def _statuses(directory: Path, check_queue: bool = True) -> list[PointStatus]:
-    from llama_train.sweep import sweep_status
-
     return sweep_status(directory, check_queue=check_queue)
 
 
@@ -130,8 +129,6 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 def status_table(statuses: list[PointStatus], title: str = "") -> Table:
     """One row per point: state, progress, test loss and excess loss (final when done)."""
-    from llama_train.sweep import state_counts
-
     counts = ", ".join(f"{count} {state}" for state, count in state_counts(statuses).items())
     notes = [_note(status) for status in statuses]
     table = Table(
@@ -218,8 +215,6 @@ def best_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the ranking as JSON.")] = False,
 ) -> None:
     """Pick the winning point of a finished sweep (learning-rate cross-validation, say)."""
-    from llama_train.sweep import rank_points
-
     with user_errors():
         ranking = rank_points(_statuses(directory), by, maximize=maximize)
     winner, value = ranking[0]

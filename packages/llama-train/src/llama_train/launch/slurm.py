@@ -1,13 +1,13 @@
-"""Slurm through submitit: the `slurm` config section, the job wrapper, requeue on preemption.
+"""Slurm through submitit: the job wrapper, requeue on preemption, submission.
 
 ``llama-train submit CONFIG`` resolves the config where it is typed (so a typo fails
 at once, not in the queue), wraps it in a :class:`TrainJob` and hands that to
 submitit, which writes the sbatch script, the pickled job and the logs to
 ``<run.dir>/slurm/`` (``slurm.log_dir``). A sweep is one array job of TrainJobs
-(:mod:`llama_train.sweep`).
+(:mod:`llama_train.launch.sweep`).
 
 Multi-GPU nodes run one task per GPU (``ntasks_per_node = gpus_per_node``): srun
-starts every task, each runs the trainer, and :func:`llama_train.distributed.rank_info`
+starts every task, each runs the trainer, and :func:`llama_train.core.distributed.rank_info`
 reads its rank from srun's variables; the wrapper only adds MASTER_ADDR and
 MASTER_PORT, which srun does not set, for the process group.
 
@@ -23,95 +23,30 @@ file, not Slurm's accounting, is what ``llama-train sweep-status`` reads.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from gssm_data.errors import GssmDataError
+from llama_train import train as recipe
+from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
 from llama_train.errors import LlamaTrainError
+from llama_train.launch.config import SlurmConfig, SubmitConfig
+from llama_train.launch.status import point_status, queued_jobs, read_manifest
+from llama_train.launch.sweep import Plan, Point, plan, write_manifest
+from llama_train.rundir import LOG_DIR, current_job_id, write_state
 
 if TYPE_CHECKING:
     import submitit
 
-    from llama_train.config import TrainConfig
-    from llama_train.sweep import Plan, Point
-
-STATE_FILENAME = "job_state.json"
-LOG_DIR = "slurm"
 # The signal the trainer checkpoints on (SIGTERM too); submitit's own default, SIGUSR2,
 # would requeue without a checkpoint, and NCCL does not use SIGUSR1 on the ranks we run.
 WARNING_SIGNAL = "USR1"
-
-JobState = Literal["pending", "running", "done", "failed", "preempted"]
-
-
-class SlurmConfig(BaseModel):
-    """The `slurm` section: how `llama-train submit` asks Slurm for resources.
-
-    Every field can be overridden like any key (`slurm.partition=gpu`) or by the
-    submit command's flags (`--partition`, `--time`, ...), which win.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    partition: str | None = Field(None, description="partition; None = the cluster's default")
-    timeout_min: int = Field(
-        60,
-        gt=0,
-        description="time limit in minutes (the --time flag also takes Slurm's 1:30:00, "
-        "2-00:00:00); a preempted or timed-out run is requeued and resumes",
-    )
-    nodes: int = Field(1, ge=1, description="nodes per run")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (one trainer task each)")
-    tasks_per_node: int | None = Field(
-        None,
-        ge=1,
-        description="trainer processes per node; None = one per GPU, or one without GPUs "
-        "(more gives multi-process CPU training)",
-    )
-    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per task; None = Slurm's 1")
-    mem: str | None = Field(
-        None,
-        pattern=r"^[0-9]+[KMGT]?$",
-        description="memory per node, as sbatch --mem (64G); None = the partition's default",
-    )
-    account: str | None = Field(None, description="sbatch --account")
-    qos: str | None = Field(None, description="sbatch --qos")
-    constraint: str | None = Field(None, description="sbatch --constraint (node features)")
-    signal_delay_s: int = Field(
-        120,
-        ge=10,
-        description="Slurm sends SIGUSR1 this long before the time limit: enough to save "
-        "a checkpoint, then the job is requeued",
-    )
-    max_requeues: int = Field(
-        20, ge=0, description="requeues after preemption before a run gives up (resubmit then)"
-    )
-    array_parallelism: int | None = Field(
-        None, ge=1, description="sweeps: most grid points running at once; None = all"
-    )
-    setup: list[str] = Field(
-        default_factory=list,
-        description="shell lines run before the job starts (module load ..., source .venv/...)",
-    )
-    additional: dict[str, str | int | bool] = Field(
-        default_factory=dict,
-        description="any other sbatch option by its long name, e.g. {exclude: node3}",
-    )
-    log_dir: Path | None = Field(
-        None, description="submitit folder (scripts, pickles, logs); None = <run.dir>/slurm"
-    )
-
 
 # ---------------------------------------------------------------------------
 # Time limits
@@ -220,52 +155,9 @@ def build_executor(
     return executor
 
 
-def log_folder(config: TrainConfig) -> Path:
+def log_folder(config: SubmitConfig) -> Path:
     """Where submitit keeps a run's (or a sweep's) scripts, pickles and logs."""
     return config.slurm.log_dir or config.run_dir / LOG_DIR
-
-
-# ---------------------------------------------------------------------------
-# The state file
-
-
-def read_state(run_dir: Path) -> dict[str, Any] | None:
-    """The last state the job wrapper recorded in a run directory; None if none (or torn)."""
-    try:
-        data = json.loads((Path(run_dir) / STATE_FILENAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "state" in data else None
-
-
-def write_state(run_dir: Path, state: JobState, **fields: Any) -> dict[str, Any]:
-    """Record `state` (with job id, host, time and `fields`) atomically; return the record."""
-    record = {
-        "state": state,
-        "job_id": current_job_id(),
-        "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **fields,
-    }
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / STATE_FILENAME
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, target)
-    return record
-
-
-def current_job_id(environ: dict[str, str] | None = None) -> str | None:
-    """This job's id as scontrol names it: `ARRAY_TASK` for array tasks; the pid locally."""
-    env = os.environ if environ is None else environ
-    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    if "SLURM_JOB_ID" in env:
-        return env["SLURM_JOB_ID"]
-    return env.get("SUBMITIT_LOCAL_JOB_ID")
 
 
 # ---------------------------------------------------------------------------
@@ -280,12 +172,9 @@ class TrainJob:
     same object and calls it again, and `train` resumes from the latest checkpoint.
     """
 
-    config: TrainConfig
+    config: SubmitConfig
 
     def __call__(self) -> dict[str, Any]:
-        from llama_train import train as recipe
-        from llama_train.distributed import rank_info
-
         ranks = rank_info()
         if ranks.distributed:
             export_master_address()
@@ -293,14 +182,14 @@ class TrainJob:
         if ranks.is_main:
             write_state(run_dir, "running")
         try:
-            summary = recipe.train(self.config, progress=False)
+            summary = recipe.train(self.config.train_config(), progress=False)
         except recipe.Preempted as stop:
             if not ranks.is_main:
                 # Rank 0 decides the job's fate; exiting 0 here cannot make srun kill
                 # the step (KillOnBadExit) while rank 0 is still requeuing it.
                 raise SystemExit(0) from None
             self._requeue(stop.step, saved=stop.checkpoint is not None)
-            raise SystemExit(recipe.PREEMPTED_EXIT_CODE) from None  # no result: not over
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None  # no result: not over
         except BaseException as error:
             if ranks.is_main:
                 write_state(run_dir, "failed", message=describe_error(error))
@@ -429,8 +318,6 @@ def submit(
     `local`, points run one after another through submitit's LocalExecutor and
     this call returns when they have finished.
     """
-    from llama_train.sweep import plan, write_manifest
-
     say = log or (lambda message: None)
     sweep = plan(config_path, overrides, slurm_settings)
     executor_name: Literal["slurm", "local"] = "local" if local else "slurm"
@@ -472,8 +359,6 @@ def submit(
 
 def _points_to_submit(sweep: Plan, *, check_queue: bool) -> tuple[list[Point], dict[str, str]]:
     """The points that need a job; the others with the reason they are skipped."""
-    from llama_train.sweep import point_status, queued_jobs, read_manifest
-
     manifest = read_manifest(sweep.directory) or {"points": []}
     job_ids = {point["name"]: point.get("job_id") for point in manifest["points"]}
     queue = queued_jobs(job_ids.values()) if check_queue else None

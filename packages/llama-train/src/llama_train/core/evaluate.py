@@ -23,10 +23,8 @@ sharded (FSDP) model needs: each forward gathers parameters from all ranks.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,20 +33,36 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from gssm_data.entropy import iter_split_entropy, sequence_entropy
 from gssm_data.errors import GssmDataError
 from gssm_data.kernels import draw_kernels
 from gssm_data.sampler import BLOCK_SIZE, STREAMS
-from llama_train import distributed
-from llama_train.data import DataSpec, online_sampler
+from llama_train.core import distributed
+from llama_train.core.data import DataSpec, online_sampler
 from llama_train.errors import LlamaTrainError
+from llama_train.rundir import EVAL_DIR, atomic_write
 
 LN2 = math.log(2)
-EVAL_DIR = "eval"
 # Sequences evaluated when there is no store to hold a test split (online from a
 # preset or graph file) and eval.max_sequences is unset: one sampler block.
 ONLINE_EVAL_SEQUENCES = BLOCK_SIZE
+
+
+class EvalConfig(BaseModel):
+    """Evaluation against the exact entropy (the `eval` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(500, gt=0, description="steps between evaluations (also at the end)")
+    max_sequences: int | None = Field(
+        None, gt=0, description="first sequences of the split to use; None = the whole split"
+    )
+    split: str = Field("test", description="store split to evaluate on")
+    batch_size: int | None = Field(
+        None, gt=0, description="sequences per forward pass; None = data.batch_size"
+    )
 
 
 @dataclass(frozen=True)
@@ -116,9 +130,7 @@ def eval_file(run_dir: Path, step: int) -> Path:
 def save_result(result: EvalResult, path: Path) -> None:
     """Write a result as JSON atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result.to_dict(), indent=1))
-    os.replace(partial, path)
+    atomic_write(path, json.dumps(result.to_dict(), indent=1))
 
 
 def drop_results_after(run_dir: Path, step: int) -> None:
@@ -313,23 +325,18 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(eval_set.seq_len - 1, dtype=torch.float64, device=device)
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else contextlib.nullcontext()
-    )
     passes = 0
     try:
         for rows in eval_set.batches(batch_size):
             tokens = torch.from_numpy(rows.astype(np.int64)).to(device)
-            with autocast:
+            with distributed.autocast(device, amp_dtype):
                 losses = _token_losses(model, tokens)
             sums += losses.double().sum(dim=0)
             passes += 1
         if distributed.world_size() > 1:
             filler = torch.from_numpy(eval_set.filler().astype(np.int64)).to(device)
             for _ in range(eval_set.batch_count(batch_size) - passes):
-                with autocast:
+                with distributed.autocast(device, amp_dtype):
                     _token_losses(model, filler)  # keeps a sharded model's gathers in step
     finally:
         model.train(was_training)
@@ -345,82 +352,3 @@ def evaluate(
         loss_per_position=loss_curve.tolist(),
         entropy_per_position=entropy_curve.tolist(),
     )
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    *,
-    checkpoint: int | None = None,
-    data: str | Path | None = None,
-    split: str | None = None,
-    max_sequences: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-) -> EvalResult:
-    """Evaluate a saved checkpoint of a run (the latest by default), on its store or another.
-
-    The model is rebuilt from the architecture stored in the checkpoint, so the
-    run's config may have changed since. `data` names any compatible store:
-    same vocabulary, and sequences no longer than the model's context.
-    Defaults for split and max_sequences come from the run's eval section.
-    """
-    from llama_train.checkpoint import CheckpointManager
-    from llama_train.config import read_run_config
-    from llama_train.data import DataConfig, resolve_data
-    from llama_train.model import Llama, ModelConfig
-    from llama_train.train import CHECKPOINT_DIR, resolve_amp, resolve_device
-
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    manager = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=None)
-    if checkpoint is None:
-        latest = manager.load_latest()
-        if latest is None:
-            raise LlamaTrainError(f"{run_dir} has no checkpoint yet; train it first")
-        step, state = latest
-    else:
-        step, state = checkpoint, manager.load(checkpoint)
-    model_config = ModelConfig.model_validate(state.get("model_config", config.model.model_dump()))
-    data_config = (
-        config.data
-        if data is None
-        else DataConfig(path=Path(data), batch_size=config.data.batch_size)
-    )
-    spec = resolve_data(data_config)
-    _check_compatible(model_config, spec, data_config)
-    torch_device = resolve_device(config.train.model_copy(update={"device": device}), _single())
-    model = Llama(model_config).to(torch_device)
-    model.load_state_dict(state["model"])
-    eval_set = EvalSet(
-        spec,
-        split=split or config.eval.split,
-        max_sequences=max_sequences if max_sequences is not None else config.eval.max_sequences,
-    )
-    return evaluate(
-        model,
-        eval_set,
-        step=step,
-        batch_size=batch_size or config.eval.batch_size or config.data.batch_size,
-        device=torch_device,
-        amp_dtype=resolve_amp(config.train.amp, torch_device),
-    )
-
-
-def _single() -> Any:
-    from llama_train.distributed import RankInfo
-
-    return RankInfo()
-
-
-def _check_compatible(model_config: Any, spec: DataSpec, data_config: Any) -> None:
-    where = f"the store {data_config.path}" if data_config.path else "the data"
-    if model_config.vocab_size != spec.vocab_size:
-        raise LlamaTrainError(
-            f"the model has vocab_size {model_config.vocab_size} but {where} has "
-            f"{spec.vocab_size} tokens; evaluate on a store of the same vocabulary"
-        )
-    if spec.seq_len - 1 > model_config.max_seq_len:
-        raise LlamaTrainError(
-            f"{where} has sequences of {spec.seq_len} tokens but the model's context is "
-            f"max_seq_len {model_config.max_seq_len}; evaluate on shorter sequences"
-        )

@@ -1,0 +1,43 @@
+"""The `llama-train` typer app, its consoles, and the one place user errors are reported.
+
+A leaf: the command modules (`cli/run.py`, `cli/results.py`, `cli/submit.py`)
+import it and register their commands; `llama_train.cli` imports them. User
+errors of either package (a bad config, a missing store, a NaN loss) print one
+`error:` block (one line per problem) on stderr and exit 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+
+from gssm_data.errors import GssmDataError
+from llama_train.errors import LlamaTrainError
+
+app = typer.Typer(
+    name="llama-train",
+    help="Train Llama-style models on gssm-data stores and measure them against the exact entropy.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the packages' user errors into a short message and exit code 1."""
+    try:
+        yield
+    except (LlamaTrainError, GssmDataError) as error:
+        # Another rank failed first and printed its own error (distributed.OtherRankFailed).
+        if not getattr(error, "reported_elsewhere", False):
+            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted; run the same command again to resume", highlight=False)
+        raise typer.Exit(130) from None

@@ -1,0 +1,91 @@
+"""`llama-train run` (train or resume, one process or `--nproc N`) and `config-schema`.
+
+Thin commands over :func:`llama_train.config.resolve_config` and
+:func:`llama_train.train.train`; the recipe is imported inside the commands so
+`llama-train --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llama_train.cli.app import app, console, err_console, user_errors
+from llama_train.cli.tables import summary_table
+from llama_train.errors import LlamaTrainError
+
+
+@app.command("run")
+def run_command(
+    config: Annotated[Path, typer.Argument(help="Training config (YAML).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key.sub=value overrides, e.g. optim.lr=3e-4 model.n_layers=2."),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Start N processes on this machine through torchrun (standalone rendezvous): "
+            "one per GPU, or N one-thread CPU processes. Global batch = data.batch_size x "
+            "train.grad_accum x N. Leave it out under torchrun or srun.",
+        ),
+    ] = None,
+) -> None:
+    """Train (or resume: the same command again continues from the latest checkpoint).
+
+    Precedence: defaults < CONFIG < overrides. The run directory (run.dir)
+    receives config.yaml, metrics.jsonl, checkpoints/, eval/ and summary.json.
+    On SIGUSR1 or SIGTERM the run checkpoints at the next step, says where,
+    and exits with code 3; the same command resumes it. Works unchanged as
+    every rank of `torchrun -m llama_train run ...`.
+    """
+    from llama_train.config import resolve_config
+    from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
+
+    if nproc is not None and nproc > 1:
+        _launch(nproc, config, overrides or [])
+    from llama_train.train import Preempted, train
+
+    with user_errors():
+        is_main = rank_info().is_main
+        resolved = resolve_config(config, overrides or [])
+        try:
+            summary = train(resolved)
+        except Preempted as preempted:
+            if is_main:
+                err_console.print(str(preempted), highlight=False, soft_wrap=True)
+            raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    if is_main:
+        console.print(summary_table(summary))
+        console.print(f"run directory: {resolved.run_dir}", highlight=False)
+
+
+def _launch(nproc: int, config: Path, overrides: list[str]) -> None:
+    """`run --nproc N`: check the config once here, then start N ranks; exit with their code."""
+    from llama_train.config import resolve_config
+    from llama_train.core.distributed import rank_info
+    from llama_train.launch.torchrun import launch_torchrun
+
+    with user_errors():
+        if rank_info().distributed:
+            raise LlamaTrainError(
+                "--nproc starts torchrun itself; this process is already one rank of a "
+                "launched job, so leave --nproc out"
+            )
+        resolve_config(config, overrides)  # fails once, not in every rank
+        code = launch_torchrun(nproc, ["run", str(config), *overrides])
+    raise typer.Exit(code)
+
+
+@app.command("config-schema")
+def config_schema_command() -> None:
+    """Print the JSON schema of the training config (every section, key and default)."""
+    from llama_train.config import config_schema
+
+    sys.stdout.write(json.dumps(config_schema(), indent=2) + "\n")

@@ -1,0 +1,54 @@
+"""Tables of losses next to the exact entropy, in nats and bits per token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def figures_table(title: str, rows: list[tuple[str, str, str]], caption: str = "") -> Table:
+    """A table of (name, nats, bits) rows."""
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    table.add_column("")
+    table.add_column("nats/token", justify="right")
+    table.add_column("bits/token", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def figures_row(name: str, nats: float) -> tuple[str, str, str]:
+    """A figure in nats and bits per token."""
+    from llama_train.core.evaluate import LN2  # here: keeps `llama-train --help` free of torch
+
+    return name, f"{nats:.4f}", f"{nats / LN2:.4f}"
+
+
+def entropy_label(method: str) -> str:
+    """Row name of the floor: exact, or a known-kernel lower bound for `transition` graphs."""
+    return "exact entropy" if method.startswith("exact") else "known-kernel entropy (bound)"
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The end-of-run table: test loss, exact entropy, excess loss and the data's baselines."""
+    from llama_train.core.evaluate import LN2
+
+    rows = [
+        figures_row("test loss", summary["test_loss"]),
+        figures_row(entropy_label(summary["entropy_method"]), summary["test_entropy"]),
+        figures_row("excess loss", summary["excess_loss"]),
+    ]
+    baselines = summary.get("baselines") or {}
+    for key, label in (
+        ("unigram_bits", "unigram baseline"),
+        ("zstd_bits", "zstd baseline"),
+        ("gzip_bits", "gzip baseline"),
+    ):
+        if key in baselines:
+            rows.append(figures_row(label, baselines[key] * LN2))
+    return figures_table(
+        f"step {summary['step']}, {summary['eval_sequences']} {summary['eval_split']} sequences",
+        rows,
+        caption=f"entropy: {summary['entropy_method']}",
+    )

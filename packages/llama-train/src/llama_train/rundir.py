@@ -1,0 +1,109 @@
+"""The run directory: its file names, the job state file, and atomic writes.
+
+A run directory (`run.dir`) holds everything a run leaves behind::
+
+    config.yaml      the resolved config (written before the first step)
+    metrics.jsonl    one JSON line per metrics record
+    summary.json     the final figures (written at the last step)
+    checkpoints/     step_NNNNNN folders
+    eval/            step_NNNNNN.json, one full evaluation each
+    job_state.json   the job wrapper's record (submitted runs only)
+    slurm/           submitit's scripts and logs (submitted runs only)
+
+This module imports neither torch nor the trainer, so commands that only read
+run directories (`sweep-status`, `best`) answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_FILENAME = "config.yaml"
+METRICS_FILENAME = "metrics.jsonl"
+SUMMARY_FILENAME = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+EVAL_DIR = "eval"
+STATE_FILENAME = "job_state.json"
+LOG_DIR = "slurm"
+WANDB_ID_FILENAME = "wandb_run_id"
+
+JobState = Literal["pending", "running", "done", "failed", "preempted"]
+
+
+def atomic_write(path: str | Path, content: str | bytes) -> Path:
+    """Replace `path` with `content` so that a reader sees the old file or the new, never a part.
+
+    The content goes to a temporary file in the same folder, is fsynced, and is
+    renamed over `path`; the folder is then fsynced so the rename survives a crash.
+    """
+    path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Make a folder's entries (new files, renames) durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# ---------------------------------------------------------------------------
+# The job state file
+
+
+def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """The last state the job wrapper recorded in a run directory; None if none (or torn)."""
+    try:
+        data = json.loads((Path(run_dir) / STATE_FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "state" in data else None
+
+
+def write_state(run_dir: Path, state: JobState, **fields: Any) -> dict[str, Any]:
+    """Record `state` (with job id, host, time and `fields`) atomically; return the record."""
+    record = {
+        "state": state,
+        "job_id": current_job_id(),
+        "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **fields,
+    }
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / STATE_FILENAME, json.dumps(record, indent=1))
+    return record
+
+
+def current_job_id(environ: dict[str, str] | None = None) -> str | None:
+    """This job's id as scontrol names it: `ARRAY_TASK` for array tasks; the pid locally."""
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if "SLURM_JOB_ID" in env:
+        return env["SLURM_JOB_ID"]
+    return env.get("SUBMITIT_LOCAL_JOB_ID")
