@@ -193,8 +193,9 @@ def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
     reference_dir = tmp_path / "runs" / "reference"
+    training = {key: value for key, value in config.items() if key != "slurm"}  # submit's only
     reference_file = _write(
-        tmp_path / "reference.yaml", {**config, "run": {"dir": str(reference_dir)}}
+        tmp_path / "reference.yaml", {**training, "run": {"dir": str(reference_dir)}}
     )
     reference = resolve_config(reference_file)
     train(reference, progress=False)  # meanwhile, the uninterrupted run, in this process

@@ -104,3 +104,12 @@ def test_run_refuses_a_config_with_a_sweep_and_points_to_submit(config_file):
     assert "llama-train submit" in result.output
     assert "optim.lr" in result.output
     assert "Traceback" not in result.output
+
+
+def test_run_refuses_a_slurm_section_in_the_file_and_points_to_submit(config_file):
+    config_file.write_text(config_file.read_text() + "\nslurm:\n  partition: gpu\n")
+    result = runner.invoke(app, ["run", str(config_file)])
+
+    assert result.exit_code == 1
+    assert "`slurm` section" in result.output and "llama-train submit" in result.output
+    assert "Traceback" not in result.output

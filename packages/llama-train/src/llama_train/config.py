@@ -165,8 +165,8 @@ def _refuse_launcher_sections(path: str | Path | None, overrides: Iterable[str])
         )
     if "slurm" in named:
         raise LlamaTrainError(
-            "this config has a `slurm` section, which belongs to `llama-train submit CONFIG`; "
-            "`run` trains here: remove the section to run it directly"
+            "this config has a `slurm` section, which belongs to `llama-train submit CONFIG` "
+            "(add --local to run the job here); `run` trains a config without one"
         )
 
 
