@@ -14,7 +14,8 @@ set -euo pipefail
 STATE_DIR=${GSSM_SLURM_DIR:-/tmp/gssm-slurm}
 CONF="$STATE_DIR/slurm.conf"
 HOST=$(hostname -s)
-CPUS=$(nproc)
+# nproc obeys OMP_NUM_THREADS; the node must advertise the real CPUs.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 
 log() { echo "[slurm-local] $*" >&2; }
 
