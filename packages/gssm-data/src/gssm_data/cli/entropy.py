@@ -175,7 +175,7 @@ def _position_table(stats: EntropyStats) -> Table:
     positions = sorted(
         {*(2**k for k in range(len(curve).bit_length()) if 2**k <= len(curve)), len(curve)}
     )
-    table = Table(title="mean bits at position t (falls as context grows)", title_justify="left")
+    table = Table(title="mean bits at position t", title_justify="left")
     for position in positions:
         table.add_column(f"t={position}", justify="right")
     table.add_row(*(f"{curve[position - 1] / LN2:.3f}" for position in positions))

@@ -6,8 +6,10 @@ algorithm. An evaluation reads a fixed set of sequences (the test split, all
 of it unless `eval.max_sequences` says otherwise), computes the model's mean
 next-token loss over positions 1..L-1 and the exact entropy of those very
 sequences, and reports the difference: the excess loss, in nats and bits,
-overall and per position (the loss falls as context accumulates, and so does
-the entropy; the gap between the curves is what the model has yet to learn).
+overall and per position (the gap between the model's and the entropy's
+per-position curves is what the model has yet to learn; neither curve need fall
+with context, since every sequence starts from the all-zero state: docs/design.md,
+section GSSM semantics).
 
 The entropy of a set does not depend on the model: :class:`EvalSet` computes
 it once, preferring, in order, the store's per-token array (`<split>/entropy`,
