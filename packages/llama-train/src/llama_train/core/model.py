@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from llama_train.core.rope import RopeScaling, rotary_frequencies
 from llama_train.errors import LlamaTrainError
 
 
@@ -69,6 +70,10 @@ class ModelConfig(BaseModel):
         bool, Field(description="share the token embedding with the output projection")
     ] = False
     rope_theta: Annotated[float, Field(gt=0, description="rotary base frequency")] = 10000.0
+    rope_scaling: Annotated[
+        RopeScaling,
+        Field(description="rescaled rotary frequencies (linear, ntk, yarn, llama3); default none"),
+    ] = RopeScaling()
     norm_eps: Annotated[float, Field(gt=0, description="RMSNorm epsilon")] = 1e-5
     init_std: Annotated[
         float, Field(gt=0, description="std of the normal initialisation of weights")
@@ -146,16 +151,20 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+def rotary_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles, each (max_seq_len, head_dim / 2) float32.
 
-    Pair i of a head rotates by position * theta^(-2i / head_dim); every pair of
-    the head rotates. Angles are computed in float64 so long positions stay exact.
+    Pair i of a head rotates by position * theta^(-2i / head_dim), or by the
+    frequency `scaling` makes of it (`core.rope`); every pair of the head rotates.
+    A scaling's attention factor (YaRN) multiplies both tables, hence queries and
+    keys. Angles are computed in float64 so long positions stay exact.
     """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim  # (hd/2,)
-    inv_freq = theta**-exponents
+    inv_freq = rotary_frequencies(head_dim, theta)  # (hd/2,)
+    inv_freq, attention = (scaling or RopeScaling()).apply(inv_freq, max_seq_len)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return (attention * angles.cos()).float(), (attention * angles.sin()).float()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -344,7 +353,9 @@ class Llama(nn.Module):
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rotary_tables(
+            config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling
+        )
         # Non-persistent: derived from the config, so not part of checkpoints.
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd/2)
         self.register_buffer("rope_sin", sin, persistent=False)
