@@ -34,7 +34,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -242,26 +242,49 @@ def available_cpus() -> int:
 
 
 def generate(
-    options: GenerateOptions, *, show_progress: bool = False, log: Log | None = None
+    options: GenerateOptions,
+    *,
+    show_progress: bool = False,
+    log: Log | None = None,
+    manifest: Manifest | None = None,
+    conditionals: Mapping[str, np.ndarray] | None = None,
 ) -> GenerateResult:
     """Write (or resume, or finish) the store `options.out`; safe to run again after a kill.
+
+    `manifest` and `conditionals` replace what `options` implies (its
+    `build_manifest` and the tables drawn from its seed): `gssm_data.extend`
+    writes a test-only store of a parent's tables that way, through the same
+    writers, checks and publication. `options` then still gives out, workers,
+    shard and force.
 
     Raises GssmDataError for every user-facing problem (existing store without
     `force`, a partial store with other settings, too little disk, a file
     system error such as a permission or a full disk mid-run).
     """
     try:
-        return _generate(options, show_progress=show_progress, log=log)
+        return _generate(
+            options,
+            show_progress=show_progress,
+            log=log,
+            manifest=manifest or build_manifest(options),
+            conditionals=conditionals,
+        )
     except OSError as error:
         raise GssmDataError(
             f"{error}; fix that, then run the same command again to resume"
         ) from None
 
 
-def _generate(options: GenerateOptions, *, show_progress: bool, log: Log | None) -> GenerateResult:
+def _generate(
+    options: GenerateOptions,
+    *,
+    show_progress: bool,
+    log: Log | None,
+    manifest: Manifest,
+    conditionals: Mapping[str, np.ndarray] | None,
+) -> GenerateResult:
     started = time.perf_counter()
     say = log or (lambda message: None)
-    manifest = build_manifest(options)
     final, partial = options.out, partial_path(options.out)
     total = sum(info.blocks for info in manifest.splits.values())
 
@@ -281,7 +304,7 @@ def _generate(options: GenerateOptions, *, show_progress: bool, log: Log | None)
     if options.force and partial.exists():
         say(f"--force: discarding {partial}")
         shutil.rmtree(partial)
-    store = _open_or_create_partial(partial, manifest, options.seed)
+    store = _open_or_create_partial(partial, manifest, conditionals)
     if store.manifest.complete:  # finished earlier, killed before the rename
         _publish(partial, final)
         return result("complete", 0)
@@ -373,11 +396,17 @@ def _plan_difference(existing: Manifest, wanted: Manifest) -> str:
 # --- the partial store ------------------------------------------------------
 
 
-def _open_or_create_partial(partial: Path, manifest: Manifest, seed: int) -> Store:
-    """Open `<out>.partial`, creating it first if needed; refuse one with other settings."""
+def _open_or_create_partial(
+    partial: Path, manifest: Manifest, conditionals: Mapping[str, np.ndarray] | None
+) -> Store:
+    """Open `<out>.partial`, creating it first if needed; refuse one with other settings.
+
+    A new store gets `conditionals`, or else the tables drawn from the manifest's seed.
+    """
     _remove_stale_creations(partial)
     if not partial.exists():
-        conditionals = draw_kernels(manifest.graph, seed)
+        if conditionals is None:
+            conditionals = draw_kernels(manifest.graph, manifest.seed)
         staging = partial.with_name(f"{partial.name}.creating-{_HOST}-{os.getpid()}")
         create_layout(staging, manifest, conditionals)
         for split in manifest.splits:

@@ -81,6 +81,20 @@ class SplitInfo(BaseModel):
     baselines: Baselines | None = None
 
 
+class Parent(BaseModel):
+    """The store a derived store was made from (`gssm-data extend`): same graph tables.
+
+    `fingerprint` and `seq_len` identify the parent's process and length; `path`
+    is where it was when the child was made, for people (stores move).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: str
+    seq_len: int
+    path: str
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +112,8 @@ class Manifest(BaseModel):
     splits: dict[str, SplitInfo]
     created_at: str
     complete: bool = False
+    # Set by `gssm-data extend`: the store whose conditional tables this one was drawn from.
+    parent: Parent | None = None
 
 
 def fingerprint(graph: GraphSpec, seed: int, seq_len: int, block_size: int) -> str:

@@ -147,6 +147,11 @@ def _summary_table(store: Store) -> Table:
             (f"{split} split", f"{info.n:,} sequences ({info.blocks:,} blocks)")
             for split, info in m.splits.items()
         ),
+        *(
+            [("parent", f"{m.parent.fingerprint} (seq_len {m.parent.seq_len}, {m.parent.path})")]
+            if m.parent
+            else []
+        ),
         ("created", m.created_at),
         ("format", f"{m.format_version} (gssm-data {m.package_version})"),
     ):
