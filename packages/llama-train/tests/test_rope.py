@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from llama_train.core.model import Llama, ModelConfig, rotary_tables
 from llama_train.core.rope import (
     ROPE_METHODS,
     RopeScaling,
@@ -22,7 +23,6 @@ from llama_train.core.rope import (
     rotary_frequencies,
     yarn_scaling,
 )
-from llama_train.model import Llama, ModelConfig, rotary_tables
 
 FREQS = [1.0, 0.1, 0.01, 0.001]
 
