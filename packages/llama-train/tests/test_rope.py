@@ -144,3 +144,22 @@ def test_the_model_builds_its_rotary_tables_from_the_config_section() -> None:
 def test_bad_settings_are_refused_with_what_to_fix(fields: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         RopeScaling(**fields)
+
+
+def test_a_run_config_sets_the_scaling_by_key_and_refuses_bad_values(make_debug_store) -> None:
+    from llama_train.config import config_to_yaml, resolve_config
+    from llama_train.errors import LlamaTrainError
+
+    store = make_debug_store(n_train=16, n_test=4, seq_len=9)
+    base = [f"data.path={store}", "model.dim=16", "model.n_heads=2"]
+    config = resolve_config(
+        None, [*base, "model.rope_scaling.method=yarn", "model.rope_scaling.factor=4"]
+    )
+    assert config.model.rope_scaling == RopeScaling(method="yarn", factor=4.0)
+    assert "method: yarn" in config_to_yaml(config)  # written to config.yaml, read back
+    with pytest.raises(LlamaTrainError, match=r"model.rope_scaling.factor: .*finite number"):
+        resolve_config(
+            None, [*base, "model.rope_scaling.method=linear", "model.rope_scaling.factor=.nan"]
+        )
+    with pytest.raises(LlamaTrainError, match=r"did you mean 'model.rope_scaling.factor'"):
+        resolve_config(None, [*base, "model.rope_scaling.facter=2"])
