@@ -145,7 +145,8 @@ def test_cli_prints_the_new_store_path(parent: Path, tmp_path: Path) -> None:
 def test_cli_errors_are_one_line(parent: Path, tmp_path: Path) -> None:
     _one_line_error([str(parent), "--seq-len", str(SEQ_LEN)], "not longer", f"{SEQ_LEN}")
     _one_line_error([str(parent), "--seq-len", "40", "--n-test", "0"], "at least 1")
-    _one_line_error([str(parent), "--seq-len", "40", "--n-test", "inf"], "not a count")
+    _one_line_error([str(parent), "--seq-len", "40", "--n-test", "inf"], "--n-test 'inf' is not")
+    _one_line_error([str(parent), "--seq-len", "40", "--n-test", "many"], "not a count")
     _one_line_error([str(parent), "--seq-len", "40", "--n-test", "2.5"], "whole number")
     _one_line_error([str(tmp_path / "missing.zarr"), "--seq-len", "40"], "no store at")
     _one_line_error([str(parent), "--seq-len", "40", "--out", str(parent)], "parent store itself")
