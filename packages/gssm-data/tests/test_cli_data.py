@@ -191,7 +191,7 @@ def test_presets_lists_every_preset() -> None:
     [
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--preset", "debug", "--graph", "g.yaml"], "not both"),
-        (["--graph", "missing.yaml"], "graph file not found"),
+        (["--graph", "missing.yaml"], "graph file missing.yaml not found"),
         (["--n", "lots"], "--n 'lots' is not a count"),
         (["--n-test", "1.5"], "--n-test '1.5' is not a whole number"),
         (["--shard", "4/4"], "--shard '4/4'"),

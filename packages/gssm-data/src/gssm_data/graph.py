@@ -16,11 +16,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error
+from gssm_data.yamlfile import load_yaml_file
 
 KernelKind = Literal["product", "fullrank"]
 Mode = Literal["default", "transition", "slow", "dead"]
@@ -249,19 +249,13 @@ def parse_graph(data: object, *, source: str = "graph") -> GraphSpec:
 
 
 def load_graph(path: str | Path) -> GraphSpec:
-    """Load a graph spec from a YAML file (a mapping with a `nodes` list)."""
+    """Load a graph spec from a YAML file (a mapping with a `nodes` list).
+
+    The file is read through :mod:`gssm_data.yamlfile`: size and nesting are
+    bounded and non-finite numbers refused before validation.
+    """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise GssmDataError(f"graph file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise GssmDataError(f"cannot read graph file {path}: {error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        detail = " ".join(str(error).split())
-        raise GssmDataError(f"{path} is not valid YAML: {detail}") from None
+    data = load_yaml_file(path, what="graph file")
     if not isinstance(data, dict):
         raise GssmDataError(
             f"{path} must hold a mapping with a `nodes` list, got {type(data).__name__}"

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gssm_data.calibrate import DEFAULT_TOLERANCE_BITS, calibrate
@@ -40,6 +39,7 @@ from gssm_data.humanize import format_validation_error, parse_count
 from gssm_data.manifest import Baselines, EntropyStats
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store
+from gssm_data.yamlfile import load_yaml_file
 
 INDEX_VERSION = 1
 CALIBRATIONS_FILE = "calibrations.json"
@@ -141,12 +141,7 @@ class Recipe(BaseModel):
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; every problem is one GssmDataError line."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GssmDataError(f"recipe not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise GssmDataError(f"{path} is not valid YAML: {error}") from None
+    data = load_yaml_file(path, what="recipe")
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
