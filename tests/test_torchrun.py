@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from llama_train import load_model
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE
 from llama_train.core.metrics import read_metrics
@@ -197,6 +199,12 @@ def test_fsdp_on_two_processes_matches_and_its_checkpoint_resumes_on_one(workspa
     assert "2 x cpu (fsdp)" in first.stderr
     shards = sorted(p.name for p in (run_dir / "checkpoints" / "step_000006" / "dcp").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # Rank 0 gathered the shards into full weights beside them (what eval and export read).
+    model, _ = load_model(run_dir, checkpoint=6)
+    sharded = CheckpointManager(run_dir / "checkpoints", keep=None).load(6)["model"]
+    assert sharded.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, sharded[name]), name
     resumed = _ok(_llama_train(workspace, f"run.dir={run_dir}", "train.grad_accum=2"))
     assert "resuming" in resumed.stderr and "from step 6" in resumed.stderr
     assert "distributed.strategy: fsdp -> ddp" in resumed.stderr

@@ -72,7 +72,7 @@ def test_a_bad_config_exits_1_with_a_message_and_no_traceback(config_file, argum
 
 def test_a_missing_config_or_run_directory_exits_1(tmp_path):
     missing = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
-    assert missing.exit_code == 1 and "config file not found" in missing.output
+    assert missing.exit_code == 1 and "nope.yaml not found" in missing.output
     not_a_run = runner.invoke(app, ["eval", str(tmp_path)])
     assert not_a_run.exit_code == 1 and "is not a run directory" in not_a_run.output
     no_metrics = runner.invoke(app, ["plot", str(tmp_path)])

@@ -58,7 +58,7 @@ def test_nested_and_dotted_keys_make_the_same_grid_and_an_override_keeps_the_pos
 )
 def test_a_bad_grid_is_a_one_line_config_error_naming_the_key(grid, message):
     error = _grid_error(grid)
-    assert error.startswith("invalid config:\nsweep: ")
+    assert error.startswith("invalid config: sweep: ") and "\n" not in error
     assert message in error
 
 

@@ -1,14 +1,15 @@
 """A Llama-style trainer for gssm-data stores, measured against their exact entropy.
 
-The training API in three names (the command line, `llama-train run`, is a thin
+The training API in a few names (the command line, `llama-train run`, is a thin
 layer over them)::
 
-    from llama_train import evaluate_run, resolve_config
+    from llama_train import evaluate_run, load_model, resolve_config
     from llama_train.train import train  # (a submodule shares the name)
 
     config = resolve_config("packages/llama-train/configs/debug.yaml", ["optim.lr=1e-3"])
     summary = train(config)          # or resumes: the same call again continues the run
     result = evaluate_run(config.run.dir)   # test loss, exact entropy, excess loss
+    model, run_config = load_model(config.run.dir)  # the trained model; never unpickles
 
 Layers, each importing only those below it (docs/design.md, section Architecture):
 `errors` and `rundir` (run-directory files, job state, atomic writes); `core/`
@@ -30,6 +31,7 @@ _EXPORTS = {
     "evaluate_run": "llama_train.eval",
     "EvalResult": "llama_train.core.evaluate",
     "LlamaTrainError": "llama_train.errors",
+    "load_model": "llama_train.loading",
 }
 
 __all__ = sorted(_EXPORTS)

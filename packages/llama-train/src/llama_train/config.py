@@ -26,7 +26,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gssm_data.humanize import format_validation_error
 from llama_train.core import configuration
 from llama_train.core.checkpoint import CheckpointConfig
 from llama_train.core.data import DataConfig, resolve_data
@@ -35,6 +34,7 @@ from llama_train.core.evaluate import EvalConfig
 from llama_train.core.metrics import LoggingConfig
 from llama_train.core.model import ModelConfig
 from llama_train.core.optim import OptimConfig
+from llama_train.core.plain_text import PlainPath, PlainStr
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import CONFIG_FILENAME, atomic_write
 
@@ -76,8 +76,8 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("run", min_length=1, description="defaults to the config file's stem")
-    dir: Path | None = Field(None, description="run directory; None = runs/<name>")
+    name: PlainStr = Field("run", min_length=1, description="defaults to the config file's stem")
+    dir: PlainPath | None = Field(None, description="run directory; None = runs/<name>")
     seed: int = Field(0, ge=0, description="model initialisation and data order")
 
     @model_validator(mode="after")
@@ -190,20 +190,19 @@ def link_to_data(raw: Mapping[str, Any]) -> dict[str, Any]:
     `max_seq_len` defaults to `seq_len` and may be larger but not shorter than
     `seq_len - 1`.
     """
+    configuration.reject_non_finite(raw)
     result = configuration.deep_copy(raw)
     data_raw = result.get("data")
     if not isinstance(data_raw, Mapping):
-        raise LlamaTrainError("invalid config:\ndata: Field required (set data.path to a store)")
+        raise LlamaTrainError("invalid config: data: Field required (set data.path to a store)")
     try:
         data_config = DataConfig.model_validate(data_raw)
     except ValidationError as error:
-        raise LlamaTrainError(
-            "invalid config:\n" + format_validation_error(error, prefix="data", separator="\n")
-        ) from None
+        raise LlamaTrainError(configuration.invalid_config(error, prefix="data")) from None
     spec = resolve_data(data_config)
     model_raw = result.setdefault("model", {})
     if not isinstance(model_raw, dict):
-        raise LlamaTrainError("invalid config:\nmodel: expected a mapping")
+        raise LlamaTrainError("invalid config: model: expected a mapping")
     source = _describe_source(data_config)
     vocab = model_raw.get("vocab_size")
     if vocab is not None and vocab != spec.vocab_size:

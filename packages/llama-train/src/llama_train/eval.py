@@ -1,8 +1,9 @@
 """Evaluate a run directory: rebuild a saved model and measure it against the exact entropy.
 
-`llama-train eval RUN_DIR` and :func:`evaluate_run`: the architecture comes from
-the checkpoint, the defaults (split, sequences, batch size, precision) from the
-run's config, and the measurement from :func:`llama_train.core.evaluate.evaluate`.
+`llama-train eval RUN_DIR` and :func:`evaluate_run`: the model comes from the
+checkpoint's safetensors weights (:mod:`llama_train.loading`), the defaults
+(split, sequences, batch size, precision) from the run's config, and the
+measurement from :func:`llama_train.core.evaluate.evaluate`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from llama_train.config import read_run_config
-from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.data import DataConfig, DataSpec, resolve_data
 from llama_train.core.distributed import RankInfo, resolve_amp, resolve_device
 from llama_train.core.evaluate import EvalResult, EvalSet, evaluate
-from llama_train.core.model import Llama, ModelConfig
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR
+from llama_train.loading import build_model, read_checkpoint_weights
 
 
 def evaluate_run(
@@ -32,22 +31,16 @@ def evaluate_run(
 ) -> EvalResult:
     """Evaluate a saved checkpoint of a run (the latest by default), on its store or another.
 
-    The model is rebuilt from the architecture stored in the checkpoint, so the
-    run's config may have changed since. `data` names any compatible store:
+    The model is rebuilt from the architecture stored with the checkpoint's
+    safetensors weights (nothing is unpickled), so the run's config may have
+    changed since. `data` names any compatible store:
     same vocabulary, and sequences no longer than the model's context.
     Defaults for split and max_sequences come from the run's eval section.
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    manager = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=None)
-    if checkpoint is None:
-        latest = manager.load_latest()
-        if latest is None:
-            raise LlamaTrainError(f"{run_dir} has no checkpoint yet; train it first")
-        step, state = latest
-    else:
-        step, state = checkpoint, manager.load(checkpoint)
-    model_config = ModelConfig.model_validate(state.get("model_config", config.model.model_dump()))
+    weights = read_checkpoint_weights(run_dir, checkpoint)  # safetensors: never unpickles
+    step, model_config = weights.step, weights.model_config
     data_config = (
         config.data
         if data is None
@@ -56,8 +49,7 @@ def evaluate_run(
     spec = resolve_data(data_config)
     _check_compatible(model_config, spec, data_config)
     torch_device = resolve_device(config.train.model_copy(update={"device": device}), RankInfo())
-    model = Llama(model_config).to(torch_device)
-    model.load_state_dict(state["model"])
+    model = build_model(weights, torch_device)
     eval_set = EvalSet(
         spec,
         split=split or config.eval.split,

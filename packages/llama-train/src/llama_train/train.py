@@ -40,12 +40,15 @@ Running the same command again resumes from that checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from gssm_data.humanize import format_si
 from llama_train.config import TrainConfig, TrainSection, write_config
 from llama_train.core import distributed
+from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
 from llama_train.core.configuration import load_yaml
 from llama_train.core.data import DataSpec, TrainLoader, build_loader, resolve_data
@@ -78,6 +82,8 @@ from llama_train.core.evaluate import (
 from llama_train.core.metrics import MetricLogger, system_metrics
 from llama_train.core.model import Llama
 from llama_train.core.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from llama_train.core.runlock import run_dir_lock
+from llama_train.core.weights import WEIGHTS_FILE, full_model_state, write_weights
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import CHECKPOINT_DIR, CONFIG_FILENAME, SUMMARY_FILENAME, atomic_write
 
@@ -342,6 +348,8 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        weights = full_model_state(self.model)  # collective; rank 0 holds them
+        model_config = self.config.model.model_dump(mode="json")
         folder = self.checkpoints.save(
             self.state.step,
             {
@@ -354,6 +362,9 @@ class Trainer:
                 "model_config": self.config.model.model_dump(mode="json"),
                 "world_size": self.ranks.world_size,
                 "strategy": self.config.distributed.strategy,
+            },
+            extra_files={
+                WEIGHTS_FILE: partial(write_weights, state=weights, model_config=model_config)
             },
         )
         self.saved_step = self.state.step
@@ -594,6 +605,16 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
         )
         changes = check_resumable(run_dir, config, has_checkpoint=bool(checkpoints.steps()))
         spec = resolve_data(config.data)
+        check_training_fits(
+            config.model,
+            batch_size=config.data.batch_size,
+            eval_batch_size=config.eval.batch_size or config.data.batch_size,
+            seq_len=spec.seq_len - 1,
+            device=device,
+            shards=ranks.world_size if config.distributed.strategy == "fsdp" else 1,
+            processes_sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            half_precision=amp_dtype is not None,
+        )
         seed_everything(config.run.seed + ranks.rank)
         model = Llama(config.model, seed=config.run.seed)  # the same weights on every rank
         loader = build_loader(
@@ -678,5 +699,9 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any
     with (
         PreemptionWatch() as preemption,
         distributed.process_group(ranks, device, config.distributed),
+        contextlib.ExitStack() as lock,
     ):
+        with distributed.together(f"locking {config.run_dir}"):
+            if ranks.is_main:  # one lock for the job; a second job fails on every rank
+                lock.enter_context(run_dir_lock(config.run_dir))
         return build_trainer(config, ranks).run(progress=progress, preemption=preemption)

@@ -15,6 +15,8 @@ import typer
 from rich.table import Table
 
 from llama_train.cli.app import app, console, err_console, user_errors
+from llama_train.core.plain_text import control_character
+from llama_train.errors import LlamaTrainError
 from llama_train.launch.status import PointStatus, rank_points, state_counts, sweep_status
 
 if TYPE_CHECKING:
@@ -65,6 +67,13 @@ def submit_command(
     from llama_train.launch.slurm import parse_time_limit, submit
 
     with user_errors():
+        for flag, text in (("--partition", partition), ("--time", time), ("--mem", mem)):
+            found = control_character(text or "")
+            if found is not None:
+                raise LlamaTrainError(
+                    f"{flag} contains the control character {found}, which would break the "
+                    "generated job script"
+                )
         settings: dict[str, Any] = {
             key: value
             for key, value in {

@@ -41,7 +41,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,17 +151,22 @@ class DcpPayload:
     def read(self, folder: Path, map_location: str | torch.device) -> dict[str, Any]:
         # What torch's dcp_to_torch_save does: a planner that rebuilds full tensors from
         # the metadata, and the loader that fills the given dict (dcp.load would not).
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
-        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+        from llama_train.core.dcp_reader import (
+            SafeFileSystemReader,
+            SafeFullLoadPlanner,
+            check_metadata,
+        )
+
+        check_metadata(folder / self.dirname)
         state: dict[str, Any] = {}
         try:
             _load_state_dict(
                 state,
-                storage_reader=dcp.FileSystemReader(folder / self.dirname),
-                planner=_EmptyStateDictLoadPlanner(),
+                storage_reader=SafeFileSystemReader(folder / self.dirname),
+                planner=SafeFullLoadPlanner(),
                 no_dist=True,
             )
         except CheckpointException as error:
@@ -173,12 +178,20 @@ class DcpPayload:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
-        reader = dcp.FileSystemReader(folder / self.dirname)
+        from llama_train.core.dcp_reader import (
+            SafeFileSystemReader,
+            SafeLoadPlanner,
+            check_metadata,
+        )
+
+        check_metadata(folder / self.dirname)
+        reader = SafeFileSystemReader(folder / self.dirname)
         try:
             with _single_process_is_intended():
                 dcp.load(
                     into,
                     storage_reader=reader,
+                    planner=SafeLoadPlanner(),
                     process_group=distributed.host_group(),
                     no_dist=_no_group(),
                 )
@@ -210,7 +223,7 @@ def _unwrapped(error: BaseException) -> Exception:
     failures = getattr(error, "failures", {})
     causes = [cause for cause, _ in failures.values()]
     for cause in causes:
-        if isinstance(cause, OSError):
+        if isinstance(cause, OSError | LlamaTrainError):  # a refused forged file, too
             return cause
     first = causes[0] if causes else error
     return RuntimeError(f"torch.distributed.checkpoint failed: {type(first).__name__}: {first}")
@@ -262,7 +275,13 @@ class CheckpointManager:
 
     # -- saving --------------------------------------------------------------
 
-    def save(self, step: int, state: Mapping[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    ) -> Path:
         """Write `state` as the checkpoint of `step` atomically, then apply retention.
 
         `state` holds "model" and "optimizer" state dicts (written by the
@@ -271,7 +290,9 @@ class CheckpointManager:
         LlamaTrainError and leaves no folder that looks like a checkpoint.
         With a process group, every rank calls it (the payload is collective)
         and rank 0's non-payload state is the one written; when it returns, on
-        any rank, the checkpoint is published.
+        any rank, the checkpoint is published. `extra_files` maps a file name to
+        a function that writes it (rank 0 only; e.g. the safetensors weights),
+        published and checksummed with the rest.
         """
         if step < 0:
             raise LlamaTrainError(f"checkpoint step must be non-negative, got {step}")
@@ -290,6 +311,8 @@ class CheckpointManager:
                 self.payload.write(temporary, payload)
             with distributed.together(f"publishing checkpoint step {step}"):
                 if writer:
+                    for name, write in (extra_files or {}).items():
+                        write(temporary / name)
                     self._write_rest(temporary, step, rest, sorted(payload))
                     self._publish(temporary, final)
         except OSError as error:
@@ -444,6 +467,18 @@ class CheckpointManager:
         except _Unusable as reason:
             raise LlamaTrainError(f"checkpoint {folder} is unusable: {reason}") from None
 
+    def verified_meta(self, step: int) -> dict[str, Any]:
+        """meta.json of `step` once every file it lists matches its size and sha256.
+
+        Reads JSON and hashes files only: nothing in the folder is unpickled.
+        LlamaTrainError says why a checkpoint is missing or unusable.
+        """
+        folder = self._existing(step)
+        verdict = self._verdict(folder, step)
+        if isinstance(verdict, str):
+            raise LlamaTrainError(f"checkpoint {folder} is unusable: {verdict}")
+        return verdict
+
     def agreed_steps(self) -> list[int]:
         """Rank 0's list of checkpoint steps, on every rank (collective; steps() alone is not)."""
         with distributed.together(f"listing the checkpoints in {self.directory}"):
@@ -472,6 +507,8 @@ class CheckpointManager:
                         state.update(into)
                     else:
                         state.update(payload.read(folder, map_location))
+        except LlamaTrainError:
+            raise  # a refused forged file (core.dcp_reader): refuse outright, no fallback
         except Exception as error:  # checksums passed, yet the content does not load
             raise _Unusable(f"cannot be loaded: {str(error).splitlines()[0]}") from None
         return state

@@ -13,6 +13,7 @@ the closest real keys rather than a silently ignored setting.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -23,7 +24,10 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error
+from gssm_data.yamlfile import load_yaml_file
+from llama_train.core.plain_text import visible
 from llama_train.errors import LlamaTrainError
 
 Config = TypeVar("Config", bound=BaseModel)
@@ -59,20 +63,35 @@ def _parse_yaml(text: str) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad syntax is a one-line user error."""
-    path = Path(path)
+    """Read a YAML mapping from a user's file; anything wrong is a one-line user error.
+
+    gssm_data.yamlfile does the reading: a regular file of at most 1 MB (never a
+    directory or /dev/zero), UTF-8, nesting at most 64 deep, finite numbers,
+    plain data only. It follows YAML 1.1, so exponent-only numbers (`1e4`,
+    `3e-4`) are then read as floats, as overrides read them (:class:`_Loader`).
+    """
     try:
-        data = _parse_yaml(path.read_text())
-    except FileNotFoundError:
-        raise LlamaTrainError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise LlamaTrainError(f"{path}: invalid YAML{where}") from None
+        data = _yaml_1_2_numbers(load_yaml_file(path, what="config file"))
+    except GssmDataError as error:
+        raise LlamaTrainError(str(error)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise LlamaTrainError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+_EXPONENT_ONLY = re.compile(r"[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+")
+
+
+def _yaml_1_2_numbers(data: Any) -> Any:
+    """`data` with strings such as "1e4" and "3e-4" as floats (YAML 1.2 reads them so)."""
+    if isinstance(data, str) and _EXPONENT_ONLY.fullmatch(data):
+        return float(data.replace("_", ""))
+    if isinstance(data, dict):
+        return {key: _yaml_1_2_numbers(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_yaml_1_2_numbers(value) for value in data]
     return data
 
 
@@ -86,11 +105,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise LlamaTrainError(f"override {text!r}: empty component in key {key!r}")
     try:
+        _check_nesting(value_text, key)
         value = _parse_yaml(value_text) if value_text.strip() else None
     except yaml.YAMLError:
         # Not valid YAML (e.g. an unquoted `a: b`): take it as the literal string.
         value = value_text
     return parts, value
+
+
+_MAX_NESTING = 64  # as for config files (gssm_data.yamlfile)
+
+
+def _check_nesting(text: str, key: str) -> None:
+    """Refuse a deeply nested value from the parser's events, before the recursive composer."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > _MAX_NESTING:
+                raise LlamaTrainError(
+                    f"override {key}: the value nests deeper than {_MAX_NESTING} levels"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def apply_overrides(
@@ -230,12 +267,49 @@ def merge_sources(
     return apply_overrides(raw, overrides, model)
 
 
+def reject_non_finite(raw: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinities anywhere in a raw config (YAML `.nan`, `lr=.inf`, `1e999`).
+
+    No setting means anything with them, and most would fail late or silently
+    (a NaN learning rate trains nothing; a NaN in a sweep list names a point).
+    """
+    if isinstance(raw, Mapping):
+        children = [(f"{prefix}.{key}" if prefix else str(key), item) for key, item in raw.items()]
+    elif isinstance(raw, list | tuple):
+        children = [(f"{prefix}[{index}]", value) for index, value in enumerate(raw)]
+    else:
+        return
+    for where, value in children:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LlamaTrainError(f"{where}: {value} is not a finite number")
+        reject_non_finite(value, where)
+
+
+_SEPARATOR = "\u241e"  # joins problems until keys are made printable (a key may hold a newline)
+
+
+def invalid_config(error: ValidationError, prefix: str = "") -> str:
+    """`invalid config: key: problem` on one line, or a line per problem when there are several.
+
+    Control characters in keys are spelled as escapes, so a message is never
+    broken (or forged) by the input it reports.
+    """
+    problems = [
+        visible(line)
+        for line in format_validation_error(error, prefix=prefix, separator=_SEPARATOR).split(
+            _SEPARATOR
+        )
+    ]
+    if len(problems) == 1:
+        return f"invalid config: {problems[0]}"
+    return "invalid config:\n" + "\n".join(problems)
+
+
 def validate(raw: Mapping[str, Any], model: type[Config]) -> Config:
     """Validate a raw mapping as `model`; errors become one line per field."""
+    reject_non_finite(raw)
     check_keys(raw, model)
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise LlamaTrainError(
-            "invalid config:\n" + format_validation_error(error, separator="\n")
-        ) from None
+        raise LlamaTrainError(invalid_config(error)) from None

@@ -50,6 +50,7 @@ from gssm_data.manifest import fingerprint
 from gssm_data.presets import load_preset
 from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler
 from gssm_data.store import Store, open_store
+from llama_train.core.chunk_check import ChunkChecker
 from llama_train.errors import LlamaTrainError
 
 if TYPE_CHECKING:
@@ -301,6 +302,7 @@ class ZarrRowStream:
         seed: int,
         window_chunks: int,
         fingerprint: str | None = None,
+        checker: ChunkChecker | None = None,
     ) -> None:
         if not 0 < n_rows <= array.shape[0]:
             raise LlamaTrainError(
@@ -313,6 +315,8 @@ class ZarrRowStream:
         self.seed = seed
         self.window_chunks = window_chunks
         self.fingerprint = fingerprint
+        # Reads whole blocks checked against their CRC-32; None reads the array as is.
+        self.checker = checker
         self.seq_len = int(array.shape[1])
         self.chunk_rows = int(array.chunks[0])
         self.n_chunks = math.ceil(n_rows / self.chunk_rows)
@@ -348,6 +352,13 @@ class ZarrRowStream:
             position += take
         return out
 
+    def _chunk(self, c: int) -> np.ndarray:
+        """Rows of chunk c within the selected prefix (checked when a checker is set)."""
+        start, stop = c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n_rows)
+        if self.checker is None:
+            return self.array[start:stop]
+        return self.checker.block(c)[: stop - start]
+
     def _layout(self, epoch: int) -> _EpochLayout:
         if epoch not in self._layouts:
             rng = np.random.default_rng([self.seed, _CHUNK_ORDER, epoch])
@@ -362,10 +373,7 @@ class ZarrRowStream:
         key = (epoch, window)
         if key not in self._windows:
             chunks = layout.chunk_order[window * self.window_chunks :][: self.window_chunks]
-            parts = [
-                self.array[c * self.chunk_rows : min((c + 1) * self.chunk_rows, self.n_rows)]
-                for c in chunks.tolist()
-            ]
+            parts = [self._chunk(c) for c in chunks.tolist()]
             rows = np.concatenate(parts)
             rng = np.random.default_rng([self.seed, _WINDOW_ORDER, epoch, window])
             if len(self._windows) >= self._CACHED_WINDOWS:
@@ -448,6 +456,12 @@ class _BatchDataset(IterableDataset):
             batch += n_workers
 
 
+def _without_worker_traceback(message: str) -> str:
+    """A worker's user error as its own message (DataLoader re-raises it with the traceback)."""
+    marker = f"{LlamaTrainError.__module__}.{LlamaTrainError.__name__}: "
+    return message.rsplit(marker, 1)[-1].strip() if marker in message else message
+
+
 def _as_is(batch: np.ndarray) -> np.ndarray:
     """The DataLoader's collate step: nothing (tensors are made in the training process)."""
     return batch
@@ -503,9 +517,12 @@ class TrainLoader:
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is
         )
-        for rows in loader:
-            self.next_row += self.global_batch_rows
-            yield torch.from_numpy(rows.astype(np.int64))  # (B, seq_len)
+        try:
+            for rows in loader:
+                self.next_row += self.global_batch_rows
+                yield torch.from_numpy(rows.astype(np.int64))  # (B, seq_len)
+        except LlamaTrainError as error:
+            raise LlamaTrainError(_without_worker_traceback(str(error))) from None
 
     def state_dict(self) -> dict[str, Any]:
         """The position (next row of the stream) and the settings it is valid under."""
@@ -556,6 +573,9 @@ def build_loader(
             seed=seed,
             window_chunks=cfg.shuffle_window,
             fingerprint=spec.store.manifest.fingerprint,
+            checker=ChunkChecker(spec.store.path, TRAIN_SPLIT)
+            if spec.store.manifest.block_size == _train_tokens(spec.store).chunks[0]
+            else None,
         )
     else:
         stream = OnlineRowStream(online_sampler(spec, block_size=cfg.batch_size))

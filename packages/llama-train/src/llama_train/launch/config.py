@@ -9,15 +9,16 @@ point). A training process never sees these: each point is trained with a plain
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from llama_train.config import TrainConfig
 from llama_train.core import configuration
+from llama_train.core.plain_text import PlainPath, PlainScalar, PlainStr
 from llama_train.errors import LlamaTrainError
 
 # Keys a grid may not vary: each point's run directory and name are derived from the
@@ -25,6 +26,10 @@ from llama_train.errors import LlamaTrainError
 _FIXED_KEYS = ("run.dir", "run.name")
 _FIXED_SECTIONS = ("sweep", "slurm")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+\-]")
+# Most points one sweep may hold, checked before the grid is expanded: every point is
+# validated (and its store opened) at submission, and clusters cap array jobs lower still
+# (Slurm's default MaxArraySize is 1001).
+MAX_POINTS = 10_000
 
 
 def normalise_grid(value: object) -> dict[str, list[Any]]:
@@ -46,6 +51,13 @@ def normalise_grid(value: object) -> dict[str, list[Any]]:
     for key, values in grid.items():
         _check_grid_key(key)
         _check_grid_values(key, values)
+    points = math.prod(len(values) for values in grid.values())
+    if points > MAX_POINTS:
+        sizes = " x ".join(str(len(values)) for values in grid.values())
+        raise ValueError(
+            f"a grid of {sizes} = {points:,} points is more than the {MAX_POINTS:,} one "
+            "submission may hold; split it into several sweeps"
+        )
     return {key: list(values) for key, values in grid.items()}
 
 
@@ -115,7 +127,7 @@ class SlurmConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    partition: str | None = Field(None, description="partition; None = the cluster's default")
+    partition: PlainStr | None = Field(None, description="partition; None = the cluster's default")
     timeout_min: int = Field(
         60,
         gt=0,
@@ -131,14 +143,14 @@ class SlurmConfig(BaseModel):
         "(more gives multi-process CPU training)",
     )
     cpus_per_task: int | None = Field(None, ge=1, description="CPUs per task; None = Slurm's 1")
-    mem: str | None = Field(
+    mem: PlainStr | None = Field(
         None,
         pattern=r"^[0-9]+[KMGT]?$",
         description="memory per node, as sbatch --mem (64G); None = the partition's default",
     )
-    account: str | None = Field(None, description="sbatch --account")
-    qos: str | None = Field(None, description="sbatch --qos")
-    constraint: str | None = Field(None, description="sbatch --constraint (node features)")
+    account: PlainStr | None = Field(None, description="sbatch --account")
+    qos: PlainStr | None = Field(None, description="sbatch --qos")
+    constraint: PlainStr | None = Field(None, description="sbatch --constraint (node features)")
     signal_delay_s: int = Field(
         120,
         ge=10,
@@ -151,15 +163,15 @@ class SlurmConfig(BaseModel):
     array_parallelism: int | None = Field(
         None, ge=1, description="sweeps: most grid points running at once; None = all"
     )
-    setup: list[str] = Field(
+    setup: list[PlainStr] = Field(
         default_factory=list,
         description="shell lines run before the job starts (module load ..., source .venv/...)",
     )
-    additional: dict[str, str | int | bool] = Field(
+    additional: dict[PlainStr, PlainScalar] = Field(
         default_factory=dict,
         description="any other sbatch option by its long name, e.g. {exclude: node3}",
     )
-    log_dir: Path | None = Field(
+    log_dir: PlainPath | None = Field(
         None, description="submitit folder (scripts, pickles, logs); None = <run.dir>/slurm"
     )
 

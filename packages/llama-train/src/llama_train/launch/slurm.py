@@ -23,11 +23,13 @@ file, not Slurm's accounting, is what ``llama-train sweep-status`` reads.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from gssm_data.errors import GssmDataError
 from llama_train import train as recipe
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
+from llama_train.core.plain_text import visible
 from llama_train.errors import LlamaTrainError
 from llama_train.launch.config import SlurmConfig, SubmitConfig
 from llama_train.launch.status import point_status, queued_jobs, read_manifest
@@ -347,14 +350,40 @@ def submit(
             say(f"running {point.name} locally (job {job.job_id}; log {job.paths.stdout})")
             job.wait()
         return submission
-    if len(todo) == 1:
-        submission.jobs[todo[0].name] = executor.submit(TrainJob(todo[0].config))
-    else:
-        with executor.batch():
-            pending = {point.name: executor.submit(TrainJob(point.config)) for point in todo}
-        submission.jobs.update(pending)
+    with sbatch_errors():
+        if len(todo) == 1:
+            submission.jobs[todo[0].name] = executor.submit(TrainJob(todo[0].config))
+        else:
+            with executor.batch():
+                pending = {point.name: executor.submit(TrainJob(point.config)) for point in todo}
+            submission.jobs.update(pending)
     submission.manifest = record(submission.job_ids)
     return submission
+
+
+@contextlib.contextmanager
+def sbatch_errors() -> Iterator[None]:
+    """sbatch's refusal (or its absence) as one LlamaTrainError line with sbatch's own words.
+
+    submitit raises FailedJobError with sbatch's stderr and also prints that
+    stderr itself; the print is captured so the user reads the message once.
+    """
+    from submitit.core.utils import FailedJobError
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except FailedJobError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        said = " / ".join(lines) or captured.getvalue().strip() or "no message"
+        raise LlamaTrainError(f"sbatch refused the job: {visible(said)}") from None
+    except FileNotFoundError as error:
+        if "sbatch" not in str(error):
+            raise
+        raise LlamaTrainError(
+            "sbatch not found: submit from a Slurm login node, or add --local to run here"
+        ) from None
 
 
 def _points_to_submit(sweep: Plan, *, check_queue: bool) -> tuple[list[Point], dict[str, str]]:

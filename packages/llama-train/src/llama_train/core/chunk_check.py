@@ -1,0 +1,83 @@
+"""Check each training chunk against the store's recorded CRC-32 on its first read.
+
+A store records the CRC-32 of every block (``<split>/block_crc32``: the tokens'
+bytes, continued over each latent array's). A chunk damaged after the store was
+published (a disk error, a bad copy, a file overwritten) would otherwise either
+train silently on wrong tokens, when it still decodes, or stop the run with a
+codec traceback, when it does not. The training stream reads whole chunks,
+each one block, so checking costs one CRC over bytes already in memory (about
+a millisecond per 1 MB chunk), plus reading the block's latents when the store
+has them. A process checks each chunk the first time it reads it and
+remembers the blocks that passed, so later epochs cost nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gssm_data.errors import GssmDataError
+from gssm_data.store import Store, block_checksum, open_store
+from llama_train.errors import LlamaTrainError
+
+
+class ChunkChecker:
+    """Reads blocks of one split of a store, checked against their recorded CRC-32.
+
+    Holds only the store's path and plain numbers, so it pickles cheaply into
+    DataLoader workers; each process opens the store itself on first use.
+    """
+
+    def __init__(self, path: Path, split: str) -> None:
+        self.path = Path(path)
+        self.split = split
+        self._store: Store | None = None
+        self._checksums: np.ndarray | None = None
+        self._passed: set[int] = set()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"path": self.path, "split": self.split}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["path"], state["split"])  # type: ignore[misc, arg-type]
+
+    def _open(self) -> tuple[Store, np.ndarray]:
+        if self._store is None or self._checksums is None:
+            try:
+                store = open_store(self.path)
+            except GssmDataError as error:
+                raise LlamaTrainError(str(error)) from None
+            checksums = store.block_checksums(self.split)
+            if checksums is None:
+                raise LlamaTrainError(
+                    f"the store {self.path} has no {self.split}/block_crc32: it was not "
+                    "finalised; regenerate it"
+                )
+            self._store, self._checksums = store, checksums
+        return self._store, self._checksums
+
+    def block(self, block: int) -> np.ndarray:
+        """The tokens of `block`, raising a one-line LlamaTrainError if damaged."""
+        store, checksums = self._open()
+        where = f"{self.split} block {block} of {self.path}"
+        if block >= len(checksums):
+            raise LlamaTrainError(f"{where} has no recorded checksum: the store is damaged")
+        try:
+            tokens, latents = store.read_block(self.split, block)
+        except Exception as error:  # a damaged chunk fails in the codec, with any error type
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise LlamaTrainError(
+                f"{where} is unreadable ({type(error).__name__}{': ' + reason if reason else ''}); "
+                f"the store is damaged: check it with `gssm-data verify {self.path}`"
+            ) from None
+        if block not in self._passed:
+            recorded = int(checksums[block])
+            read = block_checksum(tokens, latents)
+            if read != recorded:
+                raise LlamaTrainError(
+                    f"{where} fails its checksum (recorded {recorded:#010x}, read {read:#010x}): "
+                    f"the store is damaged: check it with `gssm-data verify {self.path}`"
+                )
+            self._passed.add(block)
+        return tokens
