@@ -30,14 +30,13 @@ from gssm_data.manifest import Manifest, fingerprint
 from gssm_data.sampler import BLOCK_SIZE
 from gssm_data.store import Store, open_store
 from llama_train.config import read_run_config
-from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.data import DataSpec, resolve_data
 from llama_train.core.distributed import RankInfo, resolve_amp, resolve_device
 from llama_train.core.evaluate import LN2, EvalSet, evaluate
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.core.rope import ROPE_METHODS, RopeScaling, rotary_frequencies
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR
+from llama_train.loading import read_checkpoint_weights
 
 PLOT_FILE = "extrapolation.png"
 
@@ -185,17 +184,12 @@ def check_lineage(long: Store, run: DataSpec, run_dir: Path) -> None:
 
 
 def _load_weights(run_dir: Path, checkpoint: int | None) -> tuple[int, ModelConfig, dict]:
-    """Step, architecture and weights of a checkpoint (the latest by default)."""
-    manager = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=None)
-    if checkpoint is None:
-        latest = manager.load_latest()
-        if latest is None:
-            raise LlamaTrainError(f"{run_dir} has no checkpoint yet; train it first")
-        step, state = latest
-    else:
-        step, state = checkpoint, manager.load(checkpoint)
-    raw = state.get("model_config") or read_run_config(run_dir).model.model_dump()
-    return step, ModelConfig.model_validate(raw), state["model"]
+    """Step, architecture and weights of a checkpoint (the latest by default).
+
+    Read from the checkpoint's safetensors weights: nothing is unpickled.
+    """
+    weights = read_checkpoint_weights(run_dir, checkpoint)
+    return weights.step, weights.model_config, weights.state
 
 
 def check_context(run_dir: str | Path, data: str | Path) -> None:
