@@ -20,7 +20,14 @@ import llama_train
 
 Graph = dict[str, set[str]]
 
-RECIPE = ("llama_train.config", "llama_train.train", "llama_train.eval", "llama_train.plot")
+RECIPE = (
+    "llama_train.config",
+    "llama_train.train",
+    "llama_train.eval",
+    "llama_train.plot",
+    "llama_train.probe",
+    "llama_train.linear_probe",
+)
 LEAVES = ("llama_train.errors", "llama_train.rundir")
 
 
