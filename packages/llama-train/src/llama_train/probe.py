@@ -43,8 +43,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from gssm_data.posterior import split_posterior
+from gssm_data.store import Store, open_store
 from llama_train import linear_probe
+from llama_train.checkpoint import CheckpointManager
+from llama_train.config import TrainConfig, read_run_config
+from llama_train.distributed import RankInfo
 from llama_train.errors import LlamaTrainError
+from llama_train.model import Llama, ModelConfig
+from llama_train.train import CHECKPOINT_DIR, resolve_device
 
 DEFAULT_SEQUENCES = 256
 # Positions per sequence (evenly spaced): neighbouring positions share most of their
@@ -274,14 +281,10 @@ def _position_baseline(
 # --- the run-level entry point -------------------------------------------------------
 
 
-def _load_models(run_dir: Path, options: ProbeOptions) -> tuple[int, Any, Any, Any, torch.device]:
+def _load_models(
+    run_dir: Path, options: ProbeOptions
+) -> tuple[int, Llama, Llama, TrainConfig, torch.device]:
     """(step, trained model, untrained model of the same seed, run config, device)."""
-    from llama_train.checkpoint import CheckpointManager
-    from llama_train.config import read_run_config
-    from llama_train.distributed import RankInfo
-    from llama_train.model import Llama, ModelConfig
-    from llama_train.train import CHECKPOINT_DIR, resolve_device
-
     config = read_run_config(run_dir)
     manager = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=None)
     if options.checkpoint is None:
@@ -299,9 +302,7 @@ def _load_models(run_dir: Path, options: ProbeOptions) -> tuple[int, Any, Any, A
     return step, trained, untrained, config, device
 
 
-def _open_store(path: Path) -> Any:
-    from gssm_data.store import open_store
-
+def _open_store(path: Path) -> Store:
     store = open_store(path)
     if not store.manifest.with_latents:
         raise LlamaTrainError(
@@ -408,7 +409,7 @@ def _check_options(options: ProbeOptions) -> None:
         raise LlamaTrainError(f"--folds must be at least 2, got {options.folds}")
 
 
-def _check_nodes(store: Any, wanted: Sequence[str] | None) -> list[str]:
+def _check_nodes(store: Store, wanted: Sequence[str] | None) -> list[str]:
     latent_names = [node.name for node in store.graph.latents]
     nodes = list(wanted or latent_names)
     unknown = [name for name in nodes if name not in latent_names]
@@ -421,7 +422,7 @@ def _check_nodes(store: Any, wanted: Sequence[str] | None) -> list[str]:
 
 
 def _targets(
-    store: Any,
+    store: Store,
     split: str,
     node: str,
     n_sequences: int,
@@ -429,8 +430,6 @@ def _targets(
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
     """True states (rows,) and exact beliefs (rows, states) of one node at the probed rows."""
-    from gssm_data.posterior import split_posterior
-
     states = np.asarray(store.latents(split, node)[:n_sequences])[:, positions]
     posterior = split_posterior(store, split, 0, n_sequences, nodes=[node], device=str(device))
     beliefs = posterior.marginals[node][:, positions]
