@@ -32,9 +32,9 @@ of hidden states.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +46,12 @@ import torch
 from gssm_data.posterior import split_posterior
 from gssm_data.store import Store, open_store
 from llama_train import linear_probe
-from llama_train.checkpoint import CheckpointManager
 from llama_train.config import TrainConfig, read_run_config
-from llama_train.distributed import RankInfo
+from llama_train.core.checkpoint import CheckpointManager
+from llama_train.core.distributed import RankInfo, resolve_device
+from llama_train.core.model import Llama, ModelConfig
 from llama_train.errors import LlamaTrainError
-from llama_train.model import Llama, ModelConfig
-from llama_train.train import CHECKPOINT_DIR, resolve_device
+from llama_train.rundir import CHECKPOINT_DIR, atomic_write
 
 DEFAULT_SEQUENCES = 256
 # Positions per sequence (evenly spaced): neighbouring positions share most of their
@@ -482,9 +482,7 @@ def _probe_set(
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(strict_json(report), indent=1))
-    os.replace(partial, path)
+    atomic_write(path, json.dumps(strict_json(report), indent=1))
 
 
 # --- the plot ----------------------------------------------------------------------------
@@ -543,11 +541,11 @@ def plot_probe(report: dict[str, Any], out: Path) -> Path:
         fontsize="medium",
     )
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.stem + ".partial" + out.suffix)
-    figure.savefig(partial, dpi=110)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
     plt.close(figure)
-    os.replace(partial, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, image.getvalue())
     return out
 
 
