@@ -5,9 +5,12 @@
 
 Three commands of the repository, run as a user would run them:
 
-1. `gssm-data generate --preset base ...` writes `datasets/demo-base.zarr` (20,000 training
-   and 1,000 test sequences of 129 tokens, with their exact entropy); a complete store is
-   reused, so the script is idempotent.
+1. `gssm-data generate --preset base ... --with-latents` writes `datasets/demo-base.zarr`
+   (20,000 training and 1,000 test sequences of 129 tokens, with their exact entropy and
+   the latent states, so that `llama-train probe runs/demo` works afterwards); a complete
+   store is reused, so the script is idempotent. A store of an older demo without latents
+   is rewritten with them: the same seed gives the same tokens, so a trained run stays
+   valid.
 2. `llama-train run packages/llama-train/configs/demo.yaml` trains into `runs/demo`
    (running it again resumes, and a finished run only rewrites its summary).
 3. `llama-train plot runs/demo` draws the loss curves next to the exact entropy.
@@ -41,6 +44,7 @@ GENERATE = [
     "--n-test", "1000",
     "--seq-len", "129",
     "--seed", "0",
+    "--with-latents",  # the latents do not change the tokens: the sampler draws them anyway
     "--out", str(STORE),
 ]  # fmt: skip
 
@@ -62,6 +66,19 @@ def run(arguments: list[str]) -> None:
     console.print(f"[bold]$ {shown}[/]", highlight=False)
     if subprocess.run(arguments, cwd=ROOT).returncode != 0:
         sys.exit(1)
+
+
+def store_lacks_latents() -> bool:
+    """True for a complete store of an older demo, written without --with-latents."""
+    from gssm_data.errors import GssmDataError
+    from gssm_data.store import open_store
+
+    if not STORE.exists():
+        return False
+    try:
+        return not open_store(STORE).manifest.with_latents
+    except GssmDataError:
+        return False  # not a complete store: generate says what to do
 
 
 def results_table(summary: dict) -> Table:
@@ -99,7 +116,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.fresh and RUN_DIR.exists():
         shutil.rmtree(RUN_DIR)
-    run([command("gssm-data"), *GENERATE])
+    if store_lacks_latents():
+        console.print(f"{STORE} has no latents: writing it again with them (same tokens)")
+        run([command("gssm-data"), *GENERATE, "--force"])
+    else:
+        run([command("gssm-data"), *GENERATE])
     run([command("llama-train"), "run", str(CONFIG), f"data.path={STORE}", f"run.dir={RUN_DIR}"])
     run([command("llama-train"), "plot", str(RUN_DIR), "--out", str(args.image)])
     summary = json.loads((RUN_DIR / "summary.json").read_text())
@@ -110,6 +131,11 @@ def main() -> None:
     console.print(
         f"trained {summary['tokens']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s "
         f"in {summary['train_seconds']:.0f} s; loss curves: {shown}",
+        highlight=False,
+    )
+    console.print(
+        f"next: `llama-train probe {RUN_DIR.relative_to(ROOT)}` probes the hidden state for "
+        "the latent state, against the exact Bayes filter",
         highlight=False,
     )
 

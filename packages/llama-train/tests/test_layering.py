@@ -27,6 +27,8 @@ RECIPE = (
     "llama_train.plot",
     "llama_train.loading",
     "llama_train.export",
+    "llama_train.probe",
+    "llama_train.linear_probe",
 )
 LEAVES = ("llama_train.errors", "llama_train.rundir")
 

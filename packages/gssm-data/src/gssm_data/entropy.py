@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import string
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -190,13 +190,24 @@ def _to_torch(
     return tensors
 
 
+# Called by `_forward` after each step with (t, alpha): alpha (B, *latent sizes) is the
+# normalised forward vector, the filtered posterior p(z_t | x_<=t). It is updated in place by
+# the next step: a callback copies or reduces what it keeps.
+StepCallback = Callable[[int, torch.Tensor], None]
+
+
 def _forward(
-    graph: GraphSpec, tables: Mapping[str, torch.Tensor], tokens: torch.Tensor
+    graph: GraphSpec,
+    tables: Mapping[str, torch.Tensor],
+    tokens: torch.Tensor,
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """p(x_t | x_<t) for t = 1 .. T-1 of a batch of sequences, shape (B, T-1).
 
     `tables` comes from :func:`_to_torch`: every node's table, per-sequence
-    ones with the batch axis first.
+    ones with the batch axis first. `on_step` sees the filtered posterior of
+    every step (``gssm_data.posterior``); the entropy passes None and pays one
+    test per step for it.
     """
     n_seq, n_steps = tokens.shape
     sizes = tuple(node.states for node in graph.latents)
@@ -217,6 +228,8 @@ def _forward(
         norm = alpha.reshape(n_seq, -1).sum(dim=1)  # (B,) p(x_t | x_<t)
         alpha = alpha.div_(norm.reshape(norm_shape)).clamp_min_(NEGLIGIBLE)
         norms[:, t - 1] = norm
+        if on_step is not None:
+            on_step(t, alpha)
     return norms
 
 

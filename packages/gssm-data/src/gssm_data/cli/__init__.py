@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from gssm_data.cli import data, entropy, extend, slurm  # noqa: F401  (register commands)
+from gssm_data.cli import data, entropy, extend, posterior, slurm  # noqa: F401  (register)
 from gssm_data.cli.app import app, err_console
 from gssm_data.errors import GssmDataError
 
