@@ -242,7 +242,9 @@ def _fits_table(regime: Any) -> Table:
         title=f"{regime.regime}: {len(regime.rows)} points, exact entropy {regime.entropy:.4f} "
         f"nats ({regime.entropy / LN2:.4f} bits)",
         title_justify="left",
-        caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples)",
+        caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples); "
+        "(bound): the fit ended on the edge of its search box (exponents <= 4, log A/B in "
+        "[-20, 60], log E >= -20): the data do not determine that parameter",
         caption_justify="left",
     )
     table.add_column("fit")
@@ -266,7 +268,8 @@ def _with_interval(fit: Fit, name: str) -> str:
     value = fit.parameters[name]
     if value is None:
         return "-"
-    return _interval_text(value, fit.intervals.get(name))
+    bound = " (bound)" if name in fit.at_bound else ""
+    return _interval_text(value, fit.intervals.get(name)) + bound
 
 
 def _interval_text(value: float, interval: list[float] | None) -> str:
@@ -437,7 +440,7 @@ def _fit_table(fit: Fit, path: Path, excess: bool, entropy: float | None) -> Tab
             continue
         interval = fit.intervals.get(name)
         table.add_row(
-            name,
+            name + (" (bound)" if name in fit.at_bound else ""),
             f"{value:.6g}",
             "-" if interval is None else f"[{interval[0]:.4g}, {interval[1]:.4g}]",
         )
