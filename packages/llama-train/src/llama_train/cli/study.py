@@ -131,7 +131,8 @@ def study_status_command(
     directory: Annotated[Path, typer.Argument(help="Study directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the points as JSON.")] = False,
 ) -> None:
-    """Every point: state, step, test loss, excess, validation loss (the lr criterion)."""
+    """Every point: state, step, test loss, excess (--json adds the validation loss, the lr
+    criterion)."""
     from llama_train.cli.submit import status_table
     from llama_train.launch.status import sweep_status
     from llama_train.launch.study import read_study_record, read_validation

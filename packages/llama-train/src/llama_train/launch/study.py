@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import itertools
 import json
 import math
 import multiprocessing
@@ -36,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -324,57 +325,41 @@ def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
     rows = probe.data.batch_size * probe.train.grad_accum * ranks
     points: list[StudyPoint] = []
     sweep_points: list[Point] = []
-    base_config = None
     for regime in regimes.values():
         for rung, size in enumerate(study.models):
-            model_settings = dict(size.model)
+            shape = dict(size.model)
             if size.parameters is not None:
-                model_settings = shape_for_parameters(size.parameters, regime.vocab_size)
-            label = size.name or _model_label(model_settings, rung)
-            for n_train in study.data:
-                for lr in study.lr:
-                    for seed in study.seeds:
-                        name = (
-                            f"{regime.name}_{label}_n{n_train}_lr{format_value(float(lr))}_s{seed}"
-                        )
-                        raw = copy.deepcopy(base_raw)
-                        _set(raw, "data.path", str(regime.store))
-                        _set(raw, "data.n_train", n_train)
-                        for key, value in model_settings.items():
-                            _set(raw, f"model.{key}", value)
-                        _set(raw, "optim.lr", float(lr))
-                        _set(raw, "run.seed", seed)
-                        _set(raw, "run.dir", str(directory / name))
-                        _set(raw, "run.name", f"{study.name}/{name}")
-                        steps = study.steps.steps_for(
-                            n_train=n_train,
-                            tokens_per_step=rows * (regime.seq_len - 1),
-                            rows_per_step=rows,
-                        )
-                        _set(raw, "train.steps", steps)
-                        _set(raw, "eval.every", max(1, steps // study.evaluations))
-                        config = _validate(raw, name)
-                        if base_config is None:
-                            base_raw_dir = copy.deepcopy(raw)
-                            _set(base_raw_dir, "run.dir", str(directory))
-                            _set(base_raw_dir, "run.name", str(study.name))
-                            base_config = _validate(base_raw_dir, "the study")
-                        index = len(sweep_points)
-                        overrides = {
-                            "regime": regime.name,
-                            "model": label,
-                            "data.n_train": n_train,
-                            "optim.lr": float(lr),
-                            "run.seed": seed,
-                        }
-                        sweep_points.append(Point(index, name, overrides, config))
-                        points.append(
-                            StudyPoint(name, regime.name, label, n_train, float(lr), seed, steps)
-                        )
+                shape = shape_for_parameters(size.parameters, regime.vocab_size)
+            label = size.name or _model_label(shape, rung)
+            for n_train, lr, seed in itertools.product(study.data, study.lr, study.seeds):
+                steps = study.steps.steps_for(
+                    n_train=n_train, tokens_per_step=rows * (regime.seq_len - 1), rows_per_step=rows
+                )
+                name = f"{regime.name}_{label}_n{n_train}_lr{format_value(float(lr))}_s{seed}"
+                point = StudyPoint(name, regime.name, label, n_train, float(lr), seed, steps)
+                settings = {
+                    "data.path": str(regime.store),
+                    "data.n_train": n_train,
+                    **{f"model.{key}": value for key, value in shape.items()},
+                    "optim.lr": float(lr),
+                    "run.seed": seed,
+                    "run.dir": str(directory / name),
+                    "run.name": f"{study.name}/{name}",
+                    "train.steps": steps,
+                    "eval.every": max(1, steps // study.evaluations),
+                }
+                config = _validate(_with(base_raw, settings), name)
+                described = {"regime": regime.name, "model": label, **settings}
+                sweep_points.append(Point(len(sweep_points), name, described, config))
+                points.append(point)
+    # The study directory's own config: the first point's, pointing at the study directory.
+    first = sweep_points[0].config
+    base_config = first.model_copy(
+        update={"run": first.run.model_copy(update={"dir": directory, "name": str(study.name)})}
+    )
     names = [point.name for point in points]
     if len(set(names)) != len(names):
         raise LlamaTrainError("two points share a name: give the model sizes distinct names")
-    assert base_config is not None
     return ExpandedStudy(
         study=study,
         path=path,
@@ -392,15 +377,19 @@ def _model_label(settings: Mapping[str, Any], rung: int) -> str:
     return f"m{rung}"
 
 
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
+def _with(raw: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config with dotted `settings` set."""
+    result = copy.deepcopy(dict(raw))
+    for dotted, value in settings.items():
+        node = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return result
 
 
 def _validate(raw: dict[str, Any], name: str) -> Any:
@@ -841,6 +830,3 @@ def submit_slurm(expanded: ExpandedStudy, log: Log | None = None) -> Any:
 def slurm_ranks(config: Any) -> int:
     """Processes per point under Slurm (nodes x tasks per node)."""
     return config.slurm.nodes * tasks_per_node(config.slurm)
-
-
-Executor = Literal["local", "slurm"]
