@@ -66,3 +66,17 @@ def test_a_narrow_log_range_gets_several_labels():
     visible = [text for text in labels if text in ("5k", "10k", "2k", "20k")]
     assert {"5k", "10k"} <= set(visible), labels
     plt.close(figure)
+
+
+def test_regimes_without_enough_points_are_skipped_and_floor_points_leave_the_excess_fit(
+    tmp_path: Path,
+):
+    rows = _rows(tmp_path)
+    rows[0] = {**rows[0], "loss": 0.8}  # at the floor: no log excess
+    few = [{**row, "regime": "few"} for row in rows[:3]]
+    said: list[str] = []
+    fits = fit_regimes(rows + few, bootstrap=0, log=said.append)
+    assert [fit.regime for fit in fits] == ["r"]
+    assert fits[0].excess.n_points == len(rows) - 1 and fits[0].free.n_points == len(rows)
+    assert any("few: 3 finished point(s)" in line for line in said)
+    assert any("1 point(s) at or below the floor" in line for line in said)

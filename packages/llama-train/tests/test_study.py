@@ -181,6 +181,10 @@ def test_a_tiny_study_runs_resumes_and_collects(tmp_path, base, store):
         assert (
             summary["flops_6nd"] == 6 * summary["parameters_non_embedding"] * summary["tokens_seen"]
         )
+        model = point.config.model
+        attention = 6 * model.n_layers * (SEQ_LEN - 1) * model.dim * summary["tokens_seen"]
+        assert summary["flops_attention"] == attention
+        assert summary["flops"] == summary["flops_6nd"] + attention
         assert summary["parameters_total"] > summary["parameters_non_embedding"]
         assert len(summary["store_fingerprint"]) == 16
     again = runner.invoke(app, ["study", "run", str(path)])

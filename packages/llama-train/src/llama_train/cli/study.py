@@ -225,7 +225,7 @@ def study_plot_command(
         rows = collect(directory)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
-        fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed)
+        fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed, log=_say)
         target = out_dir or Path(directory) / "plots"
         paths = plot_study(directory, fits, target)
         fits_path = target / "fits.json"

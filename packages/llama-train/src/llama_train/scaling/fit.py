@@ -300,12 +300,6 @@ def fit_law(
         raise LlamaTrainError("every loss must be finite and positive (the fit is on log L)")
     if fixed_e is not None and (not math.isfinite(fixed_e) or fixed_e < 0):
         raise LlamaTrainError(f"fixed E {fixed_e!r} must be finite and non-negative")
-    if fixed_e is not None and fixed_e > 0 and np.any(loss_array <= fixed_e):
-        worst = float(loss_array.min())
-        raise LlamaTrainError(
-            f"a loss ({worst:.6g}) is at or below the fixed E {fixed_e:.6g}: no power law above "
-            "E can reach it"
-        )
     layout = _Layout(
         form,
         free_e=fixed_e is None,

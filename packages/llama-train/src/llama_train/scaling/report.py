@@ -8,6 +8,7 @@ excess loss L - entropy is fitted as a pure power law A/N^alpha + B/D^beta.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,17 +57,38 @@ def exact_entropy(rows: list[dict[str, Any]], column: str = "entropy") -> float:
     return middle
 
 
+MIN_POINTS = 5  # free parameters of the ND law with E free
+
+
 def fit_regimes(
-    rows: list[dict[str, Any]], *, bootstrap: int = 100, seed: int = 0
+    rows: list[dict[str, Any]],
+    *,
+    bootstrap: int = 100,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> list[RegimeFits]:
-    """The three fits of every regime with enough points."""
+    """The three fits of every regime with enough points (others are named in `log`).
+
+    A point whose loss is not above the exact entropy (possible by sampling noise on a
+    small evaluation set, once a model is at the floor) has no log excess: it is left
+    out of the excess fit only.
+    """
+    say = log or (lambda message: None)
     results = []
     for regime, members in by_regime(rows).items():
-        n = [float(row["N"]) for row in members]
-        d = [float(row["D"]) for row in members]
-        loss = [float(row["loss"]) for row in members]
+        if len(members) < MIN_POINTS:
+            say(f"{regime}: {len(members)} finished point(s), a fit needs {MIN_POINTS}; skipped")
+            continue
+        n = np.asarray([float(row["N"]) for row in members])
+        d = np.asarray([float(row["D"]) for row in members])
+        loss = np.asarray([float(row["loss"]) for row in members])
         entropy = exact_entropy(members)
-        excess = [value - entropy for value in loss]
+        above = loss > entropy
+        if not above.all():
+            say(
+                f"{regime}: {int((~above).sum())} point(s) at or below the floor are left "
+                "out of the excess fit"
+            )
         common = {"bootstrap": bootstrap, "seed": seed}
         results.append(
             RegimeFits(
@@ -75,7 +97,9 @@ def fit_regimes(
                 rows=members,
                 free=fit_law(n, d, loss, **common),
                 exact=fit_law(n, d, loss, fixed_e=entropy, **common),
-                excess=fit_law(n, d, excess, fixed_e=0.0, **common),
+                excess=fit_law(n[above], d[above], loss[above] - entropy, fixed_e=0.0, **common),
             )
         )
+    if not results:
+        raise LlamaTrainError(f"no regime has the {MIN_POINTS} finished points a fit needs yet")
     return results
