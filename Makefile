@@ -60,12 +60,14 @@ STUDY_DIR ?= runs/studies/$(SCALE)
 PARALLEL ?= 2
 
 scaling-laws: venv
-	$(MAKE) scaling-data SCALE=$(SCALE)   # writes only the stores that are missing
 ifeq ($(SLURM),1)
+	@test -f datasets/scaling/index-$(SCALE).json || { $(MAKE) scaling-data SCALE=$(SCALE) && \
+		echo "Slurm is writing the stores: run this target again once they are done"; exit 1; }
 	$(BIN)/llama-train study run $(STUDY) --slurm
 	@echo "when every point is done (llama-train study status $(STUDY_DIR)):"
 	@echo "  llama-train study collect $(STUDY_DIR) && llama-train study plot $(STUDY_DIR)"
 else
+	$(MAKE) scaling-data SCALE=$(SCALE)   # writes only the stores that are missing
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study run $(STUDY) --parallel $(PARALLEL)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study collect $(STUDY_DIR)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study plot $(STUDY_DIR)
