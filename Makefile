@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 SCALE ?= small
 TASKS ?= 4
 
-.PHONY: venv demo test test-all lint format bench scaling-data clean
+.PHONY: venv demo test test-all lint format bench scaling-data scaling-laws clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,27 @@ ifeq ($(SLURM),1)
 	$(BIN)/gssm-data submit-scaling datasets/scaling.yaml --scale $(SCALE) --tasks $(TASKS)
 else
 	$(BIN)/gssm-data scaling datasets/scaling.yaml --scale $(SCALE)
+endif
+
+# A scaling study from the scaling-data stores (written first where missing): train every
+# point (PARALLEL processes here, or SLURM=1: one array job), then the table, the fits
+# (E free and E = exact entropy, per regime) and the plots, in runs/studies/$(SCALE)/.
+STUDY ?= packages/llama-train/configs/studies/$(SCALE).yaml
+STUDY_DIR ?= runs/studies/$(SCALE)
+PARALLEL ?= 2
+
+scaling-laws: venv
+ifeq ($(SLURM),1)
+	@test -f datasets/scaling/index-$(SCALE).json || { $(MAKE) scaling-data SCALE=$(SCALE) && \
+		echo "Slurm is writing the stores: run this target again once they are done"; exit 1; }
+	$(BIN)/llama-train study run $(STUDY) --slurm
+	@echo "when every point is done (llama-train study status $(STUDY_DIR)):"
+	@echo "  llama-train study collect $(STUDY_DIR) && llama-train study plot $(STUDY_DIR)"
+else
+	$(MAKE) scaling-data SCALE=$(SCALE)   # writes only the stores that are missing
+	OMP_NUM_THREADS=1 $(BIN)/llama-train study run $(STUDY) --parallel $(PARALLEL)
+	OMP_NUM_THREADS=1 $(BIN)/llama-train study collect $(STUDY_DIR)
+	OMP_NUM_THREADS=1 $(BIN)/llama-train study plot $(STUDY_DIR)
 endif
 
 clean:

@@ -28,6 +28,7 @@ def evaluate_run(
     max_sequences: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
+    first: int = 0,
 ) -> EvalResult:
     """Evaluate a saved checkpoint of a run (the latest by default), on its store or another.
 
@@ -35,7 +36,8 @@ def evaluate_run(
     safetensors weights (nothing is unpickled), so the run's config may have
     changed since. `data` names any compatible store:
     same vocabulary, and sequences no longer than the model's context.
-    Defaults for split and max_sequences come from the run's eval section.
+    Defaults for split and max_sequences come from the run's eval section; `first`
+    starts at that row of the split (a validation slice beyond the training prefix).
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -54,6 +56,7 @@ def evaluate_run(
         spec,
         split=split or config.eval.split,
         max_sequences=max_sequences if max_sequences is not None else config.eval.max_sequences,
+        first=first,
     )
     return evaluate(
         model,

@@ -86,6 +86,7 @@ from llama_train.core.runlock import run_dir_lock
 from llama_train.core.weights import WEIGHTS_FILE, full_model_state, write_weights
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import CHECKPOINT_DIR, CONFIG_FILENAME, SUMMARY_FILENAME, atomic_write
+from llama_train.scaling.compute import training_compute
 
 console = Console(stderr=True)
 
@@ -427,7 +428,7 @@ class Trainer:
             wandb_project=wandb.project,
             wandb_entity=wandb.entity,
             run_name=config.run.name,
-            config=config.model_dump(mode="json"),
+            config={**config.model_dump(mode="json"), "parameters": self.parameter_counts()},
         )
         with logger, _progress_bar(show, config.train.steps) as bar:
             task = bar.add_task(
@@ -444,6 +445,7 @@ class Trainer:
                 raise NonFiniteLoss(f"{error}. {self._last_good()}") from None
             if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
                 self._evaluate_and_log(logger)
+            logger.summarize(self.scale_figures())
         return self.write_summary()
 
     def _loop(
@@ -564,10 +566,46 @@ class Trainer:
             "tokens_per_s": self.state.tokens / max(self.state.train_seconds, 1e-9),
             "data": str(self.config.data.path) if self.config.data.path else None,
             "baselines": self._baselines(),
+            **self.scale_figures(),
         }
         if self.ranks.is_main:
             atomic_write(self.run_dir / SUMMARY_FILENAME, json.dumps(summary, indent=1))
         return summary
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and non-embedding parameters (N of a scaling law is the latter)."""
+        return {
+            "parameters_total": self.model.num_parameters(),
+            "parameters_non_embedding": self.model.num_parameters(exclude_embeddings=True),
+        }
+
+    def scale_figures(self) -> dict[str, Any]:
+        """What a scaling-law fit reads from a run: N, tokens seen and unique, FLOPs, store.
+
+        Unique tokens are the predicted tokens of the train prefix (n_train x (seq_len - 1));
+        online data never repeats, so there every token seen is unique.
+        """
+        context = self.spec.seq_len - 1
+        seen = self.state.tokens
+        unique = seen if self.spec.n_train is None else self.spec.n_train * context
+        counts = self.parameter_counts()
+        compute = training_compute(
+            non_embedding_parameters=counts["parameters_non_embedding"],
+            n_layers=self.config.model.n_layers,
+            dim=self.config.model.dim,
+            context=context,
+            tokens=seen,
+        )
+        store = self.spec.store
+        return {
+            **counts,
+            "n_train": self.spec.n_train,
+            "tokens_seen": seen,
+            "unique_tokens": unique,
+            "epochs": seen / unique if unique else 0.0,
+            **compute.to_dict(),
+            "store_fingerprint": store.manifest.fingerprint if store is not None else None,
+        }
 
     def _baselines(self) -> dict[str, float] | None:
         store = self.spec.store

@@ -3,7 +3,8 @@
 `app` (cli/app.py) is a leaf; importing the command modules here registers their
 commands on it: `run` and `config-schema` (cli/run.py), `eval` and `plot`
 (cli/results.py), `submit`, `sweep-status` and `best` (cli/submit.py), `export`
-(cli/export.py), `probe` (cli/probe.py); cli/tables.py holds the tables they print.
+(cli/export.py), `probe` (cli/probe.py), `study` and `fit` (cli/study.py);
+cli/tables.py holds the tables they print.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from llama_train.cli import results  # noqa: F401
 from llama_train.cli import submit  # noqa: F401
 from llama_train.cli import export  # noqa: F401
 from llama_train.cli import probe  # noqa: F401
+from llama_train.cli import study  # noqa: F401
 
 # isort: on
 from llama_train.cli.app import app

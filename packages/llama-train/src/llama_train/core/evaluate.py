@@ -161,10 +161,11 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 class EvalSet:
     """The sequences an evaluation reads, and their exact entropy (computed once).
 
-    With a store: the first `max_sequences` rows (all by default) of `split`.
-    Online without a store: the first sequences of the generating process's
-    test stream, which are the test split a store of the same graph and seed
-    would hold.
+    With a store: the first `max_sequences` rows (all by default) of `split`,
+    or of its rows from `first` on (a validation slice at the end of the train
+    split, beyond every training prefix). Online without a store: the first
+    sequences of the generating process's test stream, which are the test split
+    a store of the same graph and seed would hold.
     """
 
     def __init__(
@@ -175,17 +176,24 @@ class EvalSet:
         max_sequences: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        first: int = 0,
     ) -> None:
         self.spec = spec
         self.split = split
         self.seq_len = spec.seq_len
+        if first and spec.store is None:
+            raise LlamaTrainError("evaluating from a row offset needs a store")
         if spec.store is not None:
             if split not in spec.store.manifest.splits:
                 known = ", ".join(spec.store.manifest.splits)
                 raise LlamaTrainError(
                     f"eval.split={split!r}: the store {spec.store.path} has splits {known}"
                 )
-            available = spec.store.manifest.splits[split].n
+            available = spec.store.manifest.splits[split].n - first
+            if available <= 0:
+                raise LlamaTrainError(
+                    f"the {split} split of {spec.store.path} has no rows from row {first} on"
+                )
             self.n_sequences = available if max_sequences is None else min(max_sequences, available)
         else:
             if split not in STREAMS:
@@ -195,7 +203,8 @@ class EvalSet:
             self.n_sequences = max_sequences or ONLINE_EVAL_SEQUENCES
         if self.n_sequences == 0:
             raise LlamaTrainError(f"the {split} split has no sequences to evaluate on")
-        self.start, self.stop = _rank_rows(self.n_sequences, rank, world_size)
+        start, stop = _rank_rows(self.n_sequences, rank, world_size)
+        self.start, self.stop = first + start, first + stop
         self._entropy: tuple[np.ndarray, str] | None = None
         self._online_tokens: np.ndarray | None = None
 

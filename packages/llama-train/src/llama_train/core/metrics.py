@@ -151,6 +151,12 @@ class MetricLogger:
             }
             self._wandb_run.log(numeric, step=int(record["step"]))
 
+    def summarize(self, figures: Mapping[str, Any]) -> None:
+        """Set run-level figures (parameters, FLOPs...) in wandb's summary; the file has
+        them in summary.json."""
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update({k: v for k, v in figures.items() if v is not None})
+
     @property
     def wandb_run_id(self) -> str | None:
         """The wandb run id in use, None when wandb is off."""

@@ -321,8 +321,23 @@ def submit(
     `local`, points run one after another through submitit's LocalExecutor and
     this call returns when they have finished.
     """
-    say = log or (lambda message: None)
     sweep = plan(config_path, overrides, slurm_settings)
+    return submit_plan(sweep, config_path=config_path, overrides=overrides, local=local, log=log)
+
+
+def submit_plan(
+    sweep: Plan,
+    *,
+    config_path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    local: bool = False,
+    log: Callable[[str], None] | None = None,
+    job: Callable[[SubmitConfig], Callable[[], Any]] | None = None,
+) -> Submission:
+    """Submit the points of a plan (see :func:`submit`); `job` wraps each point's config
+    (default :class:`TrainJob`), so a study can add work after training."""
+    make_job = job or TrainJob
+    say = log or (lambda message: None)
     executor_name: Literal["slurm", "local"] = "local" if local else "slurm"
     todo, skipped = _points_to_submit(sweep, check_queue=not local)
     folder = log_folder(sweep.base)
@@ -346,16 +361,16 @@ def submit(
         # Local job ids are process ids, known one at a time: the manifest says "local".
         submission.manifest = record({point.name: "local" for point in todo})
         for point in todo:
-            submission.jobs[point.name] = job = executor.submit(TrainJob(point.config))
-            say(f"running {point.name} locally (job {job.job_id}; log {job.paths.stdout})")
-            job.wait()
+            submission.jobs[point.name] = running = executor.submit(make_job(point.config))
+            say(f"running {point.name} locally (job {running.job_id}; log {running.paths.stdout})")
+            running.wait()
         return submission
     with sbatch_errors():
         if len(todo) == 1:
-            submission.jobs[todo[0].name] = executor.submit(TrainJob(todo[0].config))
+            submission.jobs[todo[0].name] = executor.submit(make_job(todo[0].config))
         else:
             with executor.batch():
-                pending = {point.name: executor.submit(TrainJob(point.config)) for point in todo}
+                pending = {point.name: executor.submit(make_job(point.config)) for point in todo}
             submission.jobs.update(pending)
     submission.manifest = record(submission.job_ids)
     return submission

@@ -1,0 +1,832 @@
+"""Scaling studies: a grid of regimes x model sizes x data sizes x learning rates x seeds.
+
+A study file (YAML, examples in ``packages/llama-train/configs/studies/``) names a base
+training config, the data *regimes* (names in a ``make scaling-data`` index, or store
+paths), a *ladder* of model sizes (``model.*`` settings, or a target count of
+non-embedding parameters that :func:`shape_for_parameters` turns into a shape), the
+*data sizes* (``data.n_train`` prefixes of each regime's store), a *steps rule* (a
+fixed number of tokens, epochs over n_train, or steps), the learning rates and the
+seeds. :func:`plan_study` expands it into sweep points (:mod:`llama_train.sweep`):
+one run directory per point under the study directory, every config validated before
+anything runs. :func:`run_local` trains the points that are not done, K processes at a
+time with one thread each; ``--slurm`` hands them to :func:`llama_train.slurm.submit_plan`
+as one array job. Either way, running the study again trains only what is missing.
+
+Learning rates are cross-validated on a held-out slice that is neither trained on nor
+the test split: the last ``validation_sequences`` rows of each store's train split.
+Every data size must end before that slice, so no point ever trains on it; smaller
+prefixes are nested in larger ones as usual. After training, each point evaluates its
+final checkpoint on the slice and writes ``validation.json``; ``study collect`` keeps,
+for each (regime, model, data, seed), the learning rate with the lowest validation
+loss, and reports that run's test loss. The test split decides nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import copy
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gssm_data.errors import GssmDataError
+from gssm_data.humanize import format_validation_error, parse_count
+from llama_train.config import TrainConfig, link_to_data, raw_config
+from llama_train.core import configuration
+from llama_train.core.distributed import rank_info
+from llama_train.core.model import ModelConfig
+from llama_train.errors import LlamaTrainError
+from llama_train.eval import evaluate_run
+from llama_train.launch.config import SubmitConfig, format_value
+from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, tasks_per_node
+from llama_train.launch.status import point_status
+from llama_train.launch.sweep import Plan, Point, write_manifest
+
+STUDY_FILENAME = "study.json"
+VALIDATION_FILENAME = "validation.json"
+STUDY_VERSION = 1
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------
+# The study file
+
+
+def _count(value: object) -> int:
+    """1e5, 100_000, 16k: counts as people write them (a validation error otherwise)."""
+    try:
+        return parse_count(value, option="", minimum=1)
+    except GssmDataError as error:
+        raise ValueError(str(error)) from None
+
+
+class RegimeEntry(BaseModel):
+    """A regime given by its store (instead of a name in the index)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._+\-]+$", description="label in tables and plots")
+    store: Path = Field(description="the store (the train split's prefixes are the data sizes)")
+
+
+class ModelSize(BaseModel):
+    """One rung of the ladder: `model.*` settings, or a target non-embedding count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._+\-]+$", description="label; default from the shape"
+    )
+    parameters: float | None = Field(
+        None, gt=0, description="target non-embedding parameters (shape_for_parameters)"
+    )
+    model: dict[str, Any] = Field(
+        default_factory=dict, description="model.* settings, e.g. {dim: 64, n_layers: 2}"
+    )
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _count(cls, value: object) -> object:
+        return value if value is None else _count(value)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ModelSize:
+        if (self.parameters is None) == (not self.model):
+            raise ValueError("give either parameters (a target count) or model (settings)")
+        for key in self.model:
+            configuration.check_key(["model", key], TrainConfig)
+        return self
+
+
+class StepsRule(BaseModel):
+    """How long each point trains: exactly one of tokens, epochs or steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: float | None = Field(None, gt=0, description="predicted tokens seen by every point")
+    epochs: float | None = Field(None, gt=0, description="passes over each point's n_train")
+    steps: int | None = Field(None, gt=0, description="optimizer steps for every point")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _count(cls, value: object) -> object:
+        return value if value is None else _count(value)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StepsRule:
+        given = [name for name in ("tokens", "epochs", "steps") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of tokens, epochs or steps")
+        return self
+
+    def steps_for(self, *, n_train: int, tokens_per_step: int, rows_per_step: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return max(1, math.ceil(self.tokens / tokens_per_step))
+        assert self.epochs is not None
+        return max(1, math.ceil(self.epochs * n_train / rows_per_step))
+
+
+class StudyConfig(BaseModel):
+    """A scaling study (relative paths are relative to the current directory)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="default: the study file's stem")
+    dir: Path | None = Field(None, description="study directory; default runs/studies/<name>")
+    base: Path = Field(description="the training config every point starts from")
+    index: Path | None = Field(
+        None, description="scaling-data index (datasets/scaling/index-small.json) for names"
+    )
+    regimes: list[str | RegimeEntry] = Field(min_length=1)
+    models: list[ModelSize] = Field(min_length=1, description="the ladder of model sizes")
+    data: list[int] = Field(min_length=1, description="data.n_train prefixes (sequences)")
+    steps: StepsRule
+    lr: list[float] = Field(min_length=1, description="learning rates, cross-validated")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    validation_sequences: int = Field(
+        512, gt=0, description="held-out rows at the end of each store's train split"
+    )
+    evaluations: int = Field(
+        1,
+        ge=1,
+        description="test evaluations per point, evenly spaced (the last at the end): "
+        "more give the data-constrained view, loss against epochs over the same data",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="config keys set for every point (train.threads: 1)"
+    )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _counts(cls, value: object) -> object:
+        return [_count(item) for item in value] if isinstance(value, list) else value
+
+    @field_validator("lr")
+    @classmethod
+    def _finite(cls, value: list[float]) -> list[float]:
+        if any(not math.isfinite(lr) or lr <= 0 for lr in value):
+            raise ValueError("learning rates must be finite and positive")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        for label, values in (("data", self.data), ("lr", self.lr), ("seeds", self.seeds)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{label}: a value is listed twice")
+        for key in self.overrides:
+            configuration.check_key(key.split("."), SubmitConfig)
+        return self
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study file; every problem is a one-line user error."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise LlamaTrainError(f"study file not found: {path}") from None
+    except yaml.YAMLError:
+        raise LlamaTrainError(f"{path}: invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise LlamaTrainError(f"{path}: expected a mapping (base, regimes, models, data, ...)")
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as error:
+        lines = format_validation_error(error, separator="\n")
+        raise LlamaTrainError(f"{path}: invalid study:\n{lines}") from None
+    except LlamaTrainError as error:
+        raise LlamaTrainError(f"{path}: {error}") from None
+    if study.name is None:
+        study = study.model_copy(update={"name": path.stem})
+    return study
+
+
+# ---------------------------------------------------------------------------
+# Model shapes
+
+
+def non_embedding_parameters(model: ModelConfig, vocab_size: int) -> int:
+    """Llama's parameter count without the input embedding (the model's own rule)."""
+    dim, head = model.dim, model.head_dim
+    attention = 2 * dim * dim + 2 * dim * model.kv_heads * head
+    block = attention + 3 * dim * model.hidden_dim + 2 * dim
+    output = 0 if model.tie_embeddings else vocab_size * dim
+    return model.n_layers * block + dim + output
+
+
+def shape_for_parameters(target: float, vocab_size: int) -> dict[str, int]:
+    """A Llama shape whose non-embedding count is closest (in log) to `target`.
+
+    The rule: heads of 16 channels, one layer per 32 of width (at least one),
+    width a multiple of 16. Depth and width grow together, as in the ladders of
+    Kaplan et al. and Hoffmann et al., so no rung is a degenerate one-layer giant.
+    """
+    best: tuple[float, dict[str, int]] | None = None
+    for dim in range(16, 4097, 16):
+        shape = {"dim": dim, "n_layers": max(1, dim // 32), "n_heads": dim // 16}
+        count = non_embedding_parameters(ModelConfig(**shape), vocab_size)
+        distance = abs(math.log(count / target))
+        if best is None or distance < best[0]:
+            best = (distance, shape)
+    assert best is not None
+    return best[1]
+
+
+# ---------------------------------------------------------------------------
+# Expansion
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    store: Path
+    train_rows: int
+    seq_len: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class StudyPoint:
+    """What a point is in the study's terms (its sweep Point holds the config)."""
+
+    name: str
+    regime: str
+    model: str
+    n_train: int
+    lr: float
+    seed: int
+    steps: int
+
+
+class StudyPlan(Plan):
+    """A sweep plan whose points come from a study (always a grid, never a single run)."""
+
+    @property
+    def is_sweep(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class ExpandedStudy:
+    study: StudyConfig
+    path: Path
+    directory: Path
+    plan: StudyPlan
+    points: list[StudyPoint]
+    regimes: dict[str, Regime]
+    validation_first: dict[str, int]  # first held-out row of each regime's train split
+
+    def validation_of(self, point: StudyPoint) -> tuple[int, int]:
+        return self.validation_first[point.regime], self.study.validation_sequences
+
+
+def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
+    """Expand a study file into validated sweep points (nothing is written).
+
+    `ranks` is the number of processes each point trains on (Slurm's nodes x tasks):
+    the steps rule counts the global batch.
+    """
+    path = Path(path)
+    study = load_study(path)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in study.overrides.items()]
+    base_raw = raw_config(study.base, overrides, SubmitConfig)
+    if base_raw.get("sweep"):
+        raise LlamaTrainError(
+            f"{study.base} has a sweep section: the study is the grid; remove it from the base"
+        )
+    directory = study.dir or Path("runs") / "studies" / str(study.name)
+    regimes = {regime.name: regime for regime in _resolve_regimes(study)}
+    first_rows = {}
+    for regime in regimes.values():
+        first_rows[regime.name] = regime.train_rows - study.validation_sequences
+        if max(study.data) > first_rows[regime.name]:
+            raise LlamaTrainError(
+                f"regime {regime.name}: data size {max(study.data)} reaches into the validation "
+                f"slice (the last {study.validation_sequences} of the {regime.train_rows} train "
+                f"sequences of {regime.store}); lower the data sizes or validation_sequences"
+            )
+    probe = configuration.validate(base_raw, SubmitConfig)  # the batch, before linking
+    rows = probe.data.batch_size * probe.train.grad_accum * ranks
+    points: list[StudyPoint] = []
+    sweep_points: list[Point] = []
+    for regime in regimes.values():
+        for rung, size in enumerate(study.models):
+            shape = dict(size.model)
+            if size.parameters is not None:
+                shape = shape_for_parameters(size.parameters, regime.vocab_size)
+            label = size.name or _model_label(shape, rung)
+            for n_train, lr, seed in itertools.product(study.data, study.lr, study.seeds):
+                steps = study.steps.steps_for(
+                    n_train=n_train, tokens_per_step=rows * (regime.seq_len - 1), rows_per_step=rows
+                )
+                name = f"{regime.name}_{label}_n{n_train}_lr{format_value(float(lr))}_s{seed}"
+                point = StudyPoint(name, regime.name, label, n_train, float(lr), seed, steps)
+                settings = {
+                    "data.path": str(regime.store),
+                    "data.n_train": n_train,
+                    **{f"model.{key}": value for key, value in shape.items()},
+                    "optim.lr": float(lr),
+                    "run.seed": seed,
+                    "run.dir": str(directory / name),
+                    "run.name": f"{study.name}/{name}",
+                    "train.steps": steps,
+                    "eval.every": max(1, steps // study.evaluations),
+                }
+                config = _validate(_with(base_raw, settings), name)
+                described = {"regime": regime.name, "model": label, **settings}
+                sweep_points.append(Point(len(sweep_points), name, described, config))
+                points.append(point)
+    # The study directory's own config: the first point's, pointing at the study directory.
+    first = sweep_points[0].config
+    base_config = first.model_copy(
+        update={"run": first.run.model_copy(update={"dir": directory, "name": str(study.name)})}
+    )
+    names = [point.name for point in points]
+    if len(set(names)) != len(names):
+        raise LlamaTrainError("two points share a name: give the model sizes distinct names")
+    return ExpandedStudy(
+        study=study,
+        path=path,
+        directory=directory,
+        plan=StudyPlan(base_config, sweep_points),
+        points=points,
+        regimes=regimes,
+        validation_first=first_rows,
+    )
+
+
+def _model_label(settings: Mapping[str, Any], rung: int) -> str:
+    if "dim" in settings and "n_layers" in settings:
+        return f"d{settings['dim']}l{settings['n_layers']}"
+    return f"m{rung}"
+
+
+def _with(raw: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config with dotted `settings` set."""
+    result = copy.deepcopy(dict(raw))
+    for dotted, value in settings.items():
+        node = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _validate(raw: dict[str, Any], name: str) -> Any:
+    try:
+        return configuration.validate(link_to_data(raw), SubmitConfig)
+    except LlamaTrainError as error:
+        raise LlamaTrainError(f"study point {name}: {error}") from None
+
+
+def _resolve_regimes(study: StudyConfig) -> list[Regime]:
+    from gssm_data.store import open_store
+
+    index = _read_index(study.index) if study.index is not None else {}
+    regimes = []
+    for entry in study.regimes:
+        if isinstance(entry, str):
+            if study.index is None:
+                raise LlamaTrainError(
+                    f"regime {entry!r} is a name: set index (e.g. "
+                    "datasets/scaling/index-small.json from make scaling-data) or give "
+                    "{name, store}"
+                )
+            if entry not in index:
+                raise LlamaTrainError(
+                    f"regime {entry!r} is not in {study.index}; it lists "
+                    f"{', '.join(index) or 'nothing'}"
+                )
+            name, store_path = entry, Path(index[entry])
+        else:
+            name, store_path = entry.name, entry.store
+        try:
+            store = open_store(store_path)
+        except GssmDataError as error:
+            raise LlamaTrainError(f"regime {name}: {error}") from None
+        manifest = store.manifest
+        if "train" not in manifest.splits:
+            raise LlamaTrainError(f"regime {name}: {store_path} has no train split")
+        regimes.append(
+            Regime(
+                name,
+                store_path,
+                manifest.splits["train"].n,
+                manifest.seq_len,
+                manifest.vocab_size,
+            )
+        )
+    if len({regime.name for regime in regimes}) != len(regimes):
+        raise LlamaTrainError("a regime is listed twice")
+    return regimes
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LlamaTrainError(
+            f"index {path} not found: run `make scaling-data` (or gssm-data scaling) first"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise LlamaTrainError(f"cannot read index {path}: {error}") from None
+    try:
+        return {entry["name"]: entry["store"] for entry in data["regimes"]}
+    except (KeyError, TypeError):
+        raise LlamaTrainError(f"{path} is not a scaling-data index (no regimes)") from None
+
+
+# ---------------------------------------------------------------------------
+# The study record
+
+
+def write_study_record(expanded: ExpandedStudy) -> Path:
+    """study.json: the study file, its regimes and what each point is (read by collect)."""
+    record = {
+        "version": STUDY_VERSION,
+        "name": expanded.study.name,
+        "study_file": str(expanded.path),
+        "study": expanded.study.model_dump(mode="json"),
+        "regimes": {
+            name: {
+                "store": str(regime.store),
+                "train_rows": regime.train_rows,
+                "validation": {
+                    "split": "train",
+                    "first": expanded.validation_first[name],
+                    "sequences": expanded.study.validation_sequences,
+                },
+            }
+            for name, regime in expanded.regimes.items()
+        },
+        "points": [point.__dict__ for point in expanded.points],
+    }
+    expanded.directory.mkdir(parents=True, exist_ok=True)
+    path = expanded.directory / STUDY_FILENAME
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def read_study_record(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / STUDY_FILENAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LlamaTrainError(
+            f"{directory} is not a study directory (no {STUDY_FILENAME}); "
+            "give the directory `llama-train study run` printed"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise LlamaTrainError(f"cannot read {path}: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+        raise LlamaTrainError(f"{path} is not a study record")
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Validation (the held-out slice)
+
+
+def write_validation(run_dir: Path, first: int, sequences: int, device: str = "auto") -> dict:
+    """Evaluate a run's final checkpoint on train rows [first, first + sequences)."""
+    result = evaluate_run(
+        run_dir, split="train", first=first, max_sequences=sequences, device=device
+    )
+    record = {
+        "step": result.step,
+        "split": "train",
+        "first": first,
+        "sequences": result.n_sequences,
+        "loss": result.loss,
+        "entropy": result.entropy,
+        "excess": result.excess,
+    }
+    path = run_dir / VALIDATION_FILENAME
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, path)
+    return record
+
+
+def read_validation(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((run_dir / VALIDATION_FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def ensure_validation(directory: str | Path, log: Log | None = None) -> int:
+    """Write validation.json for every finished point that lacks it (or is stale); the count."""
+    directory = Path(directory)
+    record = read_study_record(directory)
+    done = 0
+    for point in record["points"]:
+        run_dir = directory / point["name"]
+        status = point_status(run_dir)
+        if status.state != "done":
+            continue
+        validation = read_validation(run_dir)
+        if validation is not None and validation.get("step") == status.step:
+            continue
+        held_out = record["regimes"][point["regime"]]["validation"]
+        if log:
+            log(f"validating {point['name']}")
+        write_validation(run_dir, held_out["first"], held_out["sequences"])
+        done += 1
+    return done
+
+
+@dataclass
+class StudyJob(TrainJob):
+    """Train one point, then score its final checkpoint on the held-out slice."""
+
+    validation_first: int = 0
+    validation_sequences: int = 0
+
+    def __call__(self) -> dict[str, Any]:
+        summary = super().__call__()
+        if rank_info().is_main:
+            write_validation(self.config.run_dir, self.validation_first, self.validation_sequences)
+        return summary
+
+
+def _job_factory(expanded: ExpandedStudy) -> Callable[[Any], StudyJob]:
+    by_dir = {
+        str(sweep_point.config.run_dir): point
+        for sweep_point, point in zip(expanded.plan.points, expanded.points, strict=True)
+    }
+
+    def make(config: Any) -> StudyJob:
+        point = by_dir[str(config.run_dir)]
+        first, sequences = expanded.validation_of(point)
+        return StudyJob(config, validation_first=first, validation_sequences=sequences)
+
+    return make
+
+
+# ---------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class RunReport:
+    total: int
+    skipped: int
+    trained: list[str]
+    failed: dict[str, str]
+    seconds: float
+
+
+def points_to_run(expanded: ExpandedStudy) -> list[int]:
+    """Indices of the points that are not done at their step count."""
+    todo = []
+    for index, point in enumerate(expanded.plan.points):
+        status = point_status(point.config.run_dir)
+        if status.state == "done" and (status.step or 0) >= point.config.train.steps:
+            continue
+        todo.append(index)
+    return todo
+
+
+def run_local(
+    expanded: ExpandedStudy,
+    *,
+    parallel: int = 1,
+    log: Log | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """Train every point not yet done here, `parallel` processes at a time, one thread each.
+
+    With `parallel` > 1, points run in worker processes (spawned once, each
+    training one point after another); with 1, in this process. Either way each
+    point's messages go to `<run dir>/train.log`, and a failing point is recorded
+    (job_state.json) and reported while the others go on. Points already done
+    are skipped.
+    """
+    say = log or (lambda message: None)
+    write_study_record(expanded)
+    todo = points_to_run(expanded)
+    write_manifest(
+        expanded.plan,
+        {expanded.plan.points[index].name: "local" for index in todo},
+        executor="local",
+        log_dir=expanded.directory,
+        config_path=expanded.path,
+        overrides=(),
+    )
+    make_job = _job_factory(expanded)
+    started = time.perf_counter()
+    trained: list[str] = []
+    failed: dict[str, str] = {}
+    total = len(expanded.plan.points)
+    if not todo:
+        say(f"{expanded.directory}: all {total} points are done")
+        return RunReport(total, total, [], {}, 0.0)
+    say(
+        f"{expanded.directory}: {len(todo)} of {total} points to train, "
+        f"{parallel} at a time (one thread each)"
+    )
+    if parallel == 1:
+        with _Progress(len(todo), enabled=progress) as bar:
+            for index in todo:
+                point = expanded.plan.points[index]
+                log_path = point.config.run_dir / "train.log"
+                problem = _run_in_this_process(make_job(point.config), log_path)
+                if problem:
+                    failed[point.name] = problem
+                    say(f"failed {point.name}: {problem} (log {log_path})")
+                else:
+                    trained.append(point.name)
+                bar.advance(point.name, ok=not problem)
+        return RunReport(total, total - len(todo), trained, failed, time.perf_counter() - started)
+    # Workers live for the whole study: a process imports torch once, not once per point.
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    with (
+        _Progress(len(todo), enabled=progress) as bar,
+        concurrent.futures.ProcessPoolExecutor(
+            max_workers=parallel,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(stop,),
+        ) as pool,
+        _stop_workers_on_interrupt(pool, stop, say),
+    ):
+        futures = {}
+        for index in todo:
+            point = expanded.plan.points[index]
+            job = make_job(point.config)
+            futures[pool.submit(_run_point, job, str(point.config.run_dir / "train.log"))] = point
+        for future in concurrent.futures.as_completed(futures):
+            point = futures[future]
+            try:
+                problem = future.result()
+            except Exception as error:  # a worker that died (killed, out of memory)
+                problem = f"{type(error).__name__}: {error}"
+            if problem:
+                failed[point.name] = problem
+                say(f"failed {point.name}: {problem} (log {point.config.run_dir / 'train.log'})")
+            else:
+                trained.append(point.name)
+            bar.advance(point.name, ok=not problem)
+    return RunReport(total, total - len(todo), trained, failed, time.perf_counter() - started)
+
+
+_STOP: Any = None  # in a worker: the study's stop event
+
+
+def _start_worker(stop: Any) -> None:
+    """In each worker: Ctrl-C reaches the whole process group, but only the parent
+    decides; it sets `stop` (no further point starts) and sends SIGTERM, on which the
+    trainer checkpoints and stops (its preemption path)."""
+    global _STOP
+    _STOP = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _stop_workers_on_interrupt(
+    pool: concurrent.futures.ProcessPoolExecutor, stop: Any, say: Log
+) -> Iterator[None]:
+    """Ctrl-C or SIGTERM on the study: running points checkpoint and stop, queued ones
+    are dropped, and the same command resumes them all."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        say("stopping: the running points checkpoint and stop (run the same command to resume)")
+        stop.set()
+        for process in multiprocessing.active_children():
+            process.terminate()  # SIGTERM: the trainer saves a checkpoint, then exits
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_point(job: StudyJob, log_path: str) -> str:
+    """In a worker process: train one point with its output in its log; '' or the problem."""
+    if _STOP is not None and _STOP.is_set():
+        return "not started: the study was stopped"
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            job()
+        except BaseException as error:  # recorded in job_state.json and reported by the parent
+            print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+            return describe_error(error)
+    return ""
+
+
+def _run_in_this_process(job: StudyJob, log_path: Path) -> str:
+    """One point in this process (no start-up cost), its messages in its log; '' or the
+    problem. A failing point is recorded and reported; the study goes on."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        log_path.open("a", buffering=1) as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        try:
+            job()
+        except Exception as error:
+            print(f"error: {describe_error(error)}", file=log, flush=True)
+            return describe_error(error)
+    return ""
+
+
+class _Progress:
+    """A rich bar over points on a terminal; off a terminal, one line per finished point."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.started = time.perf_counter()
+        self.interactive = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.interactive:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("points"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    def advance(self, name: str, *, ok: bool) -> None:
+        self.done += 1
+        self.failed += not ok
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=name)
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.started
+            print(
+                f"[{self.done}/{self.total}] {'done' if ok else 'FAILED'} {name} "
+                f"({elapsed:.0f} s elapsed)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def submit_slurm(expanded: ExpandedStudy, log: Log | None = None) -> Any:
+    """Send the points that are neither done nor queued to Slurm as one array job."""
+    write_study_record(expanded)
+    return submit_plan(
+        expanded.plan, config_path=expanded.path, job=_job_factory(expanded), log=log
+    )
+
+
+def slurm_ranks(config: Any) -> int:
+    """Processes per point under Slurm (nodes x tasks per node)."""
+    return config.slurm.nodes * tasks_per_node(config.slurm)

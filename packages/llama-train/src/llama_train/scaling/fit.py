@@ -1,0 +1,442 @@
+"""Fitting L(N, D) = E + A / N^alpha + B / D^beta the way Chinchilla's approach 3 is replicated.
+
+Following Hoffmann et al. (2022) and the replication by Besiroglu et al. (2024):
+
+- the parameters live in log space, a = log A, b = log B, e = log E, so every
+  term is positive and the optimiser sees scales of order one;
+- the prediction is a log-sum-exp, log L = LSE(a - alpha log N, b - beta log D, e),
+  which is exact and stable whatever the magnitudes;
+- the objective is the *sum* of Huber losses (delta = 1e-3) of log L_pred - log L:
+  robust to an outlying run, quadratic near the fit;
+- L-BFGS-B (scipy) starts from a grid of initialisations. Chinchilla optimises from
+  every grid point; here the objective is evaluated on the whole grid and the
+  optimiser starts from the best `starts` of them (20 by default), which finds the
+  same optimum on every table we tried at a hundredth of the cost, and keeps
+  bootstrapping affordable;
+- confidence intervals come from the bootstrap: resample the points (whole runs)
+  with replacement, refit (from the full fit's optimum), take percentiles.
+
+Forms: ``ND`` (the law above), ``N`` (E + A/N^alpha) and ``D`` (E + B/D^beta). E is
+free, fixed to a value (``fixed_e``: the exact entropy of a GSSM store, the true floor),
+or absent (``fixed_e=0``: a pure power law, for the excess loss L - entropy).
+
+From an ND fit, :func:`compute_optimal` gives Chinchilla's allocation under C = 6 N D:
+N_opt = G (C/6)^a, D_opt = (C/6)^b / G with a = beta/(alpha+beta), b = alpha/(alpha+beta),
+G = (alpha A / (beta B))^(1/(alpha+beta)).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+import numpy as np
+from scipy.optimize import minimize
+
+from llama_train.errors import LlamaTrainError
+
+Form = Literal["ND", "N", "D"]
+FORMS: tuple[Form, ...] = ("ND", "N", "D")
+HUBER_DELTA = 1e-3
+# Grids of Hoffmann et al. (2022), Appendix D.2 (alpha and beta from 0 to 2 by 0.5,
+# e from -1 to 1 by 0.5, a and b from 0 to 25 by 5).
+GRID_EXPONENT = np.arange(0.0, 2.01, 0.5)
+GRID_LOG_E = np.arange(-1.0, 1.01, 0.5)
+GRID_LOG_COEFFICIENT = np.arange(0.0, 25.01, 5.0)
+NAMES = ("A", "B", "E", "alpha", "beta")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which of (a, b, e, alpha, beta) are free for a form and E mode."""
+
+    form: Form
+    free_e: bool
+    fixed_log_e: float | None  # None with free E or without an E term
+
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.names)}
+
+    @cached_property
+    def names(self) -> list[str]:
+        names = []
+        if self.form in ("ND", "N"):
+            names += ["a", "alpha"]
+        if self.form in ("ND", "D"):
+            names += ["b", "beta"]
+        if self.free_e:
+            names.append("e")
+        return names
+
+    def grid(self) -> np.ndarray:
+        axes = {
+            "a": GRID_LOG_COEFFICIENT,
+            "b": GRID_LOG_COEFFICIENT,
+            "alpha": GRID_EXPONENT,
+            "beta": GRID_EXPONENT,
+            "e": GRID_LOG_E,
+        }
+        return np.array(list(itertools.product(*(axes[name] for name in self.names))))
+
+    def terms(self, theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
+        """(P, K, M) the terms of the log-sum-exp for P parameter vectors and M points,
+        and the derivative layout follows `names`."""
+        values = dict(zip(self.names, np.moveaxis(theta, -1, 0), strict=True))
+        terms = []
+        if "a" in values:
+            terms.append(values["a"][:, None] - values["alpha"][:, None] * log_n[None, :])
+        if "b" in values:
+            terms.append(values["b"][:, None] - values["beta"][:, None] * log_d[None, :])
+        if "e" in values:
+            terms.append(np.broadcast_to(values["e"][:, None], terms[0].shape))
+        elif self.fixed_log_e is not None:
+            terms.append(np.full_like(terms[0], self.fixed_log_e))
+        return np.stack(terms, axis=1)
+
+
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+    absolute = np.abs(r)
+    return np.where(absolute <= delta, 0.5 * r * r, delta * (absolute - 0.5 * delta))
+
+
+def _objective(
+    theta: np.ndarray,
+    layout: _Layout,
+    log_n: np.ndarray,
+    log_d: np.ndarray,
+    log_l: np.ndarray,
+    delta: float,
+) -> tuple[float, np.ndarray]:
+    """Summed Huber loss of log L and its gradient, for one parameter vector.
+
+    Written out term by term (no generic stacking): L-BFGS-B calls it thousands of
+    times per fit, and on a few dozen points the Python overhead is the whole cost.
+    """
+    position = layout.positions
+    terms = []
+    if "a" in position:
+        terms.append(theta[position["a"]] - theta[position["alpha"]] * log_n)
+    if "b" in position:
+        terms.append(theta[position["b"]] - theta[position["beta"]] * log_d)
+    if "e" in position:
+        terms.append(np.full_like(log_l, theta[position["e"]]))
+    elif layout.fixed_log_e is not None:
+        terms.append(np.full_like(log_l, layout.fixed_log_e))
+    stacked = np.vstack(terms)
+    peak = stacked.max(axis=0)
+    weights = np.exp(stacked - peak)
+    total = weights.sum(axis=0)
+    residual = peak + np.log(total) - log_l
+    weights /= total
+    absolute = np.abs(residual)
+    loss = float(
+        np.where(
+            absolute <= delta, 0.5 * residual * residual, delta * (absolute - 0.5 * delta)
+        ).sum()
+    )
+    slope = np.clip(residual, -delta, delta)  # Huber's derivative
+    gradient = np.empty(len(theta))
+    row = 0
+    if "a" in position:
+        along = slope * weights[row]
+        gradient[position["a"]] = along.sum()
+        gradient[position["alpha"]] = -(along * log_n).sum()
+        row += 1
+    if "b" in position:
+        along = slope * weights[row]
+        gradient[position["b"]] = along.sum()
+        gradient[position["beta"]] = -(along * log_d).sum()
+        row += 1
+    if "e" in position:
+        gradient[position["e"]] = (slope * weights[row]).sum()
+    return loss, gradient
+
+
+def _grid_losses(
+    grid: np.ndarray,
+    layout: _Layout,
+    log_n: np.ndarray,
+    log_d: np.ndarray,
+    log_l: np.ndarray,
+    delta: float,
+) -> np.ndarray:
+    losses = np.empty(len(grid))
+    for start in range(0, len(grid), 4096):
+        terms = layout.terms(grid[start : start + 4096], log_n, log_d)  # (P, K, M)
+        peak = terms.max(axis=1)
+        prediction = peak + np.log(np.exp(terms - peak[:, None, :]).sum(axis=1))
+        losses[start : start + 4096] = _huber(prediction - log_l[None, :], delta).sum(axis=1)
+    return losses
+
+
+# Box of the search. Exponents are non-negative (a law that rises with scale is not a
+# scaling law) and at most 4: when a variable barely moves the loss, the unbounded
+# optimum runs off to alpha -> infinity with A -> infinity (a step, not a power law)
+# and overflows; a fit that ends on a bound says so (Fit.at_bound).
+BOUNDS = {
+    "a": (-20.0, 60.0),
+    "b": (-20.0, 60.0),
+    "e": (-20.0, 5.0),
+    "alpha": (0.0, 4.0),
+    "beta": (0.0, 4.0),
+}
+
+
+def _bounds(layout: _Layout) -> list[tuple[float, float]]:
+    return [BOUNDS[name] for name in layout.names]
+
+
+def _optimise(
+    starts: np.ndarray,
+    layout: _Layout,
+    log_n: np.ndarray,
+    log_d: np.ndarray,
+    log_l: np.ndarray,
+    delta: float,
+) -> tuple[np.ndarray, float]:
+    best: tuple[np.ndarray, float] | None = None
+    for start in starts:
+        result = minimize(
+            _objective,
+            start,
+            args=(layout, log_n, log_d, log_l, delta),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=_bounds(layout),
+            # The summed Huber loss is of order delta x points: scipy's default tolerances
+            # stop far from the optimum (Besiroglu et al. traced Chinchilla's own
+            # estimates to such an early stop), so run until the gradient is negligible.
+            options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20_000},
+        )
+        if np.all(np.isfinite(result.x)) and (best is None or result.fun < best[1]):
+            best = (result.x, float(result.fun))
+    assert best is not None
+    return best
+
+
+@dataclass
+class Fit:
+    """A fitted law: parameters, their bootstrap intervals, and how well it fits."""
+
+    form: Form
+    e_mode: Literal["free", "fixed", "none"]
+    parameters: dict[str, float | None]  # A, B, E, alpha, beta (None where the form has none)
+    intervals: dict[str, list[float] | None]  # the same names: [low, high] or None
+    level: float
+    n_points: int
+    bootstrap: int
+    objective: float
+    rms_log_residual: float
+    fixed_e: float | None = None
+    at_bound: list[str] = field(default_factory=list)  # parameters that ended on the box
+    samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    def predict(self, n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
+        """L at (N, D) (N or D is ignored by the one-variable forms)."""
+        p = self.parameters
+        n = np.asarray(n, dtype=np.float64)
+        d = np.asarray(d, dtype=np.float64)
+        total = np.zeros(np.broadcast(n, d).shape)
+        if p["A"] is not None:
+            total = total + p["A"] / n ** p["alpha"]
+        if p["B"] is not None:
+            total = total + p["B"] / d ** p["beta"]
+        return total + (p["E"] or 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "form": self.form,
+            "E_mode": self.e_mode,
+            **self.parameters,
+            "intervals": self.intervals,
+            "level": self.level,
+            "n_points": self.n_points,
+            "bootstrap": self.bootstrap,
+            "huber_objective": self.objective,
+            "rms_log_residual": self.rms_log_residual,
+            "at_bound": self.at_bound,
+        }
+        if self.form == "ND" and self.parameters["alpha"] and self.parameters["beta"]:
+            optimal = compute_optimal(self)
+            data["compute_optimal"] = {
+                "a": optimal.a,
+                "b": optimal.b,
+                "G": optimal.g,
+                "a_interval": optimal.a_interval,
+                "b_interval": optimal.b_interval,
+            }
+        return data
+
+
+def fit_law(
+    n: Sequence[float] | np.ndarray | None,
+    d: Sequence[float] | np.ndarray | None,
+    loss: Sequence[float] | np.ndarray,
+    *,
+    form: Form = "ND",
+    fixed_e: float | None = None,
+    bootstrap: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
+    delta: float = HUBER_DELTA,
+    starts: int = 20,
+) -> Fit:
+    """Fit a law to points (N, D, L); `fixed_e` = None frees E, 0 drops it (pure power law).
+
+    Deterministic: the bootstrap draws from `seed`.
+    """
+    if form not in FORMS:
+        raise LlamaTrainError(f"form {form!r}: choose one of {', '.join(FORMS)}")
+    loss_array = np.asarray(loss, dtype=np.float64)
+    count = len(loss_array)
+    n_array = _column(n, "N", count, needed=form in ("ND", "N"))
+    d_array = _column(d, "D", count, needed=form in ("ND", "D"))
+    if not np.all(np.isfinite(loss_array)) or np.any(loss_array <= 0):
+        raise LlamaTrainError("every loss must be finite and positive (the fit is on log L)")
+    if fixed_e is not None and (not math.isfinite(fixed_e) or fixed_e < 0):
+        raise LlamaTrainError(f"fixed E {fixed_e!r} must be finite and non-negative")
+    layout = _Layout(
+        form,
+        free_e=fixed_e is None,
+        fixed_log_e=math.log(fixed_e) if fixed_e else None,
+    )
+    free = len(layout.names)
+    if count < free:
+        raise LlamaTrainError(
+            f"{count} point(s) for {free} free parameters ({', '.join(layout.names)}): "
+            "give more points"
+        )
+    log_n, log_d, log_l = np.log(n_array), np.log(d_array), np.log(loss_array)
+    grid = layout.grid()
+
+    losses = _grid_losses(grid, layout, log_n, log_d, log_l, delta)
+    chosen = grid[np.argsort(losses, kind="stable")[:starts]]
+    theta, objective = _optimise(chosen, layout, log_n, log_d, log_l, delta)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        # A resample's optimum is near the full fit's: start there (a grid search per
+        # resample would cost starts times more and land in the same basin).
+        index = rng.integers(0, count, size=count)
+        args = (log_n[index], log_d[index], log_l[index], delta)
+        samples.append(_optimise(theta[None, :], layout, *args)[0])
+    parameters = _natural(layout, theta, fixed_e)
+    prediction = np.log(_predict(layout, theta, log_n, log_d))
+    fit = Fit(
+        form=form,
+        e_mode="free" if fixed_e is None else ("none" if fixed_e == 0 else "fixed"),
+        parameters=parameters,
+        intervals={name: None for name in NAMES},
+        level=level,
+        n_points=count,
+        bootstrap=bootstrap,
+        objective=objective,
+        rms_log_residual=float(np.sqrt(np.mean((prediction - log_l) ** 2))),
+        fixed_e=fixed_e,
+        at_bound=_at_bound(layout, theta),
+    )
+    if samples:
+        natural = [_natural(layout, sample, fixed_e) for sample in samples]
+        tail = (1.0 - level) / 2.0 * 100.0
+        for name in NAMES:
+            if parameters[name] is None or (name == "E" and fixed_e is not None):
+                continue  # absent from the form, or fixed: no interval
+            values = [float(sample[name]) for sample in natural]  # type: ignore[arg-type]
+            fit.samples[name] = values
+            low, high = np.percentile(values, [tail, 100.0 - tail])
+            fit.intervals[name] = [float(low), float(high)]
+    return fit
+
+
+def _at_bound(layout: _Layout, theta: np.ndarray) -> list[str]:
+    natural = {"a": "A", "b": "B", "e": "E", "alpha": "alpha", "beta": "beta"}
+    return [
+        natural[name]
+        for name, value in zip(layout.names, theta, strict=True)
+        if min(abs(value - BOUNDS[name][0]), abs(value - BOUNDS[name][1])) < 1e-6
+    ]
+
+
+def _column(values: Any, label: str, count: int, *, needed: bool) -> np.ndarray:
+    if values is None:
+        if needed:
+            raise LlamaTrainError(f"the form needs a {label} column")
+        return np.ones(count)
+    array = np.asarray(values, dtype=np.float64)
+    if len(array) != count:
+        raise LlamaTrainError(f"{label} has {len(array)} values for {count} losses")
+    if needed and (not np.all(np.isfinite(array)) or np.any(array <= 0)):
+        raise LlamaTrainError(
+            f"every {label} must be finite and positive (the law uses log {label})"
+        )
+    return array if needed else np.ones(count)
+
+
+def _natural(layout: _Layout, theta: np.ndarray, fixed_e: float | None) -> dict[str, float | None]:
+    values = dict(zip(layout.names, theta, strict=True))
+    return {
+        "A": float(math.exp(values["a"])) if "a" in values else None,
+        "B": float(math.exp(values["b"])) if "b" in values else None,
+        "E": float(math.exp(values["e"])) if "e" in values else fixed_e,
+        "alpha": float(values["alpha"]) if "alpha" in values else None,
+        "beta": float(values["beta"]) if "beta" in values else None,
+    }
+
+
+def _predict(
+    layout: _Layout, theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray
+) -> np.ndarray:
+    terms = layout.terms(theta[None, :], log_n, log_d)[0]
+    return np.exp(terms).sum(axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Compute-optimal allocation
+
+
+@dataclass(frozen=True)
+class ComputeOptimal:
+    """N_opt = G (C/6)^a and D_opt = (C/6)^b / G, with intervals on a and b."""
+
+    a: float
+    b: float
+    g: float
+    a_interval: list[float] | None
+    b_interval: list[float] | None
+
+    def n_opt(self, compute: np.ndarray | float) -> np.ndarray:
+        return self.g * (np.asarray(compute, dtype=np.float64) / 6.0) ** self.a
+
+    def d_opt(self, compute: np.ndarray | float) -> np.ndarray:
+        return (np.asarray(compute, dtype=np.float64) / 6.0) ** self.b / self.g
+
+
+def compute_optimal(fit: Fit) -> ComputeOptimal:
+    """Chinchilla's allocation of a compute budget C = 6 N D under an ND fit."""
+    p = fit.parameters
+    if fit.form != "ND" or not p["alpha"] or not p["beta"]:
+        raise LlamaTrainError("the compute-optimal allocation needs an ND fit with alpha, beta > 0")
+    alpha, beta, a_coef, b_coef = p["alpha"], p["beta"], p["A"], p["B"]
+    assert alpha is not None and beta is not None and a_coef is not None and b_coef is not None
+    g = (alpha * a_coef / (beta * b_coef)) ** (1.0 / (alpha + beta))
+    a_interval = b_interval = None
+    if "alpha" in fit.samples and "beta" in fit.samples:
+        alphas, betas = np.asarray(fit.samples["alpha"]), np.asarray(fit.samples["beta"])
+        keep = (alphas + betas) > 0
+        a_values = betas[keep] / (alphas[keep] + betas[keep])
+        tail = (1.0 - fit.level) / 2.0 * 100.0
+        low, high = np.percentile(a_values, [tail, 100.0 - tail])
+        a_interval = [float(low), float(high)]
+        b_interval = [float(1.0 - high), float(1.0 - low)]
+    return ComputeOptimal(
+        a=beta / (alpha + beta),
+        b=alpha / (alpha + beta),
+        g=float(g),
+        a_interval=a_interval,
+        b_interval=b_interval,
+    )

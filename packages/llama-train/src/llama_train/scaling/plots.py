@@ -1,0 +1,348 @@
+"""The figures of a study (matplotlib, no torch): one PNG per regime and view.
+
+For each regime:
+
+- ``<regime>-loss.png``: test loss against N (one curve per D), against D (one curve
+  per N) and against training compute (every point, the frontier of the best loss at
+  each compute, and the loss the E-free fit predicts at the compute-optimal N and D);
+  each with the fitted law (dashed: E free, dotted: E fixed to the exact entropy) and
+  the exact-entropy floor; nats on the left axis, bits on the right;
+- ``<regime>-excess.png``: excess loss (loss - exact entropy) against N and D on
+  log-log axes with the pure power-law fit, and the residuals of the E-free fit
+  (log L observed - log L fitted) against N;
+- ``<regime>-epochs.png``: the data-constrained view, test loss against epochs over
+  the same unique data (each evaluation of each run), one curve per D, for the
+  largest model.
+
+Narrow log ranges (a factor 4 in N, say) get labelled minor ticks (1k, 2k, 5k...)
+instead of a single power of ten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama_train.errors import LlamaTrainError
+from llama_train.scaling.fit import Fit
+from llama_train.scaling.report import RegimeFits
+
+LN2 = math.log(2.0)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise LlamaTrainError("plots need matplotlib: pip install 'llama-train[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _si(value: float, _position: Any = None) -> str:
+    """1.5k, 20k, 3M: tick labels that stay short on log axes."""
+    if value <= 0:
+        return ""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def readable_log_axis(axis: Any, values: np.ndarray) -> None:
+    """Log scale with labels on 1-2-5 minor ticks when the range spans under two decades."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[values > 0]
+    decades = math.log10(values.max() / values.min()) if len(values) else 3.0
+    axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(_si))
+    axis.set_minor_locator(LogLocator(base=10.0, subs=tuple(np.arange(2, 10)), numticks=100))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _bits_axis(ax: Any) -> None:
+    secondary = ax.secondary_yaxis("right", functions=(lambda x: x / LN2, lambda x: x * LN2))
+    secondary.set_ylabel("bits / token")
+
+
+def _floor(ax: Any, entropy: float) -> None:
+    ax.axhline(entropy, color="black", linewidth=1.2, linestyle="-", alpha=0.8)
+    ax.annotate(
+        f"exact entropy {entropy:.4f} nats",
+        xy=(0.01, entropy),
+        xycoords=("axes fraction", "data"),
+        xytext=(0, 3),
+        textcoords="offset points",
+        fontsize=8,
+    )
+
+
+def _label_fit(fit: Fit, name: str) -> str:
+    p = fit.parameters
+    return f"{name}: E={p['E']:.3f}, α={p['alpha']:.2f}, β={p['beta']:.2f}"
+
+
+def plot_study(directory: str | Path, fits: list[RegimeFits], out_dir: str | Path) -> list[Path]:
+    """Write every figure of every regime to `out_dir`; return the paths."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for regime in fits:
+        paths.append(_loss_figure(plt, regime, out_dir / f"{regime.regime}-loss.png"))
+        paths.append(_excess_figure(plt, regime, out_dir / f"{regime.regime}-excess.png"))
+        epochs = _epochs_figure(plt, regime, out_dir / f"{regime.regime}-epochs.png")
+        if epochs is not None:
+            paths.append(epochs)
+    return paths
+
+
+def _arrays(regime: RegimeFits) -> dict[str, np.ndarray]:
+    keys = ("N", "D", "loss", "flops", "excess")
+    return {key: np.asarray([float(row[key]) for row in regime.rows]) for key in keys}
+
+
+def _colours(plt: Any, count: int) -> list[Any]:
+    cmap = plt.get_cmap("viridis")
+    return [cmap(i / max(count - 1, 1) * 0.9) for i in range(count)]
+
+
+def _loss_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
+    data = _arrays(regime)
+    figure, axes = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
+    ns, ds = np.unique(data["N"]), np.unique(data["D"])
+    # Against N, one curve per D.
+    ax = axes[0]
+    n_grid = np.geomspace(ns.min() / 1.3, ns.max() * 1.3, 100)
+    for colour, d in zip(_colours(plt, len(ds)), ds, strict=True):
+        mask = data["D"] == d
+        order = np.argsort(data["N"][mask])
+        ax.plot(
+            data["N"][mask][order],
+            data["loss"][mask][order],
+            "o-",
+            color=colour,
+            label=f"D={_si(d)}",
+        )
+        ax.plot(n_grid, regime.free.predict(n_grid, d), "--", color=colour, linewidth=1)
+        ax.plot(n_grid, regime.exact.predict(n_grid, d), ":", color=colour, linewidth=1)
+    ax.set_xscale("log")
+    readable_log_axis(ax.xaxis, n_grid)
+    ax.set_xlabel("N (non-embedding parameters)")
+    ax.set_title("loss against N (dashed: E free, dotted: E = exact)")
+    # Against D, one curve per N.
+    ax = axes[1]
+    d_grid = np.geomspace(ds.min() / 1.3, ds.max() * 1.3, 100)
+    for colour, n in zip(_colours(plt, len(ns)), ns, strict=True):
+        mask = data["N"] == n
+        order = np.argsort(data["D"][mask])
+        ax.plot(
+            data["D"][mask][order],
+            data["loss"][mask][order],
+            "s-",
+            color=colour,
+            label=f"N={_si(n)}",
+        )
+        ax.plot(d_grid, regime.free.predict(n, d_grid), "--", color=colour, linewidth=1)
+        ax.plot(d_grid, regime.exact.predict(n, d_grid), ":", color=colour, linewidth=1)
+    ax.set_xscale("log")
+    readable_log_axis(ax.xaxis, d_grid)
+    ax.set_xlabel("D (unique training tokens)")
+    ax.set_title("loss against D")
+    # Against compute: points, frontier, and the fitted compute-optimal loss.
+    ax = axes[2]
+    flops = data["flops"]
+    ax.scatter(
+        flops, data["loss"], c=np.log(data["N"]), cmap="viridis", s=25, label="runs (colour: N)"
+    )
+    order = np.argsort(flops)
+    frontier_c, frontier_l, best = [], [], math.inf
+    for index in order:
+        if data["loss"][index] < best:
+            best = data["loss"][index]
+            frontier_c.append(flops[index])
+            frontier_l.append(best)
+    ax.step(frontier_c, frontier_l, where="post", color="crimson", label="frontier (best so far)")
+    c_grid = np.geomspace(flops.min() / 1.5, flops.max() * 1.5, 100)
+    for fit, style, name in ((regime.free, "--", "E free"), (regime.exact, ":", "E = exact")):
+        optimal = _optimal_loss(fit, c_grid)
+        if optimal is not None:
+            ax.plot(
+                c_grid,
+                optimal,
+                style,
+                color="black",
+                linewidth=1.2,
+                label=f"fit at N_opt, D_opt ({name})",
+            )
+    ax.set_xscale("log")
+    readable_log_axis(ax.xaxis, c_grid)
+    ax.set_xlabel("training compute (FLOPs, 6ND + attention)")
+    ax.set_title("loss against compute")
+    for ax in axes:
+        _floor(ax, regime.entropy)
+        ax.set_ylabel("test loss (nats / token)")
+        _bits_axis(ax)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8)
+    figure.suptitle(
+        f"{regime.regime}: {_label_fit(regime.free, 'E free')};  "
+        f"{_label_fit(regime.exact, 'E = exact')}",
+        fontsize=11,
+    )
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _optimal_loss(fit: Fit, compute: np.ndarray) -> np.ndarray | None:
+    """L(N_opt(C), D_opt(C)) with C = 6ND (the 6ND part of the compute only)."""
+    from llama_train.scaling.fit import compute_optimal
+
+    try:
+        optimal = compute_optimal(fit)
+    except LlamaTrainError:
+        return None
+    return fit.predict(optimal.n_opt(compute), optimal.d_opt(compute))
+
+
+def _excess_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
+    data = _arrays(regime)
+    figure, axes = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
+    ns, ds = np.unique(data["N"]), np.unique(data["D"])
+    fit = regime.excess
+    n_grid = np.geomspace(ns.min() / 1.3, ns.max() * 1.3, 100)
+    d_grid = np.geomspace(ds.min() / 1.3, ds.max() * 1.3, 100)
+    for colour, d in zip(_colours(plt, len(ds)), ds, strict=True):
+        mask = data["D"] == d
+        order = np.argsort(data["N"][mask])
+        axes[0].plot(
+            data["N"][mask][order],
+            data["excess"][mask][order],
+            "o",
+            color=colour,
+            label=f"D={_si(d)}",
+        )
+        axes[0].plot(n_grid, fit.predict(n_grid, d), "-", color=colour, linewidth=1)
+    for colour, n in zip(_colours(plt, len(ns)), ns, strict=True):
+        mask = data["N"] == n
+        order = np.argsort(data["D"][mask])
+        axes[1].plot(
+            data["D"][mask][order],
+            data["excess"][mask][order],
+            "s",
+            color=colour,
+            label=f"N={_si(n)}",
+        )
+        axes[1].plot(d_grid, fit.predict(n, d_grid), "-", color=colour, linewidth=1)
+    p = fit.parameters
+    for ax, label, grid in (
+        (axes[0], "N (non-embedding parameters)", n_grid),
+        (axes[1], "D (unique training tokens)", d_grid),
+    ):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        readable_log_axis(ax.xaxis, grid)
+        readable_log_axis(ax.yaxis, data["excess"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("excess loss = test loss - exact entropy (nats)")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"excess = A/N^α + B/D^β: α={p['alpha']:.2f}, β={p['beta']:.2f}")
+    axes[1].set_title("excess against D")
+    # Residuals of the E-free fit.
+    residual = np.log(data["loss"]) - np.log(regime.free.predict(data["N"], data["D"]))
+    residual_exact = np.log(data["loss"]) - np.log(regime.exact.predict(data["N"], data["D"]))
+    ax = axes[2]
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.scatter(
+        data["N"],
+        residual,
+        c=np.log(data["D"]),
+        cmap="viridis",
+        marker="o",
+        label="E free (colour: D)",
+    )
+    ax.scatter(
+        data["N"] * 1.04,
+        residual_exact,
+        c=np.log(data["D"]),
+        cmap="viridis",
+        marker="x",
+        label="E = exact",
+    )
+    ax.set_xscale("log")
+    readable_log_axis(ax.xaxis, n_grid)
+    ax.set_xlabel("N (non-embedding parameters)")
+    ax.set_ylabel("log L observed - log L fitted")
+    ax.set_title(
+        f"residuals (rms {regime.free.rms_log_residual:.4f} free, "
+        f"{regime.exact.rms_log_residual:.4f} exact)"
+    )
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    figure.suptitle(f"{regime.regime}: excess loss over the exact entropy", fontsize=11)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _epochs_figure(plt: Any, regime: RegimeFits, path: Path) -> Path | None:
+    """Test loss at every evaluation against epochs, largest model, one curve per D."""
+    largest = max(float(row["N"]) for row in regime.rows)
+    rows = sorted(
+        (row for row in regime.rows if float(row["N"]) == largest), key=lambda row: float(row["D"])
+    )
+    curves = []
+    for row in rows:
+        points = _eval_curve(Path(row["run_dir"]), float(row["D"]))
+        if len(points) >= 2:
+            curves.append((row, points))
+    if not curves:
+        return None
+    figure, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    for colour, (row, points) in zip(_colours(plt, len(curves)), curves, strict=True):
+        epochs, losses = zip(*points, strict=True)
+        ax.plot(epochs, losses, "o-", color=colour, label=f"D={_si(float(row['D']))}")
+    _floor(ax, regime.entropy)
+    ax.set_xlabel("epochs over the same unique data")
+    ax.set_ylabel("test loss (nats / token)")
+    _bits_axis(ax)
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{regime.regime}: data-constrained view, N={_si(largest)} (best lr)")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _eval_curve(run_dir: Path, unique_tokens: float) -> list[tuple[float, float]]:
+    """(epochs, test loss) at every evaluation of a run, from its metrics.jsonl."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    tokens_per_step = None
+    evals: list[tuple[int, float]] = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        if "tokens" in record and record["step"] > 0 and tokens_per_step is None:
+            tokens_per_step = float(record["tokens"]) / record["step"]
+        if "eval/loss" in record:
+            evals.append((record["step"], float(record["eval/loss"])))
+    if tokens_per_step is None or unique_tokens <= 0:
+        return []
+    return [(step * tokens_per_step / unique_tokens, loss) for step, loss in evals]

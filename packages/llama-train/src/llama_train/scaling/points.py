@@ -1,0 +1,196 @@
+"""The table of a study: one row per finished (regime, model, data, seed) point.
+
+Each point of a study trains once per learning rate; the row keeps the learning rate
+whose final checkpoint has the lowest loss on the held-out validation slice (the end
+of the train split, see :mod:`llama_train.launch.study`) and reports that run's test
+loss. Columns (losses in nats per predicted token, ``*_bits`` in bits):
+
+regime, model, N (non-embedding parameters), N_total, D (unique training tokens),
+n_train, tokens (seen), epochs, flops_6nd, flops_attention, flops, lr, seed, steps,
+val_loss, loss (final test loss), entropy (exact, same test sequences), excess
+(loss - entropy), loss_bits, entropy_bits, excess_bits, lr_tried, run_dir.
+
+Reads JSON files only (study.json, summary.json, validation.json): no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from llama_train.errors import LlamaTrainError
+
+LN2 = math.log(2.0)
+COLUMNS = (
+    "regime",
+    "model",
+    "N",
+    "N_total",
+    "D",
+    "n_train",
+    "tokens",
+    "epochs",
+    "flops_6nd",
+    "flops_attention",
+    "flops",
+    "lr",
+    "seed",
+    "steps",
+    "val_loss",
+    "loss",
+    "entropy",
+    "excess",
+    "loss_bits",
+    "entropy_bits",
+    "excess_bits",
+    "lr_tried",
+    "run_dir",
+)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def point_rows(directory: str | Path, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every finished run of a study (one per learning rate), with its validation loss."""
+    directory = Path(directory)
+    rows = []
+    for point in record["points"]:
+        run_dir = directory / point["name"]
+        summary = _read(run_dir / "summary.json")
+        if summary is None or summary.get("step") != point["steps"]:
+            continue
+        validation = _read(run_dir / "validation.json")
+        loss, entropy = summary["test_loss"], summary["test_entropy"]
+        rows.append(
+            {
+                "regime": point["regime"],
+                "model": point["model"],
+                "N": summary.get("parameters_non_embedding"),
+                "N_total": summary.get("parameters_total", summary.get("parameters")),
+                "D": summary.get("unique_tokens"),
+                "n_train": point["n_train"],
+                "tokens": summary.get("tokens_seen", summary.get("tokens")),
+                "epochs": summary.get("epochs"),
+                "flops_6nd": summary.get("flops_6nd"),
+                "flops_attention": summary.get("flops_attention"),
+                "flops": summary.get("flops"),
+                "lr": point["lr"],
+                "seed": point["seed"],
+                "steps": point["steps"],
+                "val_loss": None if validation is None else validation.get("loss"),
+                "loss": loss,
+                "entropy": entropy,
+                "excess": loss - entropy,
+                "loss_bits": loss / LN2,
+                "entropy_bits": entropy / LN2,
+                "excess_bits": (loss - entropy) / LN2,
+                "run_dir": str(run_dir),
+            }
+        )
+    return rows
+
+
+def select_best_lr(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (regime, model, n_train, seed): the lr with the lowest validation loss.
+
+    A group whose runs lack a validation loss is left out (validate them first:
+    ``llama-train study collect`` does). Order: regime, model, n_train, seed as
+    first met in the study.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["regime"], row["model"], row["n_train"], row["seed"])
+        groups.setdefault(key, []).append(row)
+    best = []
+    for runs in groups.values():
+        scored = [run for run in runs if isinstance(run["val_loss"], int | float)]
+        if not scored:
+            continue
+        winner = min(scored, key=lambda run: (run["val_loss"], run["lr"]))
+        best.append({**winner, "lr_tried": len(runs)})
+    return best
+
+
+def collect(directory: str | Path, *, every_lr: bool = False) -> list[dict[str, Any]]:
+    """The study's table (best lr per point, or every run with `every_lr`)."""
+    directory = Path(directory)
+    record = _read(directory / "study.json")
+    if record is None or not isinstance(record.get("points"), list):
+        raise LlamaTrainError(
+            f"{directory} is not a study directory (no readable study.json); "
+            "give the directory `llama-train study run` printed"
+        )
+    rows = point_rows(directory, record)
+    if every_lr:
+        return [{**row, "lr_tried": 1} for row in rows]
+    return select_best_lr(rows)
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _format(row.get(key)) for key in COLUMNS})
+    return path
+
+
+def _format(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def read_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV's header and rows (strings); unreadable or empty files are one-line errors."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except FileNotFoundError:
+        raise LlamaTrainError(f"table not found: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise LlamaTrainError(f"cannot read {path} as CSV: {error}") from None
+    if not header:
+        raise LlamaTrainError(f"{path} is empty (no header line)")
+    if not rows:
+        raise LlamaTrainError(f"{path} has a header but no rows")
+    return header, rows
+
+
+def numeric_column(
+    rows: list[dict[str, str]], header: list[str], name: str, path: Path
+) -> list[float]:
+    """A column as finite floats; a missing column or a bad cell names the row."""
+    if name not in header:
+        raise LlamaTrainError(
+            f"{path} has no column {name!r}; columns: {', '.join(header)} "
+            "(map others with --n-col, --d-col, --loss-col, --entropy-col)"
+        )
+    values = []
+    for line, row in enumerate(rows, start=2):
+        text = (row.get(name) or "").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise LlamaTrainError(f"{path} line {line}: {name}={text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise LlamaTrainError(f"{path} line {line}: {name}={text} is not finite")
+        values.append(value)
+    return values

@@ -1,0 +1,82 @@
+"""Study figures: every view is written, axes stay readable on narrow log ranges."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_train.scaling.plots import plot_study, readable_log_axis
+from llama_train.scaling.report import fit_regimes
+
+matplotlib = pytest.importorskip("matplotlib")
+
+
+def _rows(tmp_path: Path) -> list[dict]:
+    """A 4 x 4 study on a known law, with eval curves for the largest model."""
+    rows = []
+    entropy = 0.8
+    for n in (4e3, 1e4, 3e4, 1e5):
+        for d in (3e4, 6e4, 1.2e5, 2.4e5):
+            loss = entropy + 30 / n**0.4 + 200 / d**0.5
+            run_dir = tmp_path / f"n{n:g}-d{d:g}"
+            run_dir.mkdir()
+            lines = [{"step": 10, "tokens": 10 * 4096, "loss": loss + 0.2}]
+            lines += [{"step": 10, "eval/loss": loss + 0.1}, {"step": 20, "eval/loss": loss}]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            rows.append(
+                {
+                    "regime": "r",
+                    "N": n,
+                    "D": d,
+                    "n_train": d / 256,
+                    "loss": loss,
+                    "entropy": entropy,
+                    "excess": loss - entropy,
+                    "flops": 6 * n * d * 2,
+                    "run_dir": str(run_dir),
+                }
+            )
+    return rows
+
+
+def test_every_view_is_written(tmp_path: Path):
+    fits = fit_regimes(_rows(tmp_path), bootstrap=0)
+    assert fits[0].free.parameters["alpha"] == pytest.approx(0.4, rel=1e-2)
+    assert fits[0].exact.parameters["E"] == pytest.approx(0.8)
+    paths = plot_study(tmp_path, fits, tmp_path / "plots")
+    assert [path.name for path in paths] == ["r-loss.png", "r-excess.png", "r-epochs.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 20_000
+
+
+def test_a_narrow_log_range_gets_several_labels():
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots()
+    values = np.array([3e3, 1.2e4])
+    ax.plot(values, [1, 2])
+    ax.set_xscale("log")
+    readable_log_axis(ax.xaxis, values)
+    figure.canvas.draw()
+    labels = [tick.get_text() for tick in ax.get_xticklabels() if tick.get_text()]
+    visible = [text for text in labels if text in ("5k", "10k", "2k", "20k")]
+    assert {"5k", "10k"} <= set(visible), labels
+    plt.close(figure)
+
+
+def test_regimes_without_enough_points_are_skipped_and_floor_points_leave_the_excess_fit(
+    tmp_path: Path,
+):
+    rows = _rows(tmp_path)
+    rows[0] = {**rows[0], "loss": 0.8}  # at the floor: no log excess
+    few = [{**row, "regime": "few"} for row in rows[:3]]
+    said: list[str] = []
+    fits = fit_regimes(rows + few, bootstrap=0, log=said.append)
+    assert [fit.regime for fit in fits] == ["r"]
+    assert fits[0].excess.n_points == len(rows) - 1 and fits[0].free.n_points == len(rows)
+    assert any("few: 3 finished point(s)" in line for line in said)
+    assert any("1 point(s) at or below the floor" in line for line in said)
