@@ -20,7 +20,9 @@ import llama_train
 
 Graph = dict[str, set[str]]
 
-SUBPACKAGES = ("llama_train.core", "llama_train.launch", "llama_train.cli")
+SUBPACKAGES = ("llama_train.core", "llama_train.launch", "llama_train.cli", "llama_train.scaling")
+# Torch-free analysis of finished runs (fits, tables, plots): above the leaves only.
+ANALYSIS = ("llama_train.scaling",)
 LEAVES = ("llama_train.errors", "llama_train.rundir")
 ENTRY_POINTS = ("llama_train", "llama_train.__main__")
 
@@ -186,6 +188,11 @@ def test_core_imports_neither_the_recipe_nor_the_launchers_nor_the_cli(llama_gra
 def test_the_recipe_imports_neither_the_launchers_nor_the_cli(llama_graph):
     upper = ["llama_train.launch", "llama_train.cli"]
     assert forbidden_imports(llama_graph, recipe_modules(llama_graph), upper) == []
+
+
+def test_the_analysis_imports_only_the_leaves(llama_graph):
+    others = [n for n in llama_graph if "." in n and not _within(n, (*LEAVES, *ANALYSIS))]
+    assert forbidden_imports(llama_graph, ANALYSIS, others) == []
 
 
 def test_the_launchers_do_not_import_the_cli(llama_graph):
