@@ -4,6 +4,10 @@ The unit of work is one sampler block = one zarr chunk of every per-sequence
 array, so any number of processes can write a store at once without ever
 touching the same chunk. The life of a store:
 
+0. The writer takes `<out>.lock` before it looks at anything (exclusive for a
+   whole run, shared by Slurm array tasks; see :mod:`gssm_data.storelock`),
+   after the request passed :mod:`gssm_data.preflight` (sizes, memory, a graph
+   whose store can be finished) and, for a new store, the disk check.
 1. `<out>.partial` is laid out (manifest with `complete: false`, conditional
    tables, empty arrays) in a private folder, then renamed into place, so
    concurrent shards agree on one layout.
@@ -14,7 +18,8 @@ touching the same chunk. The life of a store:
 3. Whoever writes the last block takes `_progress/finalise.lock` (O_EXCL),
    rereads every block against its marker, records the checksums, measures
    the entropy (all of test, the first 4096 train sequences), marks the
-   manifest complete, drops `_progress` and renames `<out>.partial` to `<out>`.
+   manifest complete, drops `_progress` and renames `<out>.partial` to `<out>`,
+   still under the lock: a store it did not write is never moved.
 
 Workers are spawned processes (never a fork of a threaded parent), each
 building its sampler once from the stored tables; at most two blocks per
@@ -60,6 +65,7 @@ from gssm_data.graph import GraphSpec
 from gssm_data.humanize import format_si
 from gssm_data.kernels import draw_kernels
 from gssm_data.manifest import Manifest, SplitInfo, fingerprint
+from gssm_data.preflight import check_generatable, check_memory, check_sizes
 from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler, state_dtype
 from gssm_data.store import (
     PROGRESS_DIR,
@@ -74,6 +80,7 @@ from gssm_data.store import (
     partial_path,
     write_checksums,
 )
+from gssm_data.storelock import identity, is_our_store, refuse_foreign, store_lock
 
 # Train sequences whose entropy goes into the manifest (all of test is measured).
 TRAIN_ENTROPY_SEQUENCES = 4096
@@ -266,7 +273,7 @@ def generate(
             options,
             show_progress=show_progress,
             log=log,
-            manifest=manifest or build_manifest(options),
+            manifest=manifest,
             conditionals=conditionals,
         )
     except OSError as error:
@@ -280,12 +287,31 @@ def _generate(
     *,
     show_progress: bool,
     log: Log | None,
-    manifest: Manifest,
+    manifest: Manifest | None,
     conditionals: Mapping[str, np.ndarray] | None,
 ) -> GenerateResult:
     started = time.perf_counter()
     say = log or (lambda message: None)
     final, partial = options.out, partial_path(options.out)
+    if options.force and options.shard is not None:
+        raise GssmDataError(
+            "--force cannot be combined with --shard (each task would discard the others' "
+            f"work); delete {final} and {partial} first, then start the tasks"
+        )
+    manifest = manifest or build_manifest(options)
+    check_sizes(
+        n_train=manifest.splits["train"].n if "train" in manifest.splits else 0,
+        n_test=manifest.splits["test"].n if "test" in manifest.splits else 0,
+        seq_len=manifest.seq_len,
+        block_size=manifest.block_size,
+    )
+    check_generatable(manifest.graph)
+    check_memory(
+        manifest.graph,
+        seq_len=manifest.seq_len,
+        block_size=manifest.block_size,
+        workers=options.workers,
+    )
     total = sum(info.blocks for info in manifest.splits.values())
 
     phases: dict[str, float] = {}
@@ -297,74 +323,83 @@ def _generate(
             final, status, written, total, seconds, tokens_written, phases, steady_rate
         )
 
-    if _already_written(options, manifest):
-        say(f"{final} is already complete")
-        return result("already-complete", 0)
+    refuse_foreign(final, role="--out")
+    refuse_foreign(partial, role="the unfinished store of --out")
     final.parent.mkdir(parents=True, exist_ok=True)
-    if options.force and partial.exists():
-        say(f"--force: discarding {partial}")
-        shutil.rmtree(partial)
-    store = _open_or_create_partial(partial, manifest, conditionals)
-    if store.manifest.complete:  # finished earlier, killed before the rename
-        _publish(partial, final)
-        return result("complete", 0)
-    with _writer_lock(partial, options.shard), _Workers(partial, options.workers) as pool:
-        done = _finished_blocks(partial)
-        todo = [
-            (split, block)
-            for i, (split, block) in enumerate(iter_blocks(manifest))
-            if (split, block) not in done
-            and (options.shard is None or i % options.shard.count == options.shard.index)
-        ]
-        if done:
-            say(f"resuming {partial}: {len(done)}/{total} blocks already written")
-        remaining = total - len(done)
-        if remaining:
-            _check_disk(store, remaining)
-        tokens_written, steady_rate = _run_blocks(store, todo, pool, show_progress, phases)
-        done = _finished_blocks(partial)
-        if len(done) < total:
-            if options.shard is None:
-                raise GssmDataError(
-                    f"{total - len(done)} blocks are missing; run the command again"
+    # Nothing under `final` or `partial` is read, deleted or created before this lock.
+    with store_lock(final, shared=options.shard is not None, wait=not options.force, log=say):
+        refuse_foreign(final, role="--out")
+        refuse_foreign(partial, role="the unfinished store of --out")
+        if _already_written(options, manifest):
+            say(f"{final} is already complete")
+            return result("already-complete", 0)
+        replacing = identity(final) if options.force else None
+        if options.force and partial.exists():
+            say(f"--force: discarding {partial}")
+            shutil.rmtree(partial)
+        store = _open_or_create_partial(partial, manifest, conditionals)
+        if store.manifest.complete:  # finished earlier, killed before the rename
+            return result(_publish(partial, final, replacing=replacing, log=say), 0)
+        with contextlib.ExitStack() as stack:
+            if options.shard is not None:  # the same task twice at once is refused
+                stack.enter_context(_writer_lock(partial, options.shard))
+            pool = stack.enter_context(_Workers(partial, options.workers))
+            done = _finished_blocks(partial)
+            todo = [
+                (split, block)
+                for i, (split, block) in enumerate(iter_blocks(manifest))
+                if (split, block) not in done
+                and (options.shard is None or i % options.shard.count == options.shard.index)
+            ]
+            if done:
+                say(f"resuming {partial}: {len(done)}/{total} blocks already written")
+            remaining = total - len(done)
+            if remaining:
+                _check_disk(store.manifest, store.conditionals(), store.path, remaining)
+            tokens_written, steady_rate = _run_blocks(store, todo, pool, show_progress, phases)
+            done = _finished_blocks(partial)
+            if len(done) < total:
+                if options.shard is None:
+                    raise GssmDataError(
+                        f"{total - len(done)} blocks are missing; run the command again"
+                    )
+                say(
+                    f"shard {options.shard}: its blocks are written ({len(done)}/{total} of "
+                    f"the store); the task that writes the last block publishes {final}"
                 )
-            say(
-                f"shard {options.shard}: its blocks are written ({len(done)}/{total} of the "
-                f"store); the task that writes the last block publishes {final}"
-            )
-            return result("shard-done", len(todo))
-        with _finalise_lock(partial, sharded=options.shard is not None) as owned:
-            if not owned:
-                say(f"shard {options.shard}: done; another task is publishing {final}")
                 return result("shard-done", len(todo))
-            _finalise(store, done, pool, show_progress, phases)
-    _publish(partial, final)
-    return result("complete", len(todo))
+            with _finalise_lock(partial, sharded=options.shard is not None) as owned:
+                if not owned:
+                    say(f"shard {options.shard}: done; another task is publishing {final}")
+                    return result("shard-done", len(todo))
+                _finalise(store, done, pool, show_progress, phases)
+                status = _publish(partial, final, replacing=replacing, log=say)
+        return result(status, len(todo) if status == "complete" else 0)
 
 
 def _already_written(options: GenerateOptions, manifest: Manifest) -> bool:
     """True when `out` already holds this very store; raise when it holds another.
 
     Running the same command again is then a no-op (a requeued Slurm task
-    finds nothing to do); anything else at `out` is replaced only with --force.
+    finds nothing to do); another store of ours at `out` is replaced only with
+    --force (anything else never: see `refuse_foreign`).
     """
     final = options.out
-    if options.force and options.shard is not None:
-        raise GssmDataError(
-            "--force cannot be combined with --shard (each task would discard the others' "
-            f"work); delete {final} and {partial_path(final)} first, then start the tasks"
-        )
-    if options.force or not final.exists():
+    if not final.exists():
         return False
     try:
         existing = open_store(final).manifest
     except GssmDataError as error:
+        if options.force:
+            return False
         raise GssmDataError(
             f"{final} exists but is not a complete store ({error}); "
             "add --force to replace it, or choose another --out"
         ) from None
     if _same_plan(existing, manifest):
         return True
+    if options.force:
+        return False
     raise GssmDataError(
         f"{final} already exists with other settings ({_plan_difference(existing, manifest)}); "
         "add --force to replace it, or choose another --out"
@@ -401,12 +436,15 @@ def _open_or_create_partial(
 ) -> Store:
     """Open `<out>.partial`, creating it first if needed; refuse one with other settings.
 
-    A new store gets `conditionals`, or else the tables drawn from the manifest's seed.
+    A new store gets `conditionals`, or else the tables drawn from the manifest's
+    seed; the disk is checked before anything is written.
     """
     _remove_stale_creations(partial)
     if not partial.exists():
         if conditionals is None:
             conditionals = draw_kernels(manifest.graph, manifest.seed)
+        total = sum(info.blocks for info in manifest.splits.values())
+        _check_disk(manifest, conditionals, partial.parent, total)  # before writing anything
         staging = partial.with_name(f"{partial.name}.creating-{_HOST}-{os.getpid()}")
         create_layout(staging, manifest, conditionals)
         for split in manifest.splits:
@@ -535,24 +573,24 @@ def _read_lock(lock: Path) -> dict[str, object]:
 # --- disk ---------------------------------------------------------------------
 
 
-def _check_disk(store: Store, remaining_blocks: int) -> None:
-    """Refuse to start when the remaining blocks would not fit on the disk."""
-    m = store.manifest
-    per_row = _compressed_bytes_per_row(store)
+def _check_disk(
+    m: Manifest, conditionals: Mapping[str, np.ndarray], where: Path, remaining_blocks: int
+) -> None:
+    """Refuse to start when the remaining blocks would not fit on the disk at `where`."""
+    per_row = _compressed_bytes_per_row(m, conditionals)
     rows = remaining_blocks * m.block_size
     needed = int(rows * per_row * _DISK_FACTOR) + _DISK_SLACK_BYTES
-    free = shutil.disk_usage(store.path).free
+    free = shutil.disk_usage(where).free
     if needed > free:
         raise GssmDataError(
-            f"not enough free disk for {store.path}: about {_gigabytes(needed)} needed, "
+            f"not enough free disk for {where}: about {_gigabytes(needed)} needed, "
             f"{_gigabytes(free)} free; free some space or choose --out on another disk"
         )
 
 
-def _compressed_bytes_per_row(store: Store) -> float:
+def _compressed_bytes_per_row(m: Manifest, conditionals: Mapping[str, np.ndarray]) -> float:
     """Compressed bytes per sequence, from a small sample drawn like the real blocks."""
-    m = store.manifest
-    sampler = BlockSampler(m.graph, store.conditionals(), m.seq_len, m.seed, _ESTIMATE_ROWS)
+    sampler = BlockSampler(m.graph, conditionals, m.seq_len, m.seed, _ESTIMATE_ROWS)
     sample = sampler.block(STREAMS["train"], 0, with_latents=m.with_latents)
     compressor = zstandard.ZstdCompressor(level=3)
     arrays = [sample.tokens, *sample.latents.values()]
@@ -823,23 +861,40 @@ def _remove_temporary_files(root: Path) -> None:
                 Path(folder, name).unlink(missing_ok=True)
 
 
-def _publish(partial: Path, final: Path) -> None:
-    """Rename the finished partial store into place (replacing an old one only now).
+def _publish(
+    partial: Path, final: Path, *, replacing: tuple[int, int] | None, log: Log
+) -> Literal["complete", "already-complete"]:
+    """Rename the finished partial store into place; called under the store lock.
 
-    Two tasks may both find a finished partial store; the rename is atomic, so
-    one wins and the other finds the store already published.
+    Only the store this run was asked to replace (--force: `replacing` is its
+    identity when the run started) is moved aside, and deleted once the new
+    one is in place. A store that appeared meanwhile (possible only where
+    flock does not work) is never touched: when it is this same store, the
+    run's copy is dropped and its path reported; otherwise the run stops and
+    keeps its finished copy at `partial`.
     """
     replaced = None
-    if final.exists():
+    current = identity(final)
+    if current is not None and current != replacing:
+        if is_our_store(final):
+            with contextlib.suppress(GssmDataError):
+                theirs = open_store(final).manifest
+                ours = open_store(partial, allow_incomplete=True).manifest
+                if _same_plan(theirs, ours):
+                    log(f"{final} was published by another run meanwhile; keeping it")
+                    shutil.rmtree(partial, ignore_errors=True)
+                    return "already-complete"
+        raise GssmDataError(
+            f"{final} appeared while this run was writing; it was left alone and this run's "
+            f"finished store is at {partial}"
+        )
+    if current is not None:
         replaced = final.with_name(f"{final.name}.replaced-{os.getpid()}")
         final.rename(replaced)
-    try:
-        partial.rename(final)
-    except FileNotFoundError:
-        if not final.exists():
-            raise
+    partial.rename(final)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+    return "complete"
 
 
 # --- progress -------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import GenerateOptions, Shard, available_cpus, generate
+from gssm_data.preflight import check_script_value
 from gssm_data.store import open_store
 
 JOB_DIR_SUFFIX = ".slurm"
@@ -51,7 +52,11 @@ class SlurmSettings:
     extra: tuple[str, ...] = field(default_factory=tuple)  # more sbatch options, verbatim
 
     def sbatch_options(self) -> list[str]:
-        """The options as `--key=value` lines of an sbatch script."""
+        """The options as `--key=value` lines of an sbatch script.
+
+        Every value is refused if it holds a control character: a newline would
+        end the `#SBATCH` line and start a shell command, quoted or not.
+        """
         if self.cpus_per_task < 1:
             raise GssmDataError("--cpus-per-task must be at least 1")
         if self.time is not None and not re.fullmatch(r"[0-9:-]+", self.time.strip()):
@@ -64,8 +69,10 @@ class SlurmSettings:
             ("account", self.account),
         ):
             if value is not None:
+                check_script_value(f"--{key}", value)
                 options.append(f"--{key}={shlex.quote(value.strip())}")
-        return [*options, *self.extra]
+        extra = [check_script_value("sbatch option", option) for option in self.extra]
+        return [*options, *extra]
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,9 @@ def array_script(
     """The sbatch script of an N-task array writing the store of `options_file`."""
     if tasks < 1:
         raise GssmDataError("--tasks must be at least 1")
+    check_script_value("--out", str(options_file))
+    check_script_value("job name", job_name)
+    check_script_value("python executable", python or sys.executable)
     folder = options_file.parent
     directives = [
         f"--job-name={shlex.quote(job_name)}",
@@ -138,14 +148,16 @@ def submit_generate(
             "first, then submit"
         )
     folder = job_dir(options.out.absolute())
+    # The script text is built (and every value in it checked) before anything is written.
+    text = array_script(
+        folder / OPTIONS_FILENAME, tasks=tasks, settings=settings, job_name=f"gssm-{options.name}"
+    )
     if _already_complete(options):
         say(f"{options.out} is already complete")
         return SubmittedStore(options.out, None, tasks, folder)
-    options_file = write_options(options, folder)
+    write_options(options, folder)
     script = folder / SCRIPT_FILENAME
-    script.write_text(
-        array_script(options_file, tasks=tasks, settings=settings, job_name=f"gssm-{options.name}")
-    )
+    script.write_text(text)
     job_id = sbatch(script, wait=wait, log=say)
     return SubmittedStore(options.out, job_id, tasks, folder)
 
@@ -248,13 +260,14 @@ def submit_scaling(
     from gssm_data.scaling import plan_stores
 
     say = log or (lambda message: None)
+    settings.sbatch_options()  # every value checked before any job is queued
+    text = index_script(recipe_path, scale=scale, out_dir=out_dir, settings=settings)
     stores = [
         submit_generate(planned.options, tasks=tasks, settings=settings, log=say)
         for planned in plan_stores(recipe_path, scale=scale, out_dir=out_dir, log=say)
     ]
-    folder = out_dir / recipe_path.stem
-    script = folder / f"index-{scale}.sbatch"
-    script.write_text(index_script(recipe_path, scale=scale, out_dir=out_dir, settings=settings))
+    script = out_dir / recipe_path.stem / f"index-{scale}.sbatch"
+    script.write_text(text)
     queued = [store.job_id for store in stores if store.job_id]
     dependency = "afterok:" + ":".join(queued) if queued else None
     index_job = sbatch(script, dependency=dependency)
@@ -263,6 +276,10 @@ def submit_scaling(
 
 def index_script(recipe_path: Path, *, scale: str, out_dir: Path, settings: SlurmSettings) -> str:
     """The sbatch script of the job that writes a recipe's index once its stores exist."""
+    check_script_value("recipe path", str(recipe_path.absolute()))
+    check_script_value("--scale", scale)
+    check_script_value("--out-dir", str(out_dir.absolute()))
+    check_script_value("python executable", sys.executable)
     one_cpu = SlurmSettings(
         partition=settings.partition, time=settings.time, account=settings.account
     )

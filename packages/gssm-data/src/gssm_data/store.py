@@ -118,6 +118,11 @@ class Store:
                 f"run `gssm-data verify {self.path}`"
             ) from None
         assert isinstance(array, zarr.Array), key
+        if self.mode == "r+":
+            # The array config is not stored in zarr.json: a reopened array would
+            # skip all-zero chunks (a vocabulary of one writes nothing but zeros),
+            # and a missing chunk fails verification.
+            array = array.with_config(ARRAY_CONFIG)
         return array
 
     def tokens(self, split: str) -> zarr.Array:

@@ -50,7 +50,7 @@ def generate_command(
     mode: ModeOption = None,
     n: NOption = "100_000",
     n_test: NTestOption = "10_000",
-    seq_len: SeqLenOption = 257,
+    seq_len: SeqLenOption = "257",
     seed: SeedOption = 0,
     out: OutOption = None,
     workers: Annotated[

@@ -16,7 +16,9 @@ from gssm_data.errors import GssmDataError
 from gssm_data.generate import GenerateOptions, Shard, default_store_path
 from gssm_data.graph import MODES, GraphSpec, load_graph
 from gssm_data.humanize import parse_count
+from gssm_data.preflight import check_generatable, check_sizes, finite
 from gssm_data.presets import load_preset
+from gssm_data.sampler import BLOCK_SIZE
 
 # The upstream experiments' reference configuration, and the benchmark's.
 DEFAULT_PRESET = "hmm"
@@ -84,7 +86,7 @@ NOption = Annotated[
 ]
 NTestOption = Annotated[str, typer.Option("--n-test", help="Test sequences.")]
 SeqLenOption = Annotated[
-    int, typer.Option(help="Tokens per sequence, start token included (257: 256 targets).")
+    str, typer.Option(help="Tokens per sequence, start token included (257: 256 targets).")
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the kernels and of every block.")]
 OutOption = Annotated[
@@ -110,7 +112,7 @@ def store_options(
     mode: str | None,
     n: str,
     n_test: str,
-    seq_len: int,
+    seq_len: str | int,
     seed: int,
     out: Path | None,
     with_latents: bool,
@@ -121,13 +123,13 @@ def store_options(
     force: bool = False,
     log: Callable[[str], None],
 ) -> GenerateOptions:
-    """Validated GenerateOptions from the command-line options (calibrating alpha if asked)."""
+    """Validated GenerateOptions from the command-line options (calibrating alpha if asked).
+
+    Every number is checked before the (possibly long) calibration runs.
+    """
     spec, name = resolve_graph(preset, graph, mode)
-    if target_bits is not None:
-        spec, name = _calibrated(
-            spec, name, seed=seed, seq_len=seq_len, bits=target_bits, target=target, log=log
-        )
     n_train, n_testing = parse_count(n, option="--n"), parse_count(n_test, option="--n-test")
+    seq_len = parse_count(seq_len, option="--seq-len")
     if n_train < 1:
         raise GssmDataError("--n must be at least 1")
     if seq_len < 2:
@@ -136,6 +138,13 @@ def store_options(
         raise GssmDataError("--seed must not be negative")
     if workers < 1:
         raise GssmDataError("--workers must be at least 1")
+    check_sizes(n_train=n_train, n_test=n_testing, seq_len=seq_len, block_size=BLOCK_SIZE)
+    check_generatable(spec)
+    if target_bits is not None:
+        finite(target_bits, "--target-bits")
+        spec, name = _calibrated(
+            spec, name, seed=seed, seq_len=seq_len, bits=target_bits, target=target, log=log
+        )
     path = out or default_store_path(
         name, spec, seed=seed, seq_len=seq_len, n_train=n_train, n_test=n_testing
     )
