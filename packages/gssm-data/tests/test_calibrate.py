@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from gssm_data import calibrate as calibrate_module
 from gssm_data.calibrate import (
     ALPHA_RANGE,
     CALIBRATION_STREAM,
     MAX_EVALUATIONS,
     MIN_BRACKET,
+    SCAN_POINTS,
     _bracket_search,
     calibrate,
     calibration_sequences,
+    scan_alphas,
 )
 from gssm_data.cli import app
 from gssm_data.entropy import sequence_entropy
@@ -29,18 +33,20 @@ from gssm_data.sampler import STREAMS, BlockSampler
 SEQ_LEN = 17
 
 
-def _independent_bits(graph: GraphSpec, seed: int, n_sequences: int) -> float:
+def _independent_bits(
+    graph: GraphSpec, seed: int, n_sequences: int, seq_len: int = SEQ_LEN
+) -> float:
     """Mean bits per predicted token of the calibration sample, recomputed from scratch."""
     conditionals = draw_kernels(graph, seed)
-    sampler = BlockSampler(graph, conditionals, SEQ_LEN, seed, block_size=n_sequences)
+    sampler = BlockSampler(graph, conditionals, seq_len, seed, block_size=n_sequences)
     tokens = sampler.block(CALIBRATION_STREAM, 0).tokens
     return float(sequence_entropy(graph, conditionals, tokens).mean() / math.log(2))
 
 
 def test_calibrated_latent_alpha_gives_the_target_entropy() -> None:
     graph = load_preset("debug")
-    result = calibrate(graph, seed=1, seq_len=SEQ_LEN, target_bits=1.6)
-    assert abs(result.achieved_bits - 1.6) <= result.tolerance_bits
+    result = calibrate(graph, seed=1, seq_len=SEQ_LEN, target_bits=2.0)
+    assert abs(result.achieved_bits - 2.0) <= result.tolerance_bits
     assert ALPHA_RANGE[0] <= result.alpha <= ALPHA_RANGE[1]
     assert [node.alpha for node in result.graph.latents] == [result.alpha]
     assert result.graph.observed.alpha == graph.observed.alpha
@@ -117,11 +123,11 @@ def test_bracket_search_stops_on_a_jump_it_cannot_cross() -> None:
 
 
 def test_calibrate_command_prints_alpha_and_achieved_figure() -> None:
-    args = ["calibrate", "--preset", "debug", "--target-bits", "1.6", "--seq-len", str(SEQ_LEN)]
+    args = ["calibrate", "--preset", "debug", "--target-bits", "2.0", "--seq-len", str(SEQ_LEN)]
     result = CliRunner().invoke(app, [*args, "--seed", "1", "--json", "-q", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    expected = calibrate(load_preset("debug"), seed=1, seq_len=SEQ_LEN, target_bits=1.6)
+    expected = calibrate(load_preset("debug"), seed=1, seq_len=SEQ_LEN, target_bits=2.0)
     assert data["alpha"] == expected.alpha
     assert data["achieved_bits"] == expected.achieved_bits
     assert np.isclose(data["graph"]["nodes"][0]["alpha"], expected.alpha)
@@ -145,3 +151,106 @@ def test_cli_default_tolerance_matches_the_library():
     from gssm_data.cli import entropy as entropy_cli
 
     assert entropy_cli.DEFAULT_TOLERANCE_BITS == DEFAULT_TOLERANCE_BITS
+
+
+# --- the log-grid scan --------------------------------------------------------------
+
+
+def test_the_debug_preset_reaches_one_bit_at_seq_len_65() -> None:
+    """The case that used to answer "out of reach ... 1.274 .. 2.181"."""
+    graph = load_preset("debug")
+    result = calibrate(graph, seed=0, seq_len=65, target_bits=1.0, device="cpu")
+    assert abs(result.achieved_bits - 1.0) <= result.tolerance_bits
+    independent = _independent_bits(result.graph, 0, calibration_sequences(graph), seq_len=65)
+    assert math.isclose(result.achieved_bits, independent, rel_tol=1e-12)
+    low, high = result.scanned_range_bits
+    assert low < 1.0 < high
+    cli = CliRunner().invoke(
+        app, ["calibrate", "--preset", "debug", "--seq-len", "65", "--target-bits", "1.0", "-q"]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert f"alpha = {result.alpha:.6g}" in cli.output
+
+
+def test_a_tight_tolerance_is_met_by_refining_a_bracket() -> None:
+    graph = load_preset("debug")
+    result = calibrate(
+        graph, seed=0, seq_len=65, target_bits=1.2, tolerance_bits=0.003, device="cpu"
+    )
+    assert abs(result.achieved_bits - 1.2) <= 0.003
+    assert len(result.evaluations) > SCAN_POINTS  # found between scan points
+    assert [alpha for alpha, _ in result.evaluations[:SCAN_POINTS]] == list(scan_alphas())
+
+
+def test_the_same_graph_seed_and_target_always_give_the_same_alpha() -> None:
+    graph = load_preset("debug")
+    runs = [
+        calibrate(graph, seed=0, seq_len=65, target_bits=1.2, tolerance_bits=0.01) for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0].alpha == runs[1].alpha and runs[0].evaluations == runs[1].evaluations
+
+
+def _jumpy_entropy(alpha: float) -> float:
+    """A non-monotone entropy curve like the one a jumpy kernel draw gave the debug preset
+    (1e-4: 1.274, 0.03: 1.446, 0.1: 1.009, 0.3: 1.751, 100: 2.181), linear in log(alpha)."""
+    knots = np.log([1e-4, 0.03, 0.1, 0.3, 100.0])
+    return float(np.interp(math.log(alpha), knots, [1.274, 1.446, 1.009, 1.751, 2.181]))
+
+
+@pytest.fixture()
+def jumpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        calibrate_module,
+        "entropy_bits",
+        lambda graph, **_: (_jumpy_entropy(graph.latents[0].alpha), 0.0),
+    )
+
+
+def test_a_target_inside_a_dip_is_found_although_the_ends_miss_it(jumpy: None) -> None:
+    # Both ends of the range are above 1.1; only the dip around alpha 0.1 reaches it.
+    result = calibrate(load_preset("debug"), seed=0, seq_len=9, target_bits=1.1,
+                       tolerance_bits=0.001)  # fmt: skip
+    assert abs(result.achieved_bits - 1.1) <= 0.001
+    assert 0.03 < result.alpha < 0.3
+
+
+def test_an_unreachable_target_names_the_range_actually_observed(jumpy: None) -> None:
+    seen = [_jumpy_entropy(alpha) for alpha in scan_alphas()]
+    expected = f"{min(seen):.3f} .. {max(seen):.3f} bits/token"
+    assert expected == "1.009 .. 2.181 bits/token"  # the dip, not the 1.274 at the low end
+    with pytest.raises(GssmDataError, match=re.escape(expected)):
+        calibrate(load_preset("debug"), seed=0, seq_len=9, target_bits=0.5)
+
+
+def test_an_unreachable_real_target_names_the_scanned_extremes() -> None:
+    graph = load_preset("debug")
+    n = calibration_sequences(graph)
+    seen = [
+        _independent_bits(graph.with_alpha(alpha, target="latent"), 0, n) for alpha in scan_alphas()
+    ]
+    with pytest.raises(GssmDataError) as caught:
+        calibrate(graph, seed=0, seq_len=SEQ_LEN, target_bits=7.0, device="cpu")
+    assert f"gives {min(seen):.3f} .. {max(seen):.3f} bits/token" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("target_bits", math.nan), ("target_bits", math.inf), ("tolerance_bits", math.nan),
+     ("tolerance_bits", -math.inf)],
+)  # fmt: skip
+def test_non_finite_targets_and_tolerances_are_refused(option: str, value: float) -> None:
+    arguments = {"target_bits": 1.0, "tolerance_bits": 0.05, option: value}
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(GssmDataError, match=f"{flag} {value}: give a finite number"):
+        calibrate(load_preset("debug"), seed=0, seq_len=SEQ_LEN, **arguments)
+
+
+@pytest.mark.parametrize(
+    "args", [["--target-bits", "nan"], ["--target-bits", "1", "--tolerance-bits", "inf"]]
+)
+def test_non_finite_options_are_one_line_errors(args: list[str]) -> None:
+    result = CliRunner().invoke(app, ["calibrate", "--preset", "debug", "-q", *args])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "give a finite number" in lines[0]

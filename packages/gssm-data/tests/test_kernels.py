@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec, parse_graph
@@ -16,6 +17,7 @@ from gssm_data.kernels import (
     floor_rows,
     kernel_rng,
     seed_sequence,
+    smooth_dirichlet_rows,
 )
 from gssm_data.presets import load_preset, preset_names
 
@@ -25,6 +27,14 @@ def reference_floor(table: np.ndarray) -> np.ndarray:
     n = table.shape[-1]
     table = table / table.sum(axis=-1, keepdims=True)
     return table * (1 - n * 1e-10) + 1e-10
+
+
+def reference_rows(rng: np.random.Generator, alpha: float, n_states: int, n_rows: int):
+    """Rows of the gamma-inverse-cdf draw, written out with scipy.stats (not the package):
+    two uniforms per entry, Gamma(alpha + 1) quantile times v^(1/alpha), normalised."""
+    u, v = rng.random((2, n_rows, n_states)) + 0.5 / 2**53
+    gamma = stats.gamma(alpha + 1.0).ppf(u) * v ** (1.0 / alpha)
+    return gamma / gamma.sum(axis=1, keepdims=True)
 
 
 def target_is_strict_argmax(table: np.ndarray, targets: np.ndarray) -> bool:
@@ -132,14 +142,14 @@ def test_product_of_experts_is_the_normalised_product_of_independent_experts() -
     alpha = 0.3
     # Z2: inputs (self 4, Z1 3); experts drawn in table-axis order.
     rng = kernel_rng(11, 1)
-    self_expert = reference_floor(rng.dirichlet(np.full(4, alpha), size=4))
-    z1_expert = reference_floor(rng.dirichlet(np.full(4, alpha), size=3))
+    self_expert = reference_floor(reference_rows(rng, alpha, 4, 4))
+    z1_expert = reference_floor(reference_rows(rng, alpha, 4, 3))
     product = self_expert[:, None, :] * z1_expert[None, :, :]
     np.testing.assert_allclose(kernels["Z2"], reference_floor(product), rtol=1e-9, atol=0)
     # X: inputs (Z1 3, Z2 4), no self input.
     rng = kernel_rng(11, 2)
-    z1_expert = reference_floor(rng.dirichlet(np.full(5, alpha), size=3))
-    z2_expert = reference_floor(rng.dirichlet(np.full(5, alpha), size=4))
+    z1_expert = reference_floor(reference_rows(rng, alpha, 5, 3))
+    z2_expert = reference_floor(reference_rows(rng, alpha, 5, 4))
     product = z1_expert[:, None, :] * z2_expert[None, :, :]
     np.testing.assert_allclose(kernels["X"], reference_floor(product), rtol=1e-9, atol=0)
 
@@ -149,7 +159,7 @@ def test_fullrank_draws_one_independent_row_per_joint_input() -> None:
     data["nodes"][2]["kernel"] = "fullrank"
     graph = parse_graph(data)
     table = draw_kernels(graph, seed=11)["X"]
-    rows = kernel_rng(11, 2).dirichlet(np.full(5, 0.3), size=12)
+    rows = reference_rows(kernel_rng(11, 2), 0.3, 5, 12)
     np.testing.assert_allclose(table, reference_floor(rows).reshape(3, 4, 5), rtol=1e-12)
     product = draw_kernels(parse_graph(SMALL_GRAPH), seed=11)["X"]
     assert table.shape == product.shape == (3, 4, 5)
@@ -158,7 +168,7 @@ def test_fullrank_draws_one_independent_row_per_joint_input() -> None:
 
 def test_a_single_input_node_draws_plain_dirichlet_rows() -> None:
     graph = parse_graph(SMALL_GRAPH)
-    rows = kernel_rng(11, 0).dirichlet(np.full(3, 0.3), size=3)
+    rows = reference_rows(kernel_rng(11, 0), 0.3, 3, 3)
     np.testing.assert_allclose(draw_kernels(graph, 11)["Z1"], reference_floor(rows), rtol=1e-12)
 
 
@@ -217,3 +227,46 @@ def test_seed_words_are_fixed_width_so_distinct_tuples_give_distinct_streams() -
     ours = seed_sequence(2**32 + 5, 2, 3).generate_state(4)
     assert ours.tolist() != seed_sequence(5, 1, 2, 3).generate_state(4).tolist()
     assert check_seed(2**64 - 1) == 2**64 - 1
+
+
+def test_format_1_tables_are_still_drawn_by_numpy_dirichlet() -> None:
+    graph = parse_graph(SMALL_GRAPH)
+    rows = kernel_rng(11, 0).dirichlet(np.full(3, 0.3), size=3)
+    old = draw_kernels(graph, 11, draw="numpy-dirichlet")["Z1"]
+    np.testing.assert_allclose(old, reference_floor(rows), rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 1.0, 5.0])
+def test_smooth_rows_are_dirichlet_distributed(alpha: float) -> None:
+    """Each entry of a symmetric Dirichlet(alpha) row over K states is Beta(alpha, (K-1) alpha)."""
+    n_states = 4
+    rows = smooth_dirichlet_rows(np.random.default_rng(5).random((2, 20_000, n_states)), alpha)
+    np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-12)
+    marginal = stats.beta(alpha, (n_states - 1) * alpha)
+    assert stats.kstest(rows[:, 0], marginal.cdf).pvalue > 1e-3
+    assert stats.kstest(rows[:, 0], stats.beta(2 * alpha, 3 * alpha).cdf).pvalue < 1e-6
+
+
+def test_fixed_tables_move_continuously_with_alpha() -> None:
+    """The same seed gives nearby tables for nearby alphas (numpy's sampler jumps)."""
+    graph = load_preset("debug")
+
+    def table(alpha: float, draw: str = "gamma-inverse-cdf") -> np.ndarray:
+        return draw_kernels(graph.with_alpha(alpha, target="latent"), 0, draw=draw)["Z1"]
+
+    def largest_step(draw: str) -> float:
+        """Largest entry change when alpha grows by 1%, over 0.01 .. 1."""
+        return max(
+            np.abs(table(alpha * 1.01, draw) - table(alpha, draw)).max()
+            for alpha in np.geomspace(0.01, 1.0, 30)
+        )
+
+    assert largest_step("gamma-inverse-cdf") < 0.03
+    assert largest_step("numpy-dirichlet") > 0.3  # the test tells a jumpy draw from a smooth one
+
+
+def test_tiny_alpha_gives_finite_one_hot_like_rows() -> None:
+    rows = smooth_dirichlet_rows(np.random.default_rng(1).random((2, 1000, 8)) + 1e-17, 1e-4)
+    assert np.isfinite(rows).all()
+    np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-12)
+    assert (rows.max(axis=1) > 0.999).mean() > 0.99

@@ -25,7 +25,7 @@ TINY_RECIPE = {
     "seed": 1,
     "seq_len": 9,
     "regimes": [
-        {"name": "debug-calibrated", "preset": "debug", "target_bits": 1.6},
+        {"name": "debug-calibrated", "preset": "debug", "target_bits": 2.0},
         {"name": "debug-alpha", "preset": "debug", "alpha": 0.5, "target": "observed"},
         {"name": "file-dead", "graph": "graphs/tiny.yaml", "mode": "dead"},
     ],
@@ -100,7 +100,7 @@ def test_materialise_writes_one_store_per_regime_with_the_largest_train_size(
         assert store.manifest.seed == 1 and store.manifest.seq_len == 9
         assert store.entropy("test") == result.entropy
     calibrated, explicit, dead = (open_store(r.path).graph for r in results)
-    assert abs(results[0].calibrated_bits - 1.6) <= 0.05
+    assert abs(results[0].calibrated_bits - 2.0) <= 0.05
     assert calibrated.latents[0].alpha == results[0].alpha
     assert explicit.observed.alpha == 0.5 and results[1].calibrated_bits is None
     assert all(node.mode == "dead" for node in dead.latents)

@@ -12,11 +12,25 @@ so a calibration is reproducible. That sample is not the store's test split:
 a store generated with the calibrated alpha reports its own figure, which
 differs from `achieved_bits` by about the sample's standard error.
 
-The search brackets the target between the ends of :data:`ALPHA_RANGE` and
-narrows the bracket by false position on log(alpha) with the Illinois
-correction (a bisection step whenever interpolation would not shrink the
-bracket enough), so it converges in a handful of evaluations when the entropy
-is smooth in alpha and still terminates when the kernel draws make it jumpy.
+The search first scans :data:`SCAN_POINTS` alphas evenly spaced in log(alpha)
+over :data:`ALPHA_RANGE` (the exact entropy of the fixed sample at each), then:
+
+- a scanned alpha within the tolerance is the answer (the closest one);
+- otherwise every pair of neighbouring scan points whose entropies straddle
+  the target is a bracket; the brackets are refined best first (the one with
+  an end closest to the target), each by false position on log(alpha) with
+  the Illinois correction (a bisection step whenever interpolation would not
+  shrink the bracket enough), until one lands within the tolerance;
+- no bracket means the target is outside every entropy seen: the error gives
+  the lowest and highest entropy over the scan, the range actually observed.
+
+Entropy need not be monotone in alpha, so bracketing only the ends of the
+range could miss reachable targets (or report a range that is only the two
+ends). The fixed kernels are drawn from fixed uniforms transformed
+continuously in alpha (``gamma-inverse-cdf``, see :mod:`gssm_data.kernels`),
+so for a fixed seed the tables, and the entropy of the fixed sample, move
+smoothly with alpha; the sample's tokens still change where a draw crosses a
+bucket edge, which leaves small steps that a bracket may close on.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ from gssm_data.entropy import Device, auto_device, entropy_stats, sequence_entro
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
 from gssm_data.kernels import draw_kernels
+from gssm_data.preflight import MAX_SEQ_LEN, check_generatable, finite
 from gssm_data.sampler import STREAMS, BlockSampler
 
 Target = Literal["latent", "observed"]
@@ -54,7 +69,12 @@ DEFAULT_TOLERANCE_BITS = 0.05
 MIN_BRACKET = 1e-4
 # Searched concentrations: from nearly deterministic rows to nearly uniform ones.
 ALPHA_RANGE = (1e-4, 1e2)
-MAX_EVALUATIONS = 30
+# Scanned alphas: three per decade over ALPHA_RANGE, ends included.
+SCAN_POINTS = 19
+# Evaluations in all, scan included.
+MAX_EVALUATIONS = 45
+# Names the search, so recorded calibrations (scaling recipes) made by another are redone.
+CALIBRATION_SEARCH = "log-scan-then-brackets"
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,15 @@ class Calibration:
     target: Target
     stderr_bits: float
     evaluations: tuple[tuple[float, float], ...]
+    # Lowest and highest entropy over the scan (bits per token).
+    scanned_range_bits: tuple[float, float] = (math.nan, math.nan)
+
+
+def scan_alphas() -> tuple[float, ...]:
+    """The scanned alphas: :data:`SCAN_POINTS` evenly spaced in log over :data:`ALPHA_RANGE`."""
+    low, high = (math.log(a) for a in ALPHA_RANGE)
+    step = (high - low) / (SCAN_POINTS - 1)
+    return tuple(math.exp(low + i * step) for i in range(SCAN_POINTS))
 
 
 def calibration_sequences(graph: GraphSpec) -> int:
@@ -131,7 +160,13 @@ def calibrate(
     `log` receives one line per evaluation. `n_sequences` defaults to
     :func:`calibration_sequences`.
     """
-    _check_arguments(graph, seq_len=seq_len, target=target, tolerance_bits=tolerance_bits)
+    _check_arguments(
+        graph,
+        seq_len=seq_len,
+        target=target,
+        target_bits=target_bits,
+        tolerance_bits=tolerance_bits,
+    )
     say = log or (lambda message: None)
     history: list[tuple[float, float, float]] = []  # (alpha, bits, stderr)
 
@@ -148,23 +183,54 @@ def calibrate(
         say(f"alpha {alpha:.4g}: {bits:.4f} bits/token")
         return bits - target_bits
 
-    low, high = math.log(ALPHA_RANGE[0]), math.log(ALPHA_RANGE[1])
-    low_excess, high_excess = excess(low), excess(high)
-    if low_excess > tolerance_bits or high_excess < -tolerance_bits:
-        other = "observed" if target == "latent" else "latent"
-        reachable = f"{history[0][1]:.3f} .. {history[1][1]:.3f}"
-        raise GssmDataError(
-            f"--target-bits {target_bits:g} is out of reach: varying the {target} alpha over "
-            f"{ALPHA_RANGE[0]:g} .. {ALPHA_RANGE[1]:g} gives {reachable} bits/token; "
-            + f"choose a target in that range or tune the {other} alpha (--target {other})"
-        )
-    _bracket_search(excess, low, high, low_excess, high_excess, tolerance_bits)
+    points = [math.log(alpha) for alpha in scan_alphas()]
+    scanned = [excess(point) for point in points]
+    lowest, highest = min(scanned) + target_bits, max(scanned) + target_bits
+    if min(abs(value) for value in scanned) > tolerance_bits:
+        brackets = [
+            (points[i], points[i + 1], scanned[i], scanned[i + 1])
+            for i in range(len(points) - 1)
+            if (scanned[i] < 0) != (scanned[i + 1] < 0)
+        ]
+        if not brackets:
+            other = "observed" if target == "latent" else "latent"
+            raise GssmDataError(
+                f"--target-bits {target_bits:g} is out of reach: varying the {target} alpha over "
+                f"{ALPHA_RANGE[0]:g} .. {ALPHA_RANGE[1]:g} gives {lowest:.3f} .. {highest:.3f} "
+                f"bits/token (lowest and highest of {len(points)} alphas); choose a target in "
+                f"that range or tune the {other} alpha (--target {other})"
+            )
+        # Best first: the bracket with an end closest to the target.
+        brackets.sort(key=lambda b: min(abs(b[2]), abs(b[3])))
+        for low, high, low_excess, high_excess in brackets:
+            if low_excess > 0:  # entropy falls across this bracket: search on -excess
+                found = _bracket_search(
+                    lambda u: -excess(u),
+                    low,
+                    high,
+                    -low_excess,
+                    -high_excess,
+                    tolerance_bits,
+                    budget=MAX_EVALUATIONS - len(history),
+                )
+            else:
+                found = _bracket_search(
+                    excess,
+                    low,
+                    high,
+                    low_excess,
+                    high_excess,
+                    tolerance_bits,
+                    budget=MAX_EVALUATIONS - len(history),
+                )
+            if found or len(history) >= MAX_EVALUATIONS:
+                break
     alpha, bits, stderr = min(history, key=lambda item: abs(item[1] - target_bits))
     if abs(bits - target_bits) > tolerance_bits:
         raise GssmDataError(
             f"no alpha within {tolerance_bits:g} bits of {target_bits:g} after {len(history)} "
             f"evaluations (closest: alpha {alpha:.4g} gives {bits:.4f}): with a fixed seed the "
-            "entropy jumps with alpha near there; try another --seed or a wider --tolerance-bits"
+            "entropy steps with alpha near there; try another --seed or a wider --tolerance-bits"
         )
     return Calibration(
         graph=graph.with_alpha(alpha, target=target),
@@ -175,16 +241,24 @@ def calibrate(
         target=target,
         stderr_bits=stderr,
         evaluations=tuple((a, b) for a, b, _ in history),
+        scanned_range_bits=(lowest, highest),
     )
 
 
-def _check_arguments(graph: GraphSpec, *, seq_len: int, target: str, tolerance_bits: float) -> None:
+def _check_arguments(
+    graph: GraphSpec, *, seq_len: int, target: str, target_bits: float, tolerance_bits: float
+) -> None:
+    finite(target_bits, "--target-bits")
+    finite(tolerance_bits, "--tolerance-bits")
     if target not in ("latent", "observed"):
         raise GssmDataError(f"--target {target!r}: choose latent or observed")
     if target == "latent" and not graph.latents:
         raise GssmDataError("the graph has no latent node: calibrate --target observed")
     if seq_len < 2:
         raise GssmDataError("--seq-len must be at least 2 (a start token and one target)")
+    if seq_len > MAX_SEQ_LEN:
+        raise GssmDataError(f"--seq-len {seq_len:,} is more than the limit of {MAX_SEQ_LEN:,}")
+    check_generatable(graph)
     if tolerance_bits <= 0:
         raise GssmDataError(f"the tolerance must be positive, got {tolerance_bits:g} bits")
 
@@ -196,8 +270,13 @@ def _bracket_search(
     low_excess: float,
     high_excess: float,
     tolerance: float,
-) -> None:
+    *,
+    budget: int = MAX_EVALUATIONS - 2,
+) -> bool:
     """Narrow [low, high] (excess < 0 at low, > 0 at high) until |excess| <= tolerance.
+
+    Returns whether a point within the tolerance was found, using at most
+    `budget` evaluations.
 
     False position with the Illinois correction: when the same end survives
     twice, its excess is halved so the next point moves towards it. A point
@@ -205,18 +284,18 @@ def _bracket_search(
     bracket shrinks.
     """
     if abs(low_excess) <= tolerance or abs(high_excess) <= tolerance:
-        return
+        return True
     last_moved = ""
-    for _ in range(MAX_EVALUATIONS - 2):
+    for _ in range(max(budget, 0)):
         width = high - low
         if width < MIN_BRACKET:
-            return
+            return False
         point = high - high_excess * width / (high_excess - low_excess)
         if not low + 0.05 * width <= point <= high - 0.05 * width:
             point = 0.5 * (low + high)
         value = excess(point)
         if abs(value) <= tolerance:
-            return
+            return True
         if value < 0:
             low, low_excess = point, value
             if last_moved == "low":
@@ -227,3 +306,4 @@ def _bracket_search(
             if last_moved == "high":
                 low_excess /= 2
             last_moved = "high"
+    return False

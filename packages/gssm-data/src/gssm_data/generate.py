@@ -63,7 +63,7 @@ from rich.text import Text
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
 from gssm_data.humanize import format_si
-from gssm_data.kernels import draw_kernels
+from gssm_data.kernels import FIXED_KERNEL_DRAW, draw_kernels
 from gssm_data.manifest import Manifest, SplitInfo, fingerprint
 from gssm_data.preflight import check_generatable, check_memory, check_sizes
 from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler, state_dtype
@@ -220,6 +220,7 @@ def build_manifest(options: GenerateOptions) -> Manifest:
         token_dtype=state_dtype(options.graph.vocab_size).name,
         block_size=options.block_size,
         with_latents=options.with_latents,
+        kernel_draw=FIXED_KERNEL_DRAW,
         splits={
             split: SplitInfo(n=n, blocks=n_blocks(n, options.block_size))
             for split, n in sizes.items()

@@ -19,11 +19,31 @@ holds for every input combination:
 Every entry is at least :data:`MIN_PROBABILITY` (a floor mixed in after the
 mode, which keeps each row's order), so every sequence has a finite
 log-likelihood.
+
+How Dirichlet rows are drawn (:data:`FIXED_KERNEL_DRAW`, recorded in every
+manifest as ``kernel_draw``):
+
+- ``gamma-inverse-cdf`` (the fixed kernels, format version 2 on): every entry
+  takes two uniforms u, v from the node's generator, the same whatever alpha,
+  and becomes the Gamma(alpha) variate ``G = F^-1_{alpha+1}(u) * v^(1/alpha)``
+  (the inverse CDF of Gamma(alpha + 1), times Marsaglia and Tsang's boost,
+  computed in logs so that tiny alpha cannot underflow); a row is G over its
+  sum. That is an exact Dirichlet(alpha) draw, and a continuous function of
+  alpha for a fixed seed: tables, and so the entropy, move smoothly as alpha
+  changes, which lets `calibrate` search alpha reliably.
+- ``numpy-dirichlet`` (format version 1 stores, and the per-sequence kernels
+  of ``transition`` nodes): ``Generator.dirichlet``. It is about 20x faster,
+  but its rejection steps make a fixed seed's rows jump as alpha moves.
+  Per-sequence kernels keep it: they are drawn for every sequence, and the
+  entropy averages over so many of them that the jumps do not matter.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
+from scipy.special import gammaincinv
 
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec, NodeSpec
@@ -40,6 +60,12 @@ KERNEL_STREAM = 0
 _TIE_BREAK = 1e-6
 
 _MAX_SEED = 1 << 64
+
+KernelDraw = Literal["gamma-inverse-cdf", "numpy-dirichlet"]
+# How the fixed kernels of new stores are drawn (see the module docstring).
+FIXED_KERNEL_DRAW: KernelDraw = "gamma-inverse-cdf"
+# Half a step of the 53-bit uniforms: moves them from [0, 1) into (0, 1).
+_HALF_ULP = 0.5 / (1 << 53)
 
 
 def check_seed(seed: int) -> int:
@@ -79,16 +105,41 @@ def floor_rows(table: np.ndarray) -> np.ndarray:
 
 
 def _dirichlet_rows(
-    rng: np.random.Generator, alpha: float, n_states: int, shape: tuple[int, ...]
+    rng: np.random.Generator,
+    alpha: float,
+    n_states: int,
+    shape: tuple[int, ...],
+    draw: KernelDraw = "numpy-dirichlet",
 ) -> np.ndarray:
     """Rows drawn i.i.d. from a symmetric Dirichlet(alpha), shape (*shape, n_states).
 
-    numpy's Dirichlet switches to a stick-breaking method for small alpha, which
-    stays exact where gamma variates would underflow to all-zero rows.
+    `draw` picks the method (module docstring). numpy's Dirichlet switches to a
+    stick-breaking method for small alpha, which stays exact where gamma
+    variates would underflow; the inverse-CDF draw works in logs for the same
+    reason.
     """
     n_rows = int(np.prod(shape, dtype=np.int64))
-    rows = rng.dirichlet(np.full(n_states, alpha), size=n_rows)
+    if draw == "numpy-dirichlet":
+        rows = rng.dirichlet(np.full(n_states, alpha), size=n_rows)
+    elif draw == "gamma-inverse-cdf":
+        rows = smooth_dirichlet_rows(rng.random((2, n_rows, n_states)) + _HALF_ULP, alpha)
+    else:
+        raise ValueError(f"unknown kernel draw {draw!r}")
     return rows.reshape(*shape, n_states)
+
+
+def smooth_dirichlet_rows(uniforms: np.ndarray, alpha: float) -> np.ndarray:
+    """Dirichlet(alpha) rows from fixed uniforms in (0, 1), shape (2, *rows, states).
+
+    ``log G = log F^-1_{alpha+1}(u) + log(v) / alpha`` is a Gamma(alpha)
+    variate in logs (Gamma(alpha + 1) times U^(1/alpha)); rows are G normalised,
+    computed as a softmax of log G so that no row underflows to zeros.
+    """
+    u, v = uniforms[0], uniforms[1]
+    log_gamma = np.log(gammaincinv(alpha + 1.0, u)) + np.log(v) / alpha
+    log_gamma -= log_gamma.max(axis=-1, keepdims=True)
+    rows = np.exp(log_gamma)
+    return rows / rows.sum(axis=-1, keepdims=True)
 
 
 def draw_conditional(
@@ -96,6 +147,7 @@ def draw_conditional(
     node: NodeSpec,
     rng: np.random.Generator,
     batch: tuple[int, ...] = (),
+    draw: KernelDraw = "numpy-dirichlet",
 ) -> np.ndarray:
     """Draw the effective conditional of `node`, shape (*batch, *inputs, states).
 
@@ -110,18 +162,19 @@ def draw_conditional(
       :func:`floor_rows`; the table is their product, normalised.
 
     The result then goes through :func:`apply_mode` and :func:`floor_rows`.
+    `draw` says how each set of rows is drawn (:func:`_dirichlet_rows`).
     """
     input_sizes = graph.input_sizes(node.name)
     n_states = node.states
     if node.kernel == "fullrank" or len(input_sizes) <= 1:
-        table = _dirichlet_rows(rng, node.alpha, n_states, (*batch, *input_sizes))
+        table = _dirichlet_rows(rng, node.alpha, n_states, (*batch, *input_sizes), draw)
     else:
         # Product of experts, combined in log space so that many peaked experts
         # (alpha << 1, entries down to MIN_PROBABILITY) cannot underflow.
         n_inputs = len(input_sizes)
         log_table = np.zeros((*batch, *input_sizes, n_states))
         for axis, size in enumerate(input_sizes):
-            expert = floor_rows(_dirichlet_rows(rng, node.alpha, n_states, (*batch, size)))
+            expert = floor_rows(_dirichlet_rows(rng, node.alpha, n_states, (*batch, size), draw))
             shape = [1] * n_inputs
             shape[axis] = size
             log_table += np.log(expert).reshape(*batch, *shape, n_states)
@@ -171,15 +224,18 @@ def apply_mode(table: np.ndarray, node: NodeSpec, n_batch_axes: int = 0) -> np.n
     return rows.reshape(table.shape)
 
 
-def draw_kernels(graph: GraphSpec, seed: int) -> dict[str, np.ndarray]:
+def draw_kernels(
+    graph: GraphSpec, seed: int, draw: KernelDraw = FIXED_KERNEL_DRAW
+) -> dict[str, np.ndarray]:
     """The fixed effective conditional of every non-`transition` node.
 
     Each node's table depends only on (seed, the node's declaration index), so
-    it is reproducible on any machine with the same numpy.
+    it is reproducible on any machine with the same numpy and scipy. `draw`
+    "numpy-dirichlet" gives the tables of format-version-1 stores.
     """
     seed = check_seed(seed)
     kernels = {}
     for index, node in enumerate(graph.nodes):
         if node.mode != "transition":
-            kernels[node.name] = draw_conditional(graph, node, kernel_rng(seed, index))
+            kernels[node.name] = draw_conditional(graph, node, kernel_rng(seed, index), draw=draw)
     return kernels

@@ -18,7 +18,8 @@ from gssm_data.graph import GraphSpec
 
 # Bump when the bytes produced for a given spec and seed change (sampler,
 # kernels, block size, layout). Part of the fingerprint.
-FORMAT_VERSION = 1
+# 2: fixed kernels drawn by "gamma-inverse-cdf" (smooth in alpha), see kernels.py.
+FORMAT_VERSION = 2
 
 
 class EntropyStats(BaseModel):
@@ -109,6 +110,8 @@ class Manifest(BaseModel):
     token_dtype: str
     block_size: int
     with_latents: bool
+    # How the fixed kernels were drawn (gssm_data.kernels); absent in version 1.
+    kernel_draw: Literal["gamma-inverse-cdf", "numpy-dirichlet"] = "numpy-dirichlet"
     splits: dict[str, SplitInfo]
     created_at: str
     complete: bool = False

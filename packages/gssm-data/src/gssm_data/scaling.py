@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gssm_data.calibrate import DEFAULT_TOLERANCE_BITS, calibrate
+from gssm_data.calibrate import CALIBRATION_SEARCH, DEFAULT_TOLERANCE_BITS, calibrate
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import (
     GenerateOptions,
@@ -36,7 +36,7 @@ from gssm_data.generate import (
 )
 from gssm_data.graph import GraphSpec, Mode, load_graph
 from gssm_data.humanize import format_validation_error, parse_count
-from gssm_data.manifest import Baselines, EntropyStats
+from gssm_data.manifest import FORMAT_VERSION, Baselines, EntropyStats
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store
 from gssm_data.yamlfile import load_yaml_file
@@ -324,6 +324,9 @@ def _calibration_key(regime: Regime, recipe: Recipe) -> dict:
         "seed": recipe.seed,
         "seq_len": recipe.seq_len,
         "tolerance_bits": recipe.tolerance_bits,
+        # Alphas found with other kernel draws or another search are not reused.
+        "format_version": FORMAT_VERSION,
+        "search": CALIBRATION_SEARCH,
     }
 
 

@@ -204,10 +204,13 @@ def calibrate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Find the Dirichlet alpha that gives a target entropy (bisection on log alpha).
+    """Find the Dirichlet alpha that gives a target entropy (log-grid scan, then refine).
 
-    Reproducible: the same graph, seed and seq_len give the same alpha. Then
-    `gssm-data generate --target-bits B` (same options) builds that dataset.
+    Scans alpha over 1e-4 .. 100, refines every bracket that straddles the
+    target (best first); an unreachable target names the lowest and highest
+    entropy seen. Reproducible: the same graph, seed, seq_len and target give
+    the same alpha. Then `gssm-data generate --target-bits B` (same options)
+    builds that dataset.
     """
     log = say(quiet)
     try:
@@ -239,6 +242,7 @@ def calibrate_command(
             "stderr_bits": result.stderr_bits,
             "tolerance_bits": result.tolerance_bits,
             "evaluations": [list(item) for item in result.evaluations],
+            "scanned_range_bits": list(result.scanned_range_bits),
             "graph": result.graph.model_dump(mode="json"),
         }
         typer.echo(json.dumps(payload, indent=2))
