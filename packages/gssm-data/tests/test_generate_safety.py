@@ -289,3 +289,27 @@ def test_the_disk_is_checked_before_the_layout_is_written(
     with pytest.raises(GssmDataError, match=r"not enough free disk .* GB needed, 0.00 GB free"):
         generate(options(out, n_train=10**7, block_size=4096))
     assert not out.exists() and not partial_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    ("graph", "fragment"),
+    [
+        ("/dev/zero", "graph file /dev/zero is not a regular file"),
+        ("deep.yaml", "nests deeper than 64 levels"),
+        ("big.yaml", "larger than the 1,048,576-byte limit"),
+        ("nan.yaml", "non-finite number nan at nodes[0].alpha"),
+        ("folder", "is a directory"),
+    ],
+)
+def test_hostile_graph_files_are_one_line_and_quick(
+    graph: str, fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("deep.yaml").write_text("nodes: " + "[" * 5000 + "]" * 5000)
+    Path("big.yaml").write_text("# padding\n" * 120_000)
+    Path("nan.yaml").write_text("nodes:\n  - {name: X, states: 2, alpha: .nan, observed: true}\n")
+    Path("folder").mkdir()
+    started = time.monotonic()
+    one_line_error(runner.invoke(app, ["generate", "--graph", graph, "-q"]), fragment)
+    assert time.monotonic() - started < 5
+    assert not Path("datasets").exists()

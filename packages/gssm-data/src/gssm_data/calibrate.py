@@ -44,7 +44,7 @@ from gssm_data.entropy import Device, auto_device, entropy_stats, sequence_entro
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
 from gssm_data.kernels import draw_kernels
-from gssm_data.preflight import MAX_SEQ_LEN, check_generatable, finite
+from gssm_data.preflight import MAX_SEQ_LEN, check_generatable, check_memory, finite
 from gssm_data.sampler import STREAMS, BlockSampler
 
 Target = Literal["latent", "observed"]
@@ -166,6 +166,12 @@ def calibrate(
         target=target,
         target_bits=target_bits,
         tolerance_bits=tolerance_bits,
+    )
+    check_memory(
+        graph,
+        seq_len=seq_len,
+        block_size=n_sequences or calibration_sequences(graph),
+        workers=1,
     )
     say = log or (lambda message: None)
     history: list[tuple[float, float, float]] = []  # (alpha, bits, stderr)

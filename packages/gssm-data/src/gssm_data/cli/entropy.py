@@ -21,6 +21,7 @@ from gssm_data.cli.app import app, console, fail, progress_wanted, say
 from gssm_data.cli.options import GraphOption, ModeOption, PresetOption, resolve_graph
 from gssm_data.errors import GssmDataError
 from gssm_data.manifest import Baselines, EntropyStats
+from gssm_data.preflight import finite
 from gssm_data.store import open_store
 
 if TYPE_CHECKING:
@@ -214,6 +215,8 @@ def calibrate_command(
     """
     log = say(quiet)
     try:
+        finite(target_bits, "--target-bits")  # before the slow imports
+        finite(tolerance_bits, "--tolerance-bits")
         spec, name = resolve_graph(preset, graph, mode)
         if target not in ("latent", "observed"):
             raise GssmDataError(f"--target {target!r}: choose latent or observed")
