@@ -136,6 +136,7 @@ def test_info_json_has_the_manifest_fields(store: Path) -> None:
     assert info["splits"]["train"]["n"] == 200 and info["splits"]["test"]["n"] == 50
     assert info["graph"]["nodes"][1]["name"] == "X" and len(info["fingerprint"]) == 16
     assert info["splits"]["test"]["entropy"]["n_sequences"] == 50
+    assert (info["format_version"], info["kernel_draw"]) == (2, "gamma-inverse-cdf")
 
 
 def test_info_table_shows_fingerprint_and_entropy(store: Path) -> None:
@@ -145,6 +146,7 @@ def test_info_table_shows_fingerprint_and_entropy(store: Path) -> None:
     assert info["fingerprint"] in result.stdout
     assert f"{info['splits']['test']['entropy']['bits_per_token']:.4f}" in result.stdout
     assert "exact" in result.stdout
+    assert "gamma-inverse-cdf" in result.stdout
 
 
 def test_info_shows_progress_of_an_interrupted_store(tmp_path: Path) -> None:

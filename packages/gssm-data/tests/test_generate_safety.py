@@ -8,6 +8,7 @@ belong to open file descriptions, so two threads conflict like two processes.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -313,3 +314,19 @@ def test_hostile_graph_files_are_one_line_and_quick(
     one_line_error(runner.invoke(app, ["generate", "--graph", graph, "-q"]), fragment)
     assert time.monotonic() - started < 5
     assert not Path("datasets").exists()
+
+
+def test_a_format_1_store_still_reads_and_is_not_taken_for_a_format_2_one(tmp_path: Path) -> None:
+    out = tmp_path / "old.zarr"
+    generate(options(out))
+    group = json.loads((out / "zarr.json").read_text())
+    manifest = group["attributes"]["manifest"]
+    manifest["format_version"] = 1
+    del manifest["kernel_draw"]  # format 1 manifests do not have it
+    manifest["fingerprint"] = "0123456789abcdef"
+    (out / "zarr.json").write_text(json.dumps(group))
+    store = open_store(out)
+    assert store.manifest.kernel_draw == "numpy-dirichlet"
+    assert verify_store(store) == []
+    with pytest.raises(GssmDataError, match=r"already exists with other settings.*fingerprint"):
+        generate(options(out))

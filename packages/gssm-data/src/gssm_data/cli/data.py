@@ -154,6 +154,7 @@ def _summary_table(store: Store) -> Table:
         ),
         ("created", m.created_at),
         ("format", f"{m.format_version} (gssm-data {m.package_version})"),
+        ("kernel draw", m.kernel_draw),
     ):
         table.add_row(key, str(value))
     return table
