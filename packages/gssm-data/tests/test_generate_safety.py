@@ -143,21 +143,30 @@ def test_two_racing_writers_both_print_a_complete_verified_store(
 
 
 def test_publishing_never_moves_a_store_it_did_not_write(tmp_path: Path) -> None:
-    """Where flock does not hold (some network file systems), a store published
-    meanwhile is kept: the same store wins, another one stops the run."""
+    """Where another task published first, or where flock does not hold (some network
+    file systems), the store in place is kept: the same store wins, another one stops
+    the run with its own copy kept."""
     out = tmp_path / "s.zarr"
+    planned = generate_module.build_manifest(options(out))
     generate(options(out))
     theirs = (out / "zarr.json").stat().st_ino
     generate(options(tmp_path / "mine.zarr"))
     (tmp_path / "mine.zarr").rename(partial_path(out))
-    status = generate_module._publish(partial_path(out), out, replacing=None, log=print)
-    assert status == "already-complete"
+    publish = generate_module._publish
+    assert publish(partial_path(out), out, planned, replacing=None, log=print) == (
+        "already-complete"
+    )
     assert (out / "zarr.json").stat().st_ino == theirs and not partial_path(out).exists()
+    # The partial already gone (another shard task renamed it): nothing to do.
+    assert publish(partial_path(out), out, planned, replacing=None, log=print) == (
+        "already-complete"
+    )
 
     generate(options(tmp_path / "other.zarr", seed=4))
     (tmp_path / "other.zarr").rename(partial_path(out))
+    other = generate_module.build_manifest(options(out, seed=4))
     with pytest.raises(GssmDataError, match="appeared while this run was writing"):
-        generate_module._publish(partial_path(out), out, replacing=None, log=print)
+        publish(partial_path(out), out, other, replacing=None, log=print)
     assert (out / "zarr.json").stat().st_ino == theirs and partial_path(out).is_dir()
 
 

@@ -80,7 +80,7 @@ from gssm_data.store import (
     partial_path,
     write_checksums,
 )
-from gssm_data.storelock import identity, is_our_store, refuse_foreign, store_lock
+from gssm_data.storelock import identity, refuse_foreign, store_lock
 
 # Train sequences whose entropy goes into the manifest (all of test is measured).
 TRAIN_ENTROPY_SEQUENCES = 4096
@@ -340,7 +340,7 @@ def _generate(
             shutil.rmtree(partial)
         store = _open_or_create_partial(partial, manifest, conditionals)
         if store.manifest.complete:  # finished earlier, killed before the rename
-            return result(_publish(partial, final, replacing=replacing, log=say), 0)
+            return result(_publish(partial, final, manifest, replacing=replacing, log=say), 0)
         with contextlib.ExitStack() as stack:
             if options.shard is not None:  # the same task twice at once is refused
                 stack.enter_context(_writer_lock(partial, options.shard))
@@ -374,7 +374,7 @@ def _generate(
                     say(f"shard {options.shard}: done; another task is publishing {final}")
                     return result("shard-done", len(todo))
                 _finalise(store, done, pool, show_progress, phases)
-                status = _publish(partial, final, replacing=replacing, log=say)
+                status = _publish(partial, final, manifest, replacing=replacing, log=say)
         return result(status, len(todo) if status == "complete" else 0)
 
 
@@ -863,39 +863,59 @@ def _remove_temporary_files(root: Path) -> None:
 
 
 def _publish(
-    partial: Path, final: Path, *, replacing: tuple[int, int] | None, log: Log
+    partial: Path,
+    final: Path,
+    manifest: Manifest,
+    *,
+    replacing: tuple[int, int] | None,
+    log: Log,
 ) -> Literal["complete", "already-complete"]:
     """Rename the finished partial store into place; called under the store lock.
 
     Only the store this run was asked to replace (--force: `replacing` is its
     identity when the run started) is moved aside, and deleted once the new
-    one is in place. A store that appeared meanwhile (possible only where
-    flock does not work) is never touched: when it is this same store, the
-    run's copy is dropped and its path reported; otherwise the run stops and
-    keeps its finished copy at `partial`.
+    one is in place. Any other store at `final` is never touched: another
+    shard task that published first, or (where flock does not work) another
+    run; see :func:`_keep_theirs`.
     """
-    replaced = None
     current = identity(final)
     if current is not None and current != replacing:
-        if is_our_store(final):
-            with contextlib.suppress(GssmDataError):
-                theirs = open_store(final).manifest
-                ours = open_store(partial, allow_incomplete=True).manifest
-                if _same_plan(theirs, ours):
-                    log(f"{final} was published by another run meanwhile; keeping it")
-                    shutil.rmtree(partial, ignore_errors=True)
-                    return "already-complete"
-        raise GssmDataError(
-            f"{final} appeared while this run was writing; it was left alone and this run's "
-            f"finished store is at {partial}"
-        )
+        return _keep_theirs(partial, final, manifest, log)
+    replaced = None
     if current is not None:
         replaced = final.with_name(f"{final.name}.replaced-{os.getpid()}")
         final.rename(replaced)
-    partial.rename(final)
+    try:
+        partial.rename(final)
+    except OSError:  # gone (published by another task), or `final` appeared meanwhile
+        if replaced is not None:
+            raise
+        return _keep_theirs(partial, final, manifest, log)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     return "complete"
+
+
+def _keep_theirs(
+    partial: Path, final: Path, manifest: Manifest, log: Log
+) -> Literal["already-complete"]:
+    """Leave a store published by someone else in place.
+
+    The same store (same plan; the bytes are deterministic): drop this run's
+    copy and report the path. Anything else: stop, keeping this run's copy.
+    """
+    try:
+        theirs = open_store(final).manifest
+    except GssmDataError:
+        theirs = None
+    if theirs is not None and _same_plan(theirs, manifest):
+        log(f"{final} was published by another run meanwhile; keeping it")
+        shutil.rmtree(partial, ignore_errors=True)
+        return "already-complete"
+    raise GssmDataError(
+        f"{final} appeared while this run was writing; it was left alone and this run's "
+        f"finished store is at {partial}"
+    )
 
 
 # --- progress -------------------------------------------------------------------
