@@ -14,7 +14,7 @@ from gssm_data import scaling as scaling_module
 from gssm_data.cli import app
 from gssm_data.errors import GssmDataError
 from gssm_data.presets import load_preset
-from gssm_data.scaling import load_recipe, materialise, regime_graph
+from gssm_data.scaling import Recipe, load_recipe, materialise, regime_graph
 from gssm_data.store import open_store
 
 REPO = Path(__file__).resolve().parents[3]
@@ -69,6 +69,8 @@ def test_the_shipped_recipe_is_valid_and_every_regime_resolves() -> None:
         ({"regimes": [{"name": "a", "preset": "debug", "alpha": 1, "target_bits": 1}]}, "not both"),
         ({"scales": {"small": {"train_sizes": ["lots"], "n_test": 1}}}, "not a count"),
         ({"unknown_key": 1}, "unknown_key"),
+        ({"tolerance_bits": float("nan")}, "non-finite number nan at tolerance_bits"),
+        ({"regimes": [{"name": "a", "preset": "debug", "alpha": float("inf")}]}, "non-finite"),
     ],
 )
 def test_bad_recipes_are_one_line_user_errors(tmp_path: Path, change: dict, message: str) -> None:
@@ -147,3 +149,8 @@ def test_scaling_command_unknown_scale_is_a_one_line_error(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["scaling", str(recipe_path), "--scale", "huge"])
     assert result.exit_code == 1
     assert "scales: small, subset" in result.output
+
+
+def test_non_finite_recipe_numbers_are_refused_from_python_too() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        Recipe.model_validate(TINY_RECIPE | {"tolerance_bits": float("inf")})

@@ -68,9 +68,13 @@ class Regime(BaseModel):
     preset: str | None = None
     graph: Path | None = Field(None, description="graph YAML, relative to the recipe file")
     mode: Mode | None = Field(None, description="set every latent node's mode")
-    target_bits: float | None = Field(None, gt=0, description="calibrate alpha to this entropy")
+    target_bits: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="calibrate alpha to this entropy"
+    )
     target: Literal["latent", "observed"] = "latent"
-    alpha: float | None = Field(None, gt=0, description="set alpha directly (no calibration)")
+    alpha: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="set alpha directly (no calibration)"
+    )
     description: str = ""
 
     @model_validator(mode="after")
@@ -113,7 +117,10 @@ class Recipe(BaseModel):
     seed: int = Field(0, ge=0)
     seq_len: int = Field(257, ge=2)
     tolerance_bits: float = Field(
-        DEFAULT_TOLERANCE_BITS, gt=0, description="calibration tolerance of every regime"
+        DEFAULT_TOLERANCE_BITS,
+        gt=0,
+        allow_inf_nan=False,
+        description="calibration tolerance of every regime",
     )
     regimes: list[Regime] = Field(min_length=1)
     scales: dict[str, Scale] = Field(min_length=1)
