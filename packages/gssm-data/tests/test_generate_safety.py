@@ -260,8 +260,8 @@ def test_preflight_limits_match_the_entropy_module() -> None:
         (["--n-test", "1e13"], "blocks of 4,096 sequences"),
         (["--target-bits", "nan"], "--target-bits nan: give a finite number"),
         (["--target-bits", "inf"], "--target-bits inf: give a finite number"),
-        (["--n", "nan"], "--n 'nan' is not a count"),
-        (["--seq-len", "inf"], "--seq-len 'inf' is not a count"),
+        (["--n", "nan"], "--n 'nan' is not a whole number"),
+        (["--seq-len", "inf"], "--seq-len 'inf' is not a whole number"),
     ],
 )
 def test_huge_or_non_finite_requests_are_one_line_and_allocate_nothing(
