@@ -16,13 +16,14 @@ V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Annotated, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from llama_train.core.attention import AttentionPlan, attend, plan_attention
 from llama_train.core.rope import RopeScaling, rotary_frequencies
 from llama_train.errors import LlamaTrainError
 
@@ -82,6 +83,13 @@ class ModelConfig(BaseModel):
     dropout: Annotated[
         float, Field(ge=0, lt=1, description="attention and residual dropout (training only)")
     ] = 0.0
+    attention: Annotated[
+        Literal["auto", "sdpa", "flex"],
+        Field(
+            description="attention kernel: sdpa (scaled_dot_product_attention), flex "
+            "(FlexAttention, forward-only on CPU), auto = the faster one measured by make bench"
+        ),
+    ] = "auto"
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -168,7 +176,8 @@ def rotary_tables(
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, T, heads, hd) by the angles of cos/sin (T, hd/2).
+    """Rotate channel pairs (2i, 2i+1) of x (B, T, heads, hd) by the angles of cos/sin
+    (T, hd/2), or (B, T, hd/2) when every row has its own positions (left-padded batches).
 
     Interleaved pairs as complex numbers times e^{i angle}, as in Meta's reference; one
     complex multiply is ~10x faster (forward + backward, CPU) than the same rotation
@@ -177,7 +186,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     would drop the imaginary part of a complex one.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, hd/2)
-    rotation = torch.complex(cos.float(), sin.float())[:, None, :]  # (T, 1, hd/2)
+    rotation = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # ([B,] T, 1, hd/2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
@@ -195,12 +204,17 @@ class KVCache:
 
     Each layer's buffers (B, K, max_len, hd) are allocated once, on its first
     write, with the dtype and device of its keys (bf16 under autocast). `length`
-    positions are filled; `Llama.forward` advances it after all layers ran.
+    slots are filled; `Llama.forward` advances it after all layers ran.
+
+    `pad` (B,) makes a batch of prompts of different lengths: row b holds pad[b]
+    filler slots first (left padding), so its token in slot s sits at position
+    s - pad[b], and no real token attends to a filler slot (`core.attention`).
     """
 
-    def __init__(self, n_layers: int, max_len: int) -> None:
+    def __init__(self, n_layers: int, max_len: int, pad: Tensor | None = None) -> None:
         self.max_len = max_len
         self.length = 0
+        self.pad = pad if pad is not None and bool(pad.any()) else None
         self.keys: list[Tensor | None] = [None] * n_layers
         self.values: list[Tensor | None] = [None] * n_layers
 
@@ -217,11 +231,12 @@ class KVCache:
         values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
-    def attention_mask(self, T: int, device: torch.device) -> Tensor:
-        """(T, length + T) bool: new query i sees cached and new keys up to its own position."""
-        query_pos = self.length + torch.arange(T, device=device)
-        key_pos = torch.arange(self.length + T, device=device)
-        return key_pos[None, :] <= query_pos[:, None]
+    def positions(self, T: int, device: torch.device) -> Tensor:
+        """Positions of the next T slots: (T,), or (B, T) with padding (filler slots at 0)."""
+        slots = self.length + torch.arange(T, device=device)
+        if self.pad is None:
+            return slots
+        return (slots[None, :] - self.pad.to(device)[:, None]).clamp(min=0)
 
 
 class Attention(nn.Module):
@@ -248,7 +263,7 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         cache: KVCache | None = None,
-        mask: Tensor | None = None,
+        plan: AttentionPlan | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -259,14 +274,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = cached + T
         k, v = repeat_kv(k, H // K), repeat_kv(v, H // K)  # (B, H, S, hd)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,  # training/evaluation: T queries over the same T keys
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, hd)
+        if plan is None:  # a block called on its own: plain causal attention
+            plan = AttentionPlan("sdpa", 0, T, None, None)
+        y = attend(q, k, v, plan, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, D)
         return self.resid_dropout(self.out(y))
 
@@ -301,9 +311,9 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         cache: KVCache | None = None,
-        mask: Tensor | None = None,
+        plan: AttentionPlan | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)  # (B, T, D)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, plan)  # (B, T, D)
         return x + self.mlp(self.mlp_norm(x))  # (B, T, D)
 
 
@@ -417,12 +427,25 @@ class Llama(nn.Module):
                 f"KV cache holds {cache.max_len} positions, {start + T} needed: build it "
                 "with max_len = prompt length + new tokens"
             )
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        mask = None if cache is None else cache.attention_mask(T, tokens.device)  # (T, S)
+        pad = None if cache is None else cache.pad
+        if pad is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        else:  # left-padded rows: positions (B, T), tables (B, T, hd/2)
+            positions = cache.positions(T, tokens.device)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        plan = plan_attention(
+            self.config.attention,
+            start=start,
+            queries=T,
+            pad=pad,
+            device=tokens.device,
+            needs_grad=torch.is_grad_enabled() and self.tok_embeddings.weight.requires_grad,
+            dropout=self.training and self.config.dropout > 0,
+        )
         x = self.tok_embeddings(tokens)  # (B, T, D)
         hidden = [x] if return_hidden else None
         for block in self.layers:
-            x = block(x, cos, sin, cache, mask)  # (B, T, D)
+            x = block(x, cos, sin, cache, plan)  # (B, T, D)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)  # (B, T, D)
