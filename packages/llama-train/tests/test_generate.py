@@ -1,0 +1,194 @@
+"""`llama-train generate`: samples scored under the true process, checked independently;
+prompt files; reproducibility; one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gssm_data.entropy import sequence_entropy
+from gssm_data.graph import parse_graph
+from gssm_data.kernels import draw_kernels
+from gssm_data.store import open_store
+from llama_train.cli import app
+from llama_train.config import resolve_config
+from llama_train.core.data import DataSpec
+from llama_train.errors import LlamaTrainError
+from llama_train.generate import generate_run, read_prompts, true_nll
+from llama_train.train import train
+
+runner = CliRunner()
+SEQ_LEN = 12
+
+
+def brute_force_nll(graph, tables, tokens: np.ndarray) -> np.ndarray:
+    """-log p(x_t | x_<t) by summing over every latent path (graph Z1 -> Z2 -> X only).
+
+    p(x_1..x_t) = sum over paths of prod_s P(z1_s | z1_{s-1}) P(z2_s | z2_{s-1}, z1_s)
+    P(x_s | z2_s), every node in state 0 at s = 0.
+    """
+    z1, z2, x = tables["Z1"], tables["Z2"], tables["X"]
+    states = [(a, b) for a in range(z1.shape[0]) for b in range(z2.shape[0])]
+    prefix = [1.0]
+    for t in range(1, len(tokens)):
+        total = 0.0
+        for path in itertools.product(states, repeat=t):
+            p, previous = 1.0, (0, 0)
+            for s, (a, b) in enumerate(path, start=1):
+                p *= z1[previous[0], a] * z2[previous[1], a, b] * x[b, tokens[s]]
+                previous = (a, b)
+            total += p
+        prefix.append(total)
+    return -np.log(np.array(prefix[1:]) / np.array(prefix[:-1]))
+
+
+def test_true_nll_equals_a_brute_force_sum_over_latent_paths():
+    graph = parse_graph(
+        {
+            "nodes": [
+                {"name": "Z1", "states": 2, "alpha": 0.5},
+                {"name": "Z2", "states": 2, "alpha": 0.5, "parents": ["Z1"]},
+                {"name": "X", "states": 3, "alpha": 0.5, "parents": ["Z2"], "observed": True},
+            ]
+        }
+    )
+    spec = DataSpec(source="online", vocab_size=3, seq_len=6, graph=graph, seed=7)
+    tables = draw_kernels(graph, 7)
+    sequences = [np.array([0, 2, 1, 1, 0]), np.array([0, 1]), np.array([0, 0, 2, 2, 1])]
+    scored = true_nll(spec, sequences, test_rows=False)
+    for sequence, nats in zip(sequences, scored, strict=True):
+        np.testing.assert_allclose(nats, brute_force_nll(graph, tables, sequence), rtol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def run_dir(make_debug_store, tmp_path_factory) -> Path:
+    store = make_debug_store(n_train=64, n_test=16, seq_len=SEQ_LEN)
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    config = resolve_config(
+        None,
+        [
+            f"data.path={store}",
+            "data.batch_size=8",
+            "model.dim=16",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "train.steps=2",
+            f"run.dir={run}",
+        ],
+    )
+    train(config, progress=False)
+    return run
+
+
+def test_samples_are_scored_against_the_store_s_graph_and_entropy_curve(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\n0\n\n0 3 5 1\n")
+    result = generate_run(run_dir, n=5, max_new_tokens=6, prompts_file=prompts, seed=1)
+    store = open_store(resolve_config_path(run_dir))
+    curve = np.array(store.entropy("test").per_position)
+    assert [s.prompt_length for s in result.samples] == [1, 4, 1, 4, 1]
+    for sample in result.samples:
+        tokens = np.array(sample.tokens)
+        assert len(tokens) == sample.prompt_length + 6
+        nats = sequence_entropy(store.graph, store.conditionals(), tokens[None])[0]
+        start = sample.prompt_length - 1
+        assert sample.true_nll == pytest.approx(nats[start:].mean(), rel=1e-12)
+        assert sample.data_entropy == pytest.approx(curve[start : start + 6].mean(), rel=1e-12)
+    assert result.true_nll == pytest.approx(np.mean([s.true_nll for s in result.samples]))
+    assert result.samples[1].tokens[:4] == [0, 3, 5, 1]
+
+
+def resolve_config_path(run_dir: Path) -> Path:
+    from llama_train.config import read_run_config
+
+    return read_run_config(run_dir).data.path
+
+
+def test_samples_depend_on_the_seed_not_on_the_batch_size(run_dir):
+    small = generate_run(run_dir, n=6, max_new_tokens=5, seed=3, batch_size=4)
+    large = generate_run(run_dir, n=6, max_new_tokens=5, seed=3, batch_size=64)
+    assert [s.tokens for s in small.samples] == [s.tokens for s in large.samples]
+    other = generate_run(run_dir, n=6, max_new_tokens=5, seed=4)
+    assert [s.tokens for s in other.samples] != [s.tokens for s in small.samples]
+
+
+def test_from_test_continues_the_test_sequences_up_to_the_data_s_length(run_dir):
+    result = generate_run(run_dir, n=3, from_test=4, temperature=0)
+    test_rows = np.asarray(open_store(resolve_config_path(run_dir)).tokens("test")[:3])
+    for row, sample in zip(test_rows, result.samples, strict=True):
+        assert sample.tokens[:4] == row[:4].tolist()
+        assert len(sample.tokens) == SEQ_LEN  # default: as long as the data's sequences
+    assert result.data_entropy is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0 1 x\n", r"line 1: '0 1 x' is not a list of integer token ids"),
+        ("0 1\n0 9\n", r"line 2: token 9 is outside the vocabulary 0..7"),
+        ("0 -1\n", r"token -1 is outside the vocabulary"),
+        ("3 1\n", r"line 1: a prompt starts with the start token 0"),
+        ("# nothing\n\n", r"holds no prompt"),
+    ],
+)
+def test_bad_prompt_files_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "p.txt"
+    path.write_text(text)
+    with pytest.raises(LlamaTrainError, match=message):
+        read_prompts(path, vocab_size=8)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--max-new-tokens", "40"], r"needs 40 positions; the model has model.max_seq_len=12"),
+        (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["--prompts", "missing.txt"], "cannot read prompts from missing.txt"),
+        (["--from-test", "3", "--n", "99"], "the test split has only 16 sequences"),
+        (["--device", "tpu"], "--device 'tpu': choose auto, cpu or cuda"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_exit_1(run_dir, arguments, message):
+    result = runner.invoke(app, ["generate", str(run_dir), *arguments])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in " ".join(result.output.split()), result.output
+
+
+def test_cli_prints_the_table_json_and_writes_samples_in_the_prompt_format(run_dir, tmp_path):
+    out = tmp_path / "samples.txt"
+    shown = runner.invoke(app, ["generate", str(run_dir), "--n", "3", "--out", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "true NLL of the samples" in shown.output and "entropy" in shown.output
+    as_json = runner.invoke(app, ["generate", str(run_dir), "--n", "3", "--json"])
+    data = json.loads(as_json.output)
+    assert data["n"] == 3 and len(data["samples"]) == 3
+    assert set(data["summary"]) >= {"true_nll", "data_entropy", "model_nll", "true_nll_bits"}
+    written = read_prompts(out, vocab_size=8)  # samples are valid prompts
+    assert [row.tolist() for row in written.rows] == [s["tokens"] for s in data["samples"]]
+
+
+def test_a_transition_graph_scores_test_continuations_under_each_row_s_kernel(tmp_path):
+    """Scoring the stored test rows themselves must give the store's own exact figures."""
+    from gssm_data.entropy import rows_entropy
+    from gssm_data.generate import GenerateOptions, generate
+    from gssm_data.presets import load_preset
+    from llama_train.core.data import DataConfig, resolve_data
+
+    out = tmp_path / "transition.zarr"
+    graph = load_preset("debug").with_mode("transition")
+    options = GenerateOptions(
+        graph=graph, name="debug", out=out, n_train=8, n_test=70, seq_len=6, block_size=32
+    )
+    generate(options)
+    spec = resolve_data(DataConfig(path=out))
+    rows = list(np.asarray(spec.store.tokens("test")[:70]).astype(np.int64))
+    scored = true_nll(spec, rows, test_rows=True)
+    np.testing.assert_allclose(np.stack(scored), rows_entropy(spec.store, "test", 0, 70))
+    with pytest.raises(LlamaTrainError, match="use --from-test K"):
+        true_nll(spec, rows, test_rows=False)
