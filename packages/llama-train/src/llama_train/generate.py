@@ -35,7 +35,7 @@ from llama_train.core.evaluate import LN2, EvalSet
 from llama_train.core.generation import generate_batch
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR
+from llama_train.rundir import CHECKPOINT_DIR, atomic_write
 
 START_TOKEN = 0
 
@@ -362,8 +362,6 @@ def write_samples(result: GenerationResult, path: Path) -> None:
     lines = "".join(" ".join(map(str, s.tokens)) + "\n" for s in result.samples)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(lines)
-        partial.replace(path)
+        atomic_write(path, lines)
     except OSError as error:
         raise LlamaTrainError(f"cannot write samples to {path}: {error}") from None
