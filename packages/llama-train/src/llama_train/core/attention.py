@@ -10,11 +10,14 @@ Two kernels compute the same thing:
 
 - ``sdpa``: ``F.scaled_dot_product_attention``, with ``is_causal`` when there is no
   padding (no mask tensor at all) or with a dense boolean mask (B, 1, T, S) otherwise.
-- ``flex``: ``torch.nn.attention.flex_attention`` (compiled), whose block mask skips the
-  blocks the mask hides entirely. It runs full-sequence passes (training, evaluation,
-  the prefill of a prompt batch); an incremental decoding step (one query over a cache)
-  always uses SDPA, where a block mask has nothing to skip. FlexAttention has no
-  backward pass on CPU and no dropout.
+- ``flex``: ``torch.nn.attention.flex_attention``, whose block mask skips the blocks the
+  mask hides entirely. It runs full-sequence passes (training, evaluation, the prefill
+  of a prompt batch); an incremental decoding step (one query over a cache) always uses
+  SDPA, where a block mask has nothing to skip. FlexAttention has no dropout and no
+  backward pass on CPU. On CUDA it is compiled; on CPU it runs uncompiled (a dense
+  reference path: correct, not fast), because compiled CPU flex_attention returned wrong
+  values, intermittently, for some sequence lengths in torch 2.13 (8, 24, 40, 56, 72 and
+  88 positions among those `make bench` checks).
 
 ``model.attention: auto`` picks, per pass, the kernel that won in ``make bench``
 (``tests/benchmarks/bench_attention.py``; figures in the README): see :func:`flex_wins`.
@@ -23,6 +26,7 @@ Two kernels compute the same thing:
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,20 +52,30 @@ def flex_wins(device: torch.device, *, padded: bool) -> bool:
     """Where `auto` uses FlexAttention: the cases where it beat SDPA in `make bench`.
 
     Measured on CPU (forward; compiled flex, after its one-off compilation) SDPA was
-    faster for both the causal training shapes and the padded prefill masks, so auto
-    keeps SDPA there. CUDA has not been measured by this project yet; until it is,
-    auto keeps SDPA on every device, and `model.attention: flex` forces the other kernel.
+    faster for both the causal training shapes and the padded prefill masks, and the
+    flex that runs on CPU is the slower uncompiled one, so auto keeps SDPA there. CUDA
+    has not been measured by this project yet; until it is, auto keeps SDPA on every
+    device, and `model.attention: flex` forces the other kernel.
     """
     del device, padded
     return False
 
 
 @functools.cache
-def _compiled_flex() -> Any:
-    """flex_attention compiled once per process; eager flex is a slow reference path."""
+def compiled_flex() -> Any:
+    """flex_attention compiled once per process (CUDA); eager flex is a dense reference."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention)
+
+
+def _eager_flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+    """Uncompiled flex_attention (CPU), without its warning that it is unfused."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask)
 
 
 @dataclass(frozen=True)
@@ -166,7 +180,9 @@ def _check_flex_runs(device: torch.device, *, needs_grad: bool, dropout: bool) -
 def attend(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, dropout_p: float) -> Tensor:
     """Attention of q (B, H, T, hd) over k, v (B, H, S, hd) as `plan` says -> (B, H, T, hd)."""
     if plan.kernel == "flex":
-        return _compiled_flex()(q, k, v, block_mask=plan.block_mask)
+        if q.device.type == "cpu":  # compiled CPU flex gave wrong values (module docstring)
+            return _eager_flex(q, k, v, plan.block_mask)
+        return compiled_flex()(q, k, v, block_mask=plan.block_mask)
     return F.scaled_dot_product_attention(
         q,
         k,
