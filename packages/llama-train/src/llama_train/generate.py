@@ -28,14 +28,14 @@ from gssm_data.errors import GssmDataError
 from gssm_data.kernels import draw_kernels
 from gssm_data.sampler import STREAMS
 from llama_train.config import read_run_config
-from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.data import DataSpec, online_sampler, resolve_data
 from llama_train.core.distributed import RankInfo, resolve_device
 from llama_train.core.evaluate import LN2, EvalSet
 from llama_train.core.generation import generate_batch
-from llama_train.core.model import Llama, ModelConfig
+from llama_train.core.model import Llama
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR, atomic_write
+from llama_train.loading import build_model, read_checkpoint_weights
+from llama_train.rundir import atomic_write
 
 START_TOKEN = 0
 
@@ -190,21 +190,12 @@ def start_prompts() -> Prompts:
 def load_run_model(
     run_dir: Path, checkpoint: int | None, device: str
 ) -> tuple[Llama, int, DataSpec]:
-    """The model of a run's checkpoint (latest by default) in eval mode, its step, its data."""
+    """The model of a run's checkpoint (the newest sound one by default) in eval mode,
+    its step and the run's data; from safetensors weights (nothing is unpickled)."""
     config = read_run_config(run_dir)
-    manager = CheckpointManager(run_dir / CHECKPOINT_DIR, keep=None)
-    if checkpoint is None:
-        latest = manager.load_latest()
-        if latest is None:
-            raise LlamaTrainError(f"{run_dir} has no checkpoint yet; train it first")
-        step, state = latest
-    else:
-        step, state = checkpoint, manager.load(checkpoint)
-    model_config = ModelConfig.model_validate(state.get("model_config", config.model.model_dump()))
+    weights = read_checkpoint_weights(run_dir, checkpoint)
     torch_device = resolve_device(config.train.model_copy(update={"device": device}), RankInfo())
-    model = Llama(model_config).to(torch_device)
-    model.load_state_dict(state["model"])
-    return model.eval(), step, resolve_data(config.data)
+    return build_model(weights, torch_device), weights.step, resolve_data(config.data)
 
 
 # -- scoring under the true process ----------------------------------------------------
