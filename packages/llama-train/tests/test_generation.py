@@ -191,3 +191,16 @@ def test_flex_training_on_cpu_is_one_clear_error():
     auto = Llama(tiny(attention="auto"), seed=0)
     _, loss, _ = auto(tokens, tokens)
     loss.backward()  # auto falls back to SDPA where flex cannot run
+
+
+def test_a_run_may_resume_with_another_attention_kernel_but_not_another_model(tmp_path):
+    from llama_train.config import resolve_config, write_config
+    from llama_train.train import check_resumable
+
+    base = ["data.preset=debug", "data.source=online", "data.seq_len=9", f"run.dir={tmp_path}"]
+    write_config(resolve_config(None, base))
+    flex = resolve_config(None, [*base, "model.attention=flex"])
+    assert check_resumable(tmp_path, flex, has_checkpoint=True) == ["model.attention: auto -> flex"]
+    wider = resolve_config(None, [*base, "model.dim=512"])
+    with pytest.raises(LlamaTrainError, match="holds checkpoints of another model"):
+        check_resumable(tmp_path, wider, has_checkpoint=True)

@@ -211,6 +211,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Model keys that choose how the same weights are computed with, not what they are: a
+# run may resume with another attention kernel (same results to float tolerance).
+WEIGHT_NEUTRAL_KEYS = frozenset({"model.attention"})
+
+
 def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) -> list[str]:
     """Compare the config of an existing run with this one before resuming it.
 
@@ -224,7 +229,9 @@ def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) ->
     old = _flatten(load_yaml(old_path))
     new = _flatten(config.model_dump(mode="json"))
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-    model_changes = [key for key in changed if key.startswith("model.")]
+    model_changes = [
+        key for key in changed if key.startswith("model.") and key not in WEIGHT_NEUTRAL_KEYS
+    ]
     if model_changes:
         details = ", ".join(f"{key}: {old.get(key)} -> {new.get(key)}" for key in model_changes)
         raise LlamaTrainError(
