@@ -162,6 +162,17 @@ def test_resuming_with_another_model_is_refused_naming_the_keys(store, tmp_path)
         build_trainer(_config(store, run_dir, "train.steps=2", "model.dim=32"))
 
 
+def test_a_run_whose_config_predates_a_new_key_still_resumes(store, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_config(store, run_dir, "train.steps=2"), progress=False)
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del written["model"]["rope_scaling"]  # as written by a version without the key
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(written))
+    build_trainer(_config(store, run_dir, "train.steps=4"))  # the default is no change
+    with pytest.raises(LlamaTrainError, match=r"model.rope_scaling.method: none -> linear"):
+        build_trainer(_config(store, run_dir, "train.steps=4", "model.rope_scaling.method=linear"))
+
+
 def test_running_a_finished_run_again_changes_nothing(store, tmp_path):
     config = _config(store, tmp_path / "run", "train.steps=3", "train.log_every=1")
     first = train(config, progress=False)

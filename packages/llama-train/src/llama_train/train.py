@@ -226,8 +226,10 @@ def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) ->
     old_path = run_dir / CONFIG_FILENAME
     if not has_checkpoint or not old_path.is_file():
         return []
-    old = _flatten(load_yaml(old_path))
     new = _flatten(config.model_dump(mode="json"))
+    # A key the old file lacks (written before the key existed) had its default then.
+    defaults = _flatten(type(config).model_construct().model_dump(mode="json", warnings=False))
+    old = {key: defaults[key] for key in new if key in defaults} | _flatten(load_yaml(old_path))
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     model_changes = [
         key for key in changed if key.startswith("model.") and key not in WEIGHT_NEUTRAL_KEYS
