@@ -74,3 +74,22 @@ def test_debug_is_tiny() -> None:
 def test_an_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(GssmDataError, match=r"unknown preset 'hm'; known presets: .*hmm"):
         load_preset("hm")
+
+
+def test_presets_json_lists_every_preset_with_its_graph() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from gssm_data.cli import app
+    from gssm_data.graph import GraphSpec
+
+    result = CliRunner().invoke(app, ["presets", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [item["name"] for item in listed] == preset_names()
+    for item in listed:
+        graph = GraphSpec.model_validate(item["graph"])
+        assert graph == load_preset(item["name"])
+        assert item["vocab_size"] == graph.vocab_size
+        assert item["joint_latent_states"] == graph.joint_latent_states

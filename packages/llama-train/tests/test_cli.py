@@ -76,7 +76,9 @@ def test_a_missing_config_or_run_directory_exits_1(tmp_path):
     not_a_run = runner.invoke(app, ["eval", str(tmp_path)])
     assert not_a_run.exit_code == 1 and "is not a run directory" in not_a_run.output
     no_metrics = runner.invoke(app, ["plot", str(tmp_path)])
-    assert no_metrics.exit_code == 1 and "no metrics file" in no_metrics.output
+    assert (
+        no_metrics.exit_code == 1 and "no run directory (with metrics.jsonl)" in no_metrics.output
+    )
 
 
 def test_config_schema_prints_the_json_schema():

@@ -209,6 +209,7 @@ def test_the_json_schema_lists_every_section():
         "logging",
         "run",
         "distributed",
+        "profile",
     }
     assert schema["required"] == ["data"]
 

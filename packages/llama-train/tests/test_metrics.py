@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-import pytest
 import torch
 
-from llama_train.core.evaluate import EvalResult, eval_file, save_result
 from llama_train.core.metrics import MetricLogger, read_metrics, system_metrics, truncate_after
-from llama_train.errors import LlamaTrainError
-from llama_train.plot import plot_run
 from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME
 
 
@@ -87,34 +82,3 @@ def test_wandb_offline_logs_locally_and_a_resumed_run_keeps_its_id(tmp_path, mon
     with MetricLogger(run_dir, resume_step=1, wandb_mode="offline", wandb_project="tests") as again:
         assert again.wandb_run_id == run_id
     assert read_metrics(run_dir)[0]["loss"] == 1.0
-
-
-def _result(step: int, loss: float) -> EvalResult:
-    return EvalResult(
-        step=step,
-        split="test",
-        n_sequences=4,
-        loss=loss,
-        entropy=1.0,
-        entropy_method="exact",
-        loss_per_position=[loss + 0.5, loss - 0.5],
-        entropy_per_position=[1.5, 0.5],
-    )
-
-
-def test_plot_draws_a_png_from_metrics_and_the_last_evaluation(tmp_path):
-    with MetricLogger(tmp_path) as logger:
-        for step in (1, 2, 3, 4):
-            logger.log({"step": step, "loss": 3.0 / step})
-        logger.log({"step": 4, **_result(4, 1.2).metrics()})
-    save_result(_result(4, 1.2), eval_file(tmp_path, 4))
-    path = plot_run(tmp_path, tmp_path / "out" / "curve.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_plot_of_a_run_without_losses_is_a_user_error(tmp_path):
-    with pytest.raises(LlamaTrainError, match="no metrics file"):
-        plot_run(tmp_path)
-    Path(tmp_path / METRICS_FILENAME).write_text("")
-    with pytest.raises(LlamaTrainError, match="no loss to plot"):
-        plot_run(tmp_path)

@@ -59,7 +59,9 @@ from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
 from gssm_data.kernels import draw_conditional
 from gssm_data.manifest import Baselines, EntropyStats
+from gssm_data.progress import as_mode, progress_display
 from gssm_data.sampler import STREAMS, block_rng, state_dtype
+from gssm_data.store import ENTROPY_DIMENSIONS
 
 if TYPE_CHECKING:
     from gssm_data.store import Store
@@ -553,21 +555,27 @@ def iter_split_entropy(
     conditionals = store.conditionals()
     sampler = store.sampler() if store.graph.has_transition else None
     tokens = store.tokens(split)
+    # Rows are scored in pieces of one forward chunk, aligned on the block, so a
+    # progress bar moves every few seconds and the figures do not depend on `start`.
+    piece = min(default_batch_size(store.graph), block_size)
     row = start
     while row < stop:
         block = row // block_size
-        end = min((block + 1) * block_size, stop)
-        kernels = {}
+        first, end = block * block_size, min((block + 1) * block_size, stop)
+        read_from, block_tokens = row, np.asarray(tokens[row:end])
+        drawn = {}
         if sampler is not None:
-            within = slice(row - block * block_size, end - block * block_size)
             drawn = sampler.transition_kernels(STREAMS[split], block)
+        while row < end:
+            piece_end = min(first + ((row - first) // piece + 1) * piece, end)
+            within = slice(row - first, piece_end - first)
             kernels = {name: table[within] for name, table in drawn.items()}
-        block_tokens = np.asarray(tokens[row:end])
-        nats = sequence_entropy(
-            store.graph, conditionals, block_tokens, transition_kernels=kernels, device=device
-        )
-        yield row, block_tokens, nats
-        row = end
+            piece_tokens = block_tokens[row - read_from : piece_end - read_from]
+            nats = sequence_entropy(
+                store.graph, conditionals, piece_tokens, transition_kernels=kernels, device=device
+            )
+            yield row, piece_tokens, nats
+            row = piece_end
 
 
 def rows_entropy(
@@ -593,16 +601,17 @@ def rows_entropy(
 
 @contextmanager
 def _progress(description: str, total: int, quiet: bool) -> Iterator[Progress]:
-    """A rich progress bar on stderr (sequences done, elapsed, ETA); silent if quiet."""
-    progress = Progress(
+    """Sequences done, elapsed, ETA: a bar on a terminal, lines in a log; silent if quiet."""
+    progress = progress_display(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("sequences"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
-        disable=quiet,
+        mode=as_mode(not quiet),
     )
     with progress:
         progress.add_task(description, total=total)
@@ -627,10 +636,17 @@ def _measure(
     sequence_means: list[np.ndarray] = []
     position_sums = np.zeros(seq_len - 1)
     accumulator = _BaselineAccumulator(store.graph.vocab_size)
+    block_size = store.manifest.block_size
+    pending: list[np.ndarray] = []  # pieces of the block being written: whole-chunk writes
     with _progress(f"entropy of {split}", stop, quiet) as progress:
         for row, tokens, nats in iter_split_entropy(store, split, stop=stop, device=device):
+            end = row + len(nats)
             if write_to is not None:
-                write_to[row : row + len(nats)] = nats.astype(np.float32)
+                pending.append(nats.astype(np.float32))
+                if end % block_size == 0 or end == stop:
+                    rows = sum(len(part) for part in pending)
+                    write_to[end - rows : end] = np.concatenate(pending)
+                    pending = []
             sequence_means.append(nats.mean(axis=1))
             position_sums += nats.sum(axis=0)
             accumulator.add(tokens)
@@ -683,6 +699,7 @@ def write_split_entropy(
         dtype="float32",
         fill_value=float("nan"),
         overwrite=True,
+        dimension_names=ENTROPY_DIMENSIONS,
         attributes={
             "complete": False,
             "units": "nats",

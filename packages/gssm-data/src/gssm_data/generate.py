@@ -60,12 +60,14 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from gssm_data import resources
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
 from gssm_data.humanize import format_si
 from gssm_data.kernels import FIXED_KERNEL_DRAW, draw_kernels
 from gssm_data.manifest import Manifest, SplitInfo, fingerprint
 from gssm_data.preflight import check_generatable, check_memory, check_sizes
+from gssm_data.progress import as_mode, progress_display
 from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler, state_dtype
 from gssm_data.store import (
     PROGRESS_DIR,
@@ -137,6 +139,8 @@ class GenerateOptions(BaseModel):
     seq_len: int = Field(default=257, ge=2)
     seed: int = Field(default=0, ge=0)
     workers: int = Field(default=1, ge=1)
+    # CPU threads of the entropy pass (run after the writers stop); None = free CPUs.
+    threads: int | None = Field(default=None, ge=1)
     shard: Shard | None = None
     with_latents: bool = False
     force: bool = False
@@ -239,11 +243,8 @@ def _package_version() -> str:
 
 
 def available_cpus() -> int:
-    """CPUs this process may use (respects Slurm and taskset), at least 1."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # not Linux
-        return max(os.cpu_count() or 1, 1)
+    """CPUs this process may use (Slurm, taskset, a cgroup quota), at least 1."""
+    return resources.available_cpus()
 
 
 # --- the entry point --------------------------------------------------------
@@ -373,7 +374,7 @@ def _generate(
                 if not owned:
                     say(f"shard {options.shard}: done; another task is publishing {final}")
                     return result("shard-done", len(todo))
-                _finalise(store, done, pool, show_progress, phases)
+                _finalise(store, done, pool, show_progress, phases, threads=options.threads)
                 status = _publish(partial, final, manifest, replacing=replacing, log=say)
         return result(status, len(todo) if status == "complete" else 0)
 
@@ -801,6 +802,8 @@ def _finalise(
     pool: _Workers,
     progress: bool,
     phases: dict[str, float],
+    *,
+    threads: int | None = None,
 ) -> None:
     """Check every block against its marker, then record checksums, entropy, completion."""
     m = store.manifest
@@ -813,7 +816,9 @@ def _finalise(
     ]
     problems: list[tuple[str, int, str]] = []
     with _progress_bar(progress) as bar:
-        task = bar.add_task("verifying blocks", total=len(done), blocks="")
+        task = bar.add_task(
+            "verifying blocks", total=len(done), blocks=f"{len(done)} blocks", unit="blocks"
+        )
 
         def on_result(check_task: BlockTask, found: object) -> None:
             assert isinstance(found, list)
@@ -835,6 +840,7 @@ def _finalise(
         checksums = np.array([done[(split, b)] for b in range(info.blocks)], dtype=np.uint32)
         write_checksums(store, split, checksums)
     clock = time.perf_counter()
+    resources.set_torch_threads(threads)  # the writers are gone: the free CPUs are ours
     splits = {split: _measured(store, split, progress) for split in m.splits}
     phases["entropy"] = time.perf_counter() - clock
     _remove_temporary_files(store.path)
@@ -921,28 +927,30 @@ def _keep_theirs(
 # --- progress -------------------------------------------------------------------
 
 
-class _TokensPerSecond(ProgressColumn):
+class _Speed(ProgressColumn):
+    """Items per second in the task's own unit (field `unit`: tokens written, blocks checked)."""
+
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "tok")
         if speed is None:
-            return Text("-- tok/s", style="progress.data.speed")
-        return Text(f"{format_si(speed)} tok/s", style="progress.data.speed")
+            return Text(f"-- {unit}/s", style="progress.data.speed")
+        return Text(f"{format_si(speed)} {unit}/s", style="progress.data.speed")
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Progress]:
-    """A rich progress bar on stderr, or a silent stand-in."""
-    progress = Progress(
+def _progress_bar(show: bool) -> Iterator[Progress]:
+    """A rich progress bar on a terminal, periodic lines in a log, or nothing."""
+    progress = progress_display(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.fields[blocks]}"),
-        _TokensPerSecond(),
+        _Speed(),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
+        mode=as_mode(show),
     )
     with progress:
         yield progress

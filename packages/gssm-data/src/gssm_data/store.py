@@ -20,7 +20,9 @@ stored: ``crc = crc32(latent_k, ... crc32(latent_1, crc32(tokens)))``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,7 +50,11 @@ CHECKSUM_ARRAY = "block_crc32"
 COMPRESSORS = (ZstdCodec(level=3),)
 # A block of zeros is still written: a missing chunk file is then always an error.
 ARRAY_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
+# Zarr v3 dimension names: xarray (and any labelled-array reader) needs them on
+# every array of a group to open it. Names are consistent across a split's arrays.
 DIMENSIONS = ("sequence", "position")
+ENTROPY_DIMENSIONS = ("sequence", "predicted_position")  # positions 1 .. seq_len-1
+CHECKSUM_DIMENSIONS = ("block",)
 
 Mode = Literal["r", "r+"]
 
@@ -280,6 +286,7 @@ def create_layout(path: Path, manifest: Manifest, conditionals: dict[str, np.nda
             chunks=table.shape,
             dtype="float64",
             compressors=COMPRESSORS,
+            dimension_names=conditional_dimensions(manifest.graph, node),
         )
         array[...] = table
     for split, info in manifest.splits.items():
@@ -295,6 +302,71 @@ def create_layout(path: Path, manifest: Manifest, conditionals: dict[str, np.nda
                 config=ARRAY_CONFIG,
             )
     group.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
+
+
+def conditional_dimensions(graph: GraphSpec, name: str) -> tuple[str, ...]:
+    """Axis names of `graph/<name>/conditional`: (`<name>_previous` if latent, parents, `<name>`).
+
+    The next state's axis carries the node's own name, an input axis its
+    parent's; the previous state of a latent node is `<name>_previous`.
+    """
+    node = graph.node(name)
+    inputs = [] if node.observed else [f"{name}_previous"]
+    return (*inputs, *node.parents, name)
+
+
+def dimension_names(manifest: Manifest, key: str) -> tuple[str, ...] | None:
+    """The dimension names an array of a store carries, by its key; None for an unknown key."""
+    parts = key.strip("/").split("/")
+    if parts[0] == "graph" and len(parts) == 3 and parts[2] == "conditional":
+        return conditional_dimensions(manifest.graph, parts[1])
+    if parts[0] not in manifest.splits:
+        return None
+    if parts[1:] == ["tokens"] or (len(parts) == 3 and parts[1] == "latents"):
+        return DIMENSIONS
+    if parts[1:] == ["entropy"]:
+        return ENTROPY_DIMENSIONS
+    if parts[1:] == [CHECKSUM_ARRAY]:
+        return CHECKSUM_DIMENSIONS
+    return None
+
+
+def name_dimensions(path: str | Path) -> list[str]:
+    """Give every array of a store written without dimension names its names; return their keys.
+
+    Stores written before gssm-data named dimensions open in zarr but not in
+    xarray. Only each array's metadata document (`<key>/zarr.json`) is
+    rewritten, atomically; data chunks are not touched, so checksums and the
+    fingerprint stay valid. Safe to run again (it then changes nothing).
+    """
+    store = open_store(path, allow_incomplete=True)
+    named = []
+    for key in _array_keys(store.group):
+        names = dimension_names(store.manifest, key)
+        metadata_path = store.path / key / "zarr.json"
+        if names is None or not metadata_path.is_file():
+            continue
+        metadata = json.loads(metadata_path.read_text())
+        if metadata.get("dimension_names") is not None:
+            continue
+        if len(names) != len(metadata["shape"]):
+            raise GssmDataError(f"{key}: expected {len(names)} axes, found {metadata['shape']}")
+        metadata["dimension_names"] = list(names)
+        partial = metadata_path.with_name("zarr.json.partial")
+        partial.write_text(json.dumps(metadata, indent=2))
+        os.replace(partial, metadata_path)
+        named.append(key)
+    return named
+
+
+def _array_keys(group: zarr.Group, prefix: str = "") -> Iterator[str]:
+    """Keys of every array below a group, depth first."""
+    for name, member in group.members():
+        key = f"{prefix}{name}"
+        if isinstance(member, zarr.Group):
+            yield from _array_keys(member, key + "/")
+        else:
+            yield key
 
 
 def split_arrays(manifest: Manifest, split: str) -> list[tuple[str, np.dtype]]:
@@ -318,6 +390,7 @@ def write_checksums(store: Store, split: str, checksums: np.ndarray) -> None:
         fill_value=0,
         compressors=COMPRESSORS,
         overwrite=True,
+        dimension_names=CHECKSUM_DIMENSIONS,
     )
     array[...] = checksums.astype(np.uint32)
 

@@ -35,6 +35,7 @@ from llama_train.core.metrics import LoggingConfig
 from llama_train.core.model import ModelConfig
 from llama_train.core.optim import OptimConfig
 from llama_train.core.plain_text import PlainPath, PlainStr
+from llama_train.core.profiler import ProfileConfig
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import CONFIG_FILENAME, atomic_write
 
@@ -64,11 +65,20 @@ class TrainSection(BaseModel):
     threads: int | None = Field(
         None,
         gt=0,
-        description="CPU threads of PyTorch ops; None = PyTorch's default (one per "
-        "core). On a shared machine fewer threads than cores can be much faster",
+        description="CPU threads of PyTorch ops; None = the idle CPUs this process may use "
+        "(affinity, cgroup quota, 1-minute load; OMP_NUM_THREADS wins) less one per "
+        "data.num_workers, one per rank when several run. PyTorch's one-per-core default is "
+        "many times slower on a busy machine",
     )
     log_every: int = Field(10, gt=0, description="steps between metrics lines (mean over them)")
-    progress: bool = Field(True, description="show a progress bar (rank 0 only)")
+    progress: bool = Field(
+        True,
+        description="show progress (rank 0 only): a bar on a terminal, else a line every "
+        "progress_every seconds (Slurm logs, CI)",
+    )
+    progress_every: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines off a terminal"
+    )
 
 
 class RunConfig(BaseModel):
@@ -101,6 +111,7 @@ class TrainConfig(BaseModel):
     logging: LoggingConfig = LoggingConfig()
     run: RunConfig = RunConfig()
     distributed: DistributedConfig = DistributedConfig()
+    profile: ProfileConfig = ProfileConfig()
 
     @property
     def run_dir(self) -> Path:

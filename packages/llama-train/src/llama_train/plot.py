@@ -1,28 +1,31 @@
-"""Plots of a run: training and test loss against the exact entropy, and per position.
+"""`llama-train plot`: one PNG that reads on any range, for one run or many.
 
-Reads only the run directory (metrics.jsonl, the latest eval/ result and
-summary.json), so a finished, running or copied run can be plotted anywhere.
+Three panels, every run overlaid (a folder of runs or a sweep directory):
+
+1. loss against predicted tokens (training lines, evaluations as dots) with
+   the exact entropy of the evaluation set as the floor, log-scaled y in nats
+   with a bits axis on the right, and for a single run a steps axis on top;
+2. the excess loss (evaluation loss minus exact entropy) against tokens,
+   log-log: the approach to the floor, which a loss curve flattens away;
+3. the excess loss at each position of the latest evaluation (one curve per
+   run rather than a loss and an entropy curve that differ by a hair).
+
+Log axes get labelled ticks however narrow their range: within a decade
+matplotlib's default labels no tick at all, so there ticks are placed at
+round values.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+from typing import Any
 
-from llama_train.core.evaluate import latest_result
-from llama_train.core.metrics import read_metrics
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import METRICS_FILENAME, SUMMARY_FILENAME
+from llama_train.runs import LN2, RunData, load_runs
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw a run's curves into a PNG (default `<run dir>/loss.png`); return its path.
-
-    Left (log scale): training loss per metrics line, evaluation loss, and
-    the exact entropy of the evaluation set as the floor. Right: the last evaluation's
-    loss at each position next to the exact entropy at that position.
-    """
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -32,73 +35,153 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise LlamaTrainError(
             "plotting needs matplotlib: pip install 'llama-train[plot]'"
         ) from None
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    train_lines = [r for r in records if r.get("loss") is not None]
-    eval_lines = [r for r in records if r.get("eval/loss") is not None]
-    if not train_lines and not eval_lines:
-        raise LlamaTrainError(f"{run_dir / METRICS_FILENAME} has no loss to plot yet")
-    final = latest_result(run_dir)
-    figure, (curve, positions) = plt.subplots(1, 2, figsize=(12, 4.5))
-    if train_lines:
-        curve.plot(
-            [r["step"] for r in train_lines],
-            [r["loss"] for r in train_lines],
-            label="training loss",
-            color="tab:blue",
-            linewidth=1,
-        )
-    if eval_lines:
-        curve.plot(
-            [r["step"] for r in eval_lines],
-            [r["eval/loss"] for r in eval_lines],
-            "o-",
-            label="test loss",
-            color="tab:orange",
-            markersize=3,
-        )
-        entropy = eval_lines[-1]["eval/entropy"]
-        curve.axhline(
-            entropy, color="black", linestyle="--", label=f"exact entropy {entropy:.4f} nats"
-        )
-    for key, label, style in (("unigram_bits", "unigram", ":"), ("zstd_bits", "zstd", "-.")):
-        nats = _baseline_nats(run_dir, key)
-        if nats is not None:
-            curve.axhline(nats, color="grey", linestyle=style, label=f"{label} {nats:.4f} nats")
-    # Log scale: the approach to the floor, not the first steps, is the story.
-    curve.set_yscale("log")
-    curve.set_xlabel("step")
-    curve.set_ylabel("nats per token (log scale)")
-    curve.set_title(f"{run_dir.name}: loss against the exact entropy")
-    curve.legend(fontsize="small")
-    curve.grid(alpha=0.3)
-    if final is not None:
-        xs = range(1, len(final.loss_per_position) + 1)
-        positions.plot(
-            xs, final.loss_per_position, label=f"model (step {final.step})", color="tab:orange"
-        )
-        positions.plot(
-            xs, final.entropy_per_position, label="exact entropy", color="black", linestyle="--"
-        )
-        positions.set_title(f"per position, {final.split} split ({final.n_sequences} sequences)")
-        positions.legend()
+    return plt
+
+
+def readable_log_axis(axis: Any, low: float, high: float) -> None:
+    """Labelled ticks on a log axis spanning `low`..`high` (> 0), at least three of them.
+
+    Across decades: 1, 2, 5 x 10^k. Within about a decade: round values from
+    MaxNLocator (a log axis may carry linearly spaced ticks), so a loss
+    between 2.7 and 2.9 nats reads 2.70, 2.75, 2.80, ...
+    """
+    from matplotlib import ticker
+
+    if high / low >= 8:
+        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     else:
-        positions.set_title("no evaluation yet")
-    positions.set_xlabel("position t (predicting x_t from x_<t)")
-    positions.set_ylabel("nats")
-    positions.grid(alpha=0.3)
-    figure.tight_layout()
-    target = Path(out) if out is not None else run_dir / "loss.png"
+        axis.set_major_locator(ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _limits(values: list[float], pad: float = 1.15) -> tuple[float, float] | None:
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if not positive:
+        return None
+    return min(positive) / pad, max(positive) * pad
+
+
+def plot_runs(runs: list[RunData], out: str | Path, *, x: str = "tokens") -> Path:
+    """Draw the three panels for `runs` into `out` (PNG); x is `tokens` or `steps`."""
+    plt = _pyplot()
+    figure = draw_runs(runs, x=x)
+    target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=120)
     plt.close(figure)
     return target
 
 
-def _baseline_nats(run_dir: Path, key: str) -> float | None:
-    """A baseline of the run's data from its summary.json (bits there), in nats; None if absent."""
-    path = run_dir / SUMMARY_FILENAME
-    if not path.is_file():
-        return None
-    baselines = json.loads(path.read_text()).get("baselines") or {}
-    return baselines[key] * math.log(2) if key in baselines else None
+def draw_runs(runs: list[RunData], *, x: str = "tokens") -> Any:
+    """The matplotlib figure of :func:`plot_runs` (the caller closes it)."""
+    if x not in ("tokens", "steps"):
+        raise LlamaTrainError(f"--x {x!r}: choose tokens or steps")
+    plt = _pyplot()
+    figure, (curve, excess, positions) = plt.subplots(1, 3, figsize=(17, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    losses: list[float] = []
+    excesses: list[float] = []
+    for index, run in enumerate(runs):
+        color = colors[index % len(colors)]
+        label = run.name if len(runs) > 1 else None
+        train_x = run.train_tokens if x == "tokens" else run.train_steps
+        eval_x = run.eval_tokens if x == "tokens" else run.eval_steps
+        if run.train_loss:
+            curve.plot(train_x, run.train_loss, color=color, linewidth=1, alpha=0.8, label=label)
+            losses += run.train_loss
+        if run.eval_loss:
+            curve.plot(eval_x, run.eval_loss, "o", color=color, markersize=3.5)
+            losses += run.eval_loss
+            excess.plot(eval_x, run.eval_excess, "o-", color=color, markersize=3, label=label)
+            excesses += run.eval_excess
+        if run.position_excess:
+            positions.plot(
+                range(1, len(run.position_excess) + 1),
+                run.position_excess,
+                color=color,
+                label=f"{run.name}, step {run.position_step}" if len(runs) > 1 else None,
+            )
+    floors = sorted({run.entropy for run in runs if run.entropy is not None})
+    for floor in floors:
+        curve.axhline(floor, color="black", linestyle="--", linewidth=1)
+        losses.append(floor)
+    if len(floors) == 1:
+        curve.plot([], [], color="black", linestyle="--", label=f"exact entropy {floors[0]:.4f}")
+    if len(runs) == 1:
+        for key, name, style in (("unigram_bits", "unigram", ":"), ("zstd_bits", "zstd", "-.")):
+            nats = runs[0].baseline_nats(key)
+            if nats is not None:
+                curve.axhline(nats, color="grey", linestyle=style, label=f"{name} {nats:.4f}")
+                losses.append(nats)
+    x_label = "predicted tokens" if x == "tokens" else "step"
+    _loss_panel(curve, losses, x_label, runs, x)
+    _excess_panel(excess, excesses, x_label)
+    positions.axhline(0.0, color="black", linewidth=0.8)
+    positions.set_xlabel("position t (predicting x_t from x_<t)")
+    positions.set_ylabel("excess loss, nats (model - exact entropy)")
+    positions.set_title("excess loss by position, latest evaluation")
+    _bits_axis(positions)
+    positions.grid(alpha=0.3)
+    if len(runs) > 1:
+        positions.legend(fontsize="x-small")
+    title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
+    figure.suptitle(f"{title}: loss against the exact entropy")
+    figure.tight_layout()
+    return figure
+
+
+def _bits_axis(axes: Any) -> Any:
+    bits = axes.secondary_yaxis("right", functions=(lambda n: n / LN2, lambda b: b * LN2))
+    bits.set_ylabel("bits")
+    return bits
+
+
+def _loss_panel(axes: Any, losses: list[float], x_label: str, runs: list[RunData], x: str) -> None:
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    limits = _limits(losses, pad=1.03)
+    if limits:
+        axes.set_ylim(*limits)
+        readable_log_axis(axes.yaxis, *limits)
+    bits = _bits_axis(axes)
+    if limits:
+        readable_log_axis(bits.yaxis, limits[0] / LN2, limits[1] / LN2)
+    axes.set_xlabel(f"{x_label} (log scale)")
+    axes.set_ylabel("loss, nats per token (log scale)")
+    axes.set_title("loss; dashed: exact entropy (the floor)")
+    per_step = runs[0].tokens_per_step if len(runs) == 1 else None
+    if x == "tokens" and per_step:
+        steps = axes.secondary_xaxis(
+            "top", functions=(lambda t: t / per_step, lambda s: s * per_step)
+        )
+        steps.set_xlabel("step")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize="x-small")
+
+
+def _excess_panel(axes: Any, excesses: list[float], x_label: str) -> None:
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    limits = _limits(excesses)
+    if limits:
+        axes.set_ylim(*limits)
+        readable_log_axis(axes.yaxis, *limits)
+    bits = _bits_axis(axes)
+    if limits:
+        readable_log_axis(bits.yaxis, limits[0] / LN2, limits[1] / LN2)
+    axes.set_xlabel(f"{x_label} (log scale)")
+    axes.set_ylabel("excess loss, nats (log scale)")
+    axes.set_title("test loss - exact entropy")
+    axes.grid(alpha=0.3, which="both")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="x-small")
+
+
+def plot(paths: list[str | Path], out: str | Path | None = None, *, x: str = "tokens") -> Path:
+    """`llama-train plot`: the runs under `paths`; by default into `<first path>/loss.png`."""
+    runs = load_runs(paths)
+    if out is None:
+        out = Path(paths[0]) / "loss.png"
+    return plot_runs(runs, out, x=x)

@@ -58,6 +58,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from gssm_data.humanize import format_si
+from gssm_data.progress import progress_display, progress_mode
+from gssm_data.resources import default_threads, describe_threads, set_torch_threads
 from llama_train.config import TrainConfig, TrainSection, write_config
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
@@ -82,6 +84,8 @@ from llama_train.core.evaluate import (
 from llama_train.core.metrics import MetricLogger, system_metrics
 from llama_train.core.model import Llama
 from llama_train.core.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from llama_train.core.profiler import StepProfiler, TraceWindow, flops_per_token
+from llama_train.core.run_identity import data_fingerprint, wandb_name_and_group
 from llama_train.core.runlock import run_dir_lock
 from llama_train.core.weights import WEIGHTS_FILE, full_model_state, write_weights
 from llama_train.errors import LlamaTrainError
@@ -106,6 +110,7 @@ class TrainState:
     window_losses: list[float] = field(default_factory=list)  # since the last metrics line
     window_grad_norms: list[float] = field(default_factory=list)
     last_eval: dict[str, Any] | None = None
+    profiler: dict[str, Any] = field(default_factory=dict)  # StepProfiler.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,8 +259,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _progress_bar(enabled: bool, total: int) -> Progress:
-    return Progress(
+def _progress_bar(enabled: bool, every: float) -> Progress:
+    """A bar on a terminal; a line every `every` seconds in a log (Slurm, CI); or nothing."""
+    return progress_display(
         TextColumn("step {task.completed}/{task.total}"),
         BarColumn(),
         TaskProgressColumn(),
@@ -264,7 +270,8 @@ def _progress_bar(enabled: bool, total: int) -> Progress:
         TextColumn("{task.fields[speed]} tok/s"),
         TimeRemainingColumn(),
         console=console,
-        disable=not enabled,
+        mode=progress_mode() if enabled else "off",
+        every=every,
     )
 
 
@@ -291,6 +298,22 @@ class Trainer:
     state: TrainState
     resumed: bool
     saved_step: int | None = None  # step of the checkpoint on disk that matches the state
+    profiler: StepProfiler | None = None  # set by `run` for its session
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time a block as a phase of the light profiler (nothing when there is none)."""
+        return contextlib.nullcontext() if self.profiler is None else self.profiler.phase(name)
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per predicted token (see llama_train.core.profiler.flops_per_token)."""
+        model = self.config.model
+        return flops_per_token(
+            self.model.num_parameters(exclude_embeddings=True),
+            model.n_layers,
+            model.dim,
+            self.spec.seq_len - 1,
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -320,18 +343,23 @@ class Trainer:
         accum = config.train.grad_accum
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
-            batch = next(batches).to(self.device, non_blocking=True)  # (B, L)
+            with self._phase("data_wait"):
+                batch = next(batches).to(self.device, non_blocking=True)  # (B, L)
             # Gradients cross ranks once per optimizer step, on the last micro-batch.
-            with distributed.gradient_sync(self.step_model, enabled=micro == accum - 1):
+            with (
+                self._phase("forward_backward"),
+                distributed.gradient_sync(self.step_model, enabled=micro == accum - 1),
+            ):
                 with distributed.autocast(self.device, self.amp_dtype):
                     loss = self.step_model(batch[:, :-1], batch[:, 1:]).loss / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        self.scaler.unscale_(self.optimizer)  # true gradients before measuring/clipping
-        grad_norm = distributed.full_value(clip_gradients(self.model, config.optim.grad_clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self._phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)  # true gradients before measuring/clipping
+            grad_norm = distributed.full_value(clip_gradients(self.model, config.optim.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
 
     # -- evaluation and checkpoints -----------------------------------------
@@ -360,6 +388,8 @@ class Trainer:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         weights = full_model_state(self.model)  # collective; rank 0 holds them
         model_config = self.config.model.model_dump(mode="json")
+        if self.profiler is not None:
+            self.state.profiler = self.profiler.state_dict()
         folder = self.checkpoints.save(
             self.state.step,
             {
@@ -429,6 +459,7 @@ class Trainer:
         config = self.config
         show = (config.train.progress if progress is None else progress) and self.ranks.is_main
         wandb = config.logging.wandb
+        name, group = wandb_name_and_group(config.run.name)
         logger = MetricLogger(
             self.run_dir,
             enabled=self.ranks.is_main,
@@ -436,10 +467,32 @@ class Trainer:
             wandb_mode=wandb.effective_mode,
             wandb_project=wandb.project,
             wandb_entity=wandb.entity,
-            run_name=config.run.name,
-            config={**config.model_dump(mode="json"), "parameters": self.parameter_counts()},
+            run_name=name,
+            group=group,
+            config={
+                **config.model_dump(mode="json"),
+                "parameters": self.parameter_counts(),
+                "data_fingerprint": data_fingerprint(self.spec),
+            },
         )
-        with logger, _progress_bar(show, config.train.steps) as bar:
+        self.profiler = StepProfiler(
+            self.run_dir,
+            config.profile,
+            device=self.device,
+            flops_per_token=self.flops_per_token,
+            world_size=self.ranks.world_size,
+            enabled=self.ranks.is_main,
+        )
+        self.profiler.start(self.state.step if self.resumed else None)
+        self.profiler.load_state_dict(self.state.profiler)
+        trace = TraceWindow(
+            self.run_dir,
+            config.profile,
+            device=self.device,
+            rank=self.ranks.rank,
+            on_file=logger.upload,
+        )
+        with logger, trace, _progress_bar(show, config.train.progress_every) as bar:
             task = bar.add_task(
                 "train",
                 total=config.train.steps,
@@ -449,7 +502,7 @@ class Trainer:
                 speed="-",
             )
             try:
-                self._loop(logger, bar, task, preemption or PreemptionWatch(signals=()))
+                self._loop(logger, bar, task, preemption or PreemptionWatch(signals=()), trace)
             except NonFiniteLoss as error:
                 raise NonFiniteLoss(f"{error}. {self._last_good()}") from None
             if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
@@ -458,12 +511,19 @@ class Trainer:
         return self.write_summary()
 
     def _loop(
-        self, logger: MetricLogger, bar: Progress, task: Any, preemption: PreemptionWatch
+        self,
+        logger: MetricLogger,
+        bar: Progress,
+        task: Any,
+        preemption: PreemptionWatch,
+        trace: TraceWindow,
     ) -> None:
         config, state = self.config, self.state
         steps = config.train.steps
         window = LossWindow(state, check_grad_norm=self.amp_dtype != torch.float16)
         batches = iter(self.loader)
+        profiler = self.profiler
+        assert profiler is not None, "run() starts the profiler"
         session_start = time.perf_counter()
         wall_before = state.wall_seconds
 
@@ -475,13 +535,17 @@ class Trainer:
                 window.sync()
                 state.wall_seconds = elapsed()
                 self._preempt(preemption)
+            trace.before_step(state.step)
             started = time.perf_counter()
             loss, grad_norm = self.train_step(batches)
+            trace.after_step()
+            profiler.step_done(self.tokens_per_step)
             state.step += 1
             state.tokens += self.tokens_per_step
             seconds = time.perf_counter() - started
             state.train_seconds += seconds
             window.add(loss, grad_norm, self.tokens_per_step, seconds)
+            bar.update(task, completed=state.step)
             last = state.step == steps
             due_log = state.step % config.train.log_every == 0 or last
             due_eval = state.step % config.eval.every == 0 or last
@@ -507,12 +571,19 @@ class Trainer:
                     task, loss=f"{figures['loss']:.4f}", speed=format_si(figures["tokens_per_s"])
                 )
             if due_eval:
-                result = self._evaluate_and_log(logger)
+                with self._phase("eval"):
+                    result = self._evaluate_and_log(logger)
                 bar.update(task, excess=f"{result.excess:.4f}")
+            # The profiler's row of a step comes before its checkpoint (which then holds
+            # the profiler's state up to that row); the last checkpoint goes in the last row.
+            if due_log and not last:
+                profiler.row(state.step)
             if due_checkpoint:
                 state.wall_seconds = elapsed()
-                self.save_checkpoint()
-            bar.update(task, completed=state.step)
+                with self._phase("checkpoint"):
+                    self.save_checkpoint()
+            if due_log and last:
+                profiler.row(state.step)
         preemption.settle()  # every rank polled as often: its last agreement can finish
 
     def _preempt(self, preemption: PreemptionWatch) -> None:
@@ -574,6 +645,7 @@ class Trainer:
             "train_seconds": self.state.train_seconds,
             "tokens_per_s": self.state.tokens / max(self.state.train_seconds, 1e-9),
             "data": str(self.config.data.path) if self.config.data.path else None,
+            "profile_seconds": dict(self.profiler.totals) if self.profiler else None,
             "baselines": self._baselines(),
             **self.scale_figures(),
         }
@@ -642,7 +714,7 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
             f"distributed.strategy={config.distributed.strategy}, but no process group is up; "
             "train through llama_train.train.train(config) or the llama-train command"
         )
-    _set_threads(config.train, ranks)
+    threads = _set_threads(config.train, ranks, config.data.num_workers)
     device = resolve_device(config.train, ranks)
     run_dir = config.run_dir
     with distributed.together("checking the run directory, the data and the model"):
@@ -721,16 +793,44 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
         f"({model.num_parameters(exclude_embeddings=True):,} without embeddings); "
         f"{trainer.tokens_per_step:,} tokens per step on {where}"
         + (f" with {config.train.amp} autocast" if amp_dtype is not None else "")
+        + (f"; {threads}" if device.type == "cpu" else "")
     )
     return trainer
 
 
-def _set_threads(section: TrainSection, ranks: RankInfo) -> None:
-    """train.threads when set; else one per process when several share the machine."""
-    if section.threads is not None:
-        torch.set_num_threads(section.threads)
-    elif ranks.distributed:
-        torch.set_num_threads(1)
+def _set_threads(section: TrainSection, ranks: RankInfo, loader_workers: int) -> str:
+    """train.threads when set; else one per rank, or the idle CPUs of a single process
+    less one per DataLoader worker (each works in one thread beside the training step).
+
+    Returns the choice in words for the start-up line.
+    """
+    threads = section.threads
+    if threads is None and ranks.distributed:
+        threads = 1
+    if threads is None:
+        threads = max(default_threads() - loader_workers, 1)
+    chosen = set_torch_threads(threads)
+    return describe_threads(chosen, ranks.world_size if ranks.distributed else 1)
+
+
+def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
+    """The summary of a run that already reached `train.steps`, None when there is work left.
+
+    Finished means summary.json says so and the newest checkpoint is that same
+    step (a summary without its checkpoint, or one of a shorter run, is not).
+    """
+    path = config.run_dir / SUMMARY_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    step = summary.get("step")
+    if not isinstance(step, int) or step < config.train.steps:
+        return None
+    steps = CheckpointManager(config.run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep).steps()
+    return summary if steps and steps[-1] == step else None
 
 
 def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
@@ -742,6 +842,16 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any
     checkpoints at an agreed step and raises :class:`Preempted` on every rank.
     """
     ranks = rank_info()
+    finished = finished_summary(config)
+    if finished is not None:
+        if ranks.is_main:
+            console.print(
+                f"{config.run_dir} is complete (step {finished['step']} of "
+                f"{config.train.steps}): nothing to train; raise train.steps to continue it",
+                highlight=False,
+                soft_wrap=True,
+            )
+        return finished
     device = resolve_device(config.train, ranks)
     with (
         PreemptionWatch() as preemption,

@@ -7,8 +7,8 @@ on ``app`` when ``gssm_data.cli`` imports them; this module imports none of them
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,10 +18,37 @@ app = typer.Typer(
     help="Materialise, inspect and verify datasets of graph-structured sequential models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def package_version(distribution: str) -> str:
+    """The installed version of a distribution (0+unknown when run from a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gssm-data {package_version('gssm-data')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Materialise, inspect and verify datasets of graph-structured sequential models."""
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -31,8 +58,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def progress_wanted(quiet: bool) -> bool:
-    """Progress bars only for a person watching: not --quiet, and stderr a terminal."""
-    return not quiet and sys.stderr.isatty()
+    """Progress unless --quiet: a bar on a terminal, else a line every $GSSM_PROGRESS_EVERY s."""
+    return not quiet
 
 
 def say(quiet: bool) -> Callable[[str], None]:

@@ -7,6 +7,7 @@ for what scripts read (the store's path, the JSON manifest).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from gssm_data.cli.app import app, console, err_console, fail, progress_wanted, say
@@ -29,6 +30,7 @@ from gssm_data.cli.options import (
     SeqLenOption,
     TargetBitsOption,
     TargetOption,
+    ThreadsOption,
     WithLatentsOption,
     store_options,
 )
@@ -40,7 +42,8 @@ from gssm_data.generate import (
 )
 from gssm_data.graph import GraphSpec
 from gssm_data.presets import load_preset, preset_names
-from gssm_data.store import PROGRESS_DIR, Store, open_store, verify_store
+from gssm_data.progress import progress_display, progress_mode
+from gssm_data.store import PROGRESS_DIR, Store, name_dimensions, open_store, verify_store
 
 
 @app.command("generate")
@@ -67,6 +70,7 @@ def generate_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no messages.")] = False,
     target_bits: TargetBitsOption = None,
     target: TargetOption = "latent",
+    threads: ThreadsOption = None,
 ) -> None:
     """Sample a train/test dataset into a Zarr store and print the store's path.
 
@@ -92,6 +96,9 @@ def generate_command(
             force=force,
             log=log,
         )
+        if threads is not None and threads < 1:
+            raise GssmDataError("--threads must be at least 1")
+        options = options.model_copy(update={"threads": threads})
         result = generate(options, show_progress=progress_wanted(quiet), log=log)
     except GssmDataError as error:
         raise fail(str(error)) from None
@@ -228,13 +235,14 @@ def verify_command(
     try:
         store = open_store(path)
         total = sum(info.blocks for info in store.manifest.splits.values())
-        with Progress(
+        with progress_display(
             TextColumn("verifying"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("blocks"),
             TimeRemainingColumn(),
             console=err_console,
-            disable=not progress_wanted(quiet),
+            mode=progress_mode(quiet),
         ) as progress:
             task = progress.add_task("verify", total=total)
             problems = verify_store(store, on_block=lambda *_: progress.advance(task))
@@ -246,9 +254,36 @@ def verify_command(
     typer.echo(f"ok: {path} ({total} block{'s' if total != 1 else ''}, every checksum matches)")
 
 
+@app.command("upgrade")
+def upgrade_command(
+    path: Annotated[Path, typer.Argument(help="Store (a .zarr folder).")],
+) -> None:
+    """Add what newer gssm-data writes to an older store: dimension names (for xarray).
+
+    Rewrites only array metadata, atomically; data, checksums and the
+    fingerprint are unchanged. Running it again changes nothing.
+    """
+    try:
+        named = name_dimensions(path)
+    except GssmDataError as error:
+        raise fail(str(error)) from None
+    if named:
+        typer.echo(f"named the dimensions of {len(named)} array(s) in {path}")
+    else:
+        typer.echo(f"{path} is up to date")
+
+
 @app.command("presets")
-def presets_command() -> None:
+def presets_command(
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print every preset (name, sizes, full graph) as JSON."),
+    ] = False,
+) -> None:
     """List the named graphs shipped with gssm-data."""
+    if as_json:
+        typer.echo(json.dumps([_preset_json(name) for name in preset_names()], indent=2))
+        return
     table = Table(title="presets (gssm-data generate --preset NAME)")
     for column in ("name", "nodes", "latent states", "vocab", "description"):
         table.add_column(column, justify="right" if column in ("nodes", "vocab") else "left")
@@ -264,3 +299,17 @@ def presets_command() -> None:
             graph.description,
         )
     console.print(table)
+
+
+def _preset_json(name: str) -> dict:
+    """One preset for `presets --json`: the figures of the table and the graph spec itself."""
+    graph = load_preset(name)
+    return {
+        "name": name,
+        "description": graph.description,
+        "nodes": len(graph.nodes),
+        "latent_states": [node.states for node in graph.latents],
+        "joint_latent_states": graph.joint_latent_states,
+        "vocab_size": graph.vocab_size,
+        "graph": graph.model_dump(mode="json"),
+    }

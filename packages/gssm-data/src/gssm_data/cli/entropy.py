@@ -18,7 +18,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from gssm_data.cli.app import app, console, fail, progress_wanted, say
-from gssm_data.cli.options import GraphOption, ModeOption, PresetOption, resolve_graph
+from gssm_data.cli.options import (
+    GraphOption,
+    ModeOption,
+    PresetOption,
+    ThreadsOption,
+    resolve_graph,
+)
 from gssm_data.errors import GssmDataError
 from gssm_data.manifest import Baselines, EntropyStats
 from gssm_data.preflight import finite
@@ -42,25 +48,16 @@ def _device(device: str) -> str | None:
 
 
 def _set_threads(threads: int | None) -> None:
-    """Set torch's CPU threads for this command (None keeps torch's own choice)."""
-    if threads is None:
-        return
-    if threads < 1:
+    """Set torch's CPU threads for this command (None: the idle CPUs, see gssm_data.resources)."""
+    if threads is not None and threads < 1:
         raise GssmDataError("--threads must be at least 1")
-    import torch
+    from gssm_data.resources import set_torch_threads
 
-    torch.set_num_threads(threads)
+    set_torch_threads(threads)
 
 
 DeviceOption = Annotated[
     str, typer.Option(help="Where the forward algorithm runs: auto (GPU if any), cpu, cuda.")
-]
-ThreadsOption = Annotated[
-    int | None,
-    typer.Option(
-        help="CPU threads of the forward algorithm; default torch's choice. On a machine "
-        "busy with other jobs, 1 is often several times faster."
-    ),
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no messages.")]
 

@@ -103,6 +103,14 @@ TargetBitsOption = Annotated[
 TargetOption = Annotated[
     str, typer.Option(help="Which alphas --target-bits tunes: latent or observed.")
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads of the exact-entropy computation. Default: the CPUs this process "
+        "may use that are idle (affinity, cgroup quota and 1-minute load; OMP_NUM_THREADS "
+        "wins). On a busy machine PyTorch's one-per-core default can be several times slower.",
+    ),
+]
 
 
 def store_options(

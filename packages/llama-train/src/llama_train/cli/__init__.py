@@ -4,7 +4,8 @@
 commands on it: `run` and `config-schema` (cli/run.py), `eval` and `plot`
 (cli/results.py), `generate` (cli/generate.py), `submit`, `sweep-status` and `best`
 (cli/submit.py), `export` (cli/export.py), `probe` (cli/probe.py), `study` and `fit`
-(cli/study.py); cli/tables.py holds the tables they print.
+(cli/study.py), `wandb-sync` and `report` (cli/observe.py); cli/tables.py holds the
+tables they print.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from llama_train.cli import submit  # noqa: F401
 from llama_train.cli import export  # noqa: F401
 from llama_train.cli import probe  # noqa: F401
 from llama_train.cli import study  # noqa: F401
+from llama_train.cli import observe  # noqa: F401
 
 # isort: on
 from llama_train.cli.app import app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,10 +23,32 @@ app = typer.Typer(
     help="Train Llama-style models on gssm-data stores and measure them against the exact entropy.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from gssm_data.cli.app import package_version
+
+        typer.echo(
+            f"llama-train {package_version('llama-train')} "
+            f"(gssm-data {package_version('gssm-data')})"
+        )
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Train Llama-style models on gssm-data stores and measure them against the exact entropy."""
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Thin commands over :func:`llama_train.eval.evaluate_run`,
 :func:`llama_train.extrapolate.extrapolate_run` (`eval --rope-scaling`) and
-:func:`llama_train.plot.plot_run`, imported inside the commands so
+:func:`llama_train.plot.plot`, imported inside the commands so
 `llama-train --help` does not load torch.
 """
 
@@ -178,14 +178,23 @@ def _extrapolate(
 
 @app.command("plot")
 def plot_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories, or folders holding them (a sweep directory)."),
+    ],
     out: Annotated[
-        Path | None, typer.Option(help="Image file; default <run dir>/loss.png.")
+        Path | None,
+        typer.Option(help="Image file; default loss.png in the first directory given."),
     ] = None,
+    x: Annotated[str, typer.Option("--x", help="Horizontal axis: tokens or steps.")] = "tokens",
 ) -> None:
-    """Plot training and test loss against the exact entropy, and the per-position curves."""
-    from llama_train.plot import plot_run
+    """Plot loss and excess loss against tokens, and the excess loss by position.
+
+    Several runs (or every run of a sweep) are overlaid. Nats on the left,
+    bits on the right; the exact entropy of the evaluation set is the floor.
+    """
+    from llama_train.plot import plot
 
     with user_errors():
-        path = plot_run(run_dir, out)
+        path = plot(list(paths), out, x=x)
     console.print(f"wrote {path}", highlight=False)

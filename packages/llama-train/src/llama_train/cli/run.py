@@ -36,6 +36,14 @@ def run_command(
             "train.grad_accum x N. Leave it out under torchrun or srun.",
         ),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="End with the summary as one JSON line on stdout (summary.json plus run_dir) "
+            "instead of the table: for scripts and job logs.",
+        ),
+    ] = False,
 ) -> None:
     """Train (or resume: the same command again continues from the latest checkpoint).
 
@@ -49,7 +57,7 @@ def run_command(
     from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
 
     if nproc is not None and nproc > 1:
-        _launch(nproc, config, overrides or [])
+        _launch(nproc, config, overrides or [], ["--json"] if as_json else [])
     from llama_train.train import Preempted, train
 
     with user_errors():
@@ -61,12 +69,14 @@ def run_command(
             if is_main:
                 err_console.print(str(preempted), highlight=False, soft_wrap=True)
             raise typer.Exit(PREEMPTED_EXIT_CODE) from None
-    if is_main:
+    if is_main and as_json:
+        sys.stdout.write(json.dumps({**summary, "run_dir": str(resolved.run_dir)}) + "\n")
+    elif is_main:
         console.print(summary_table(summary))
         console.print(f"run directory: {resolved.run_dir}", highlight=False)
 
 
-def _launch(nproc: int, config: Path, overrides: list[str]) -> None:
+def _launch(nproc: int, config: Path, overrides: list[str], flags: list[str]) -> None:
     """`run --nproc N`: check the config once here, then start N ranks; exit with their code."""
     from llama_train.config import resolve_config
     from llama_train.core.distributed import rank_info
@@ -79,7 +89,7 @@ def _launch(nproc: int, config: Path, overrides: list[str]) -> None:
                 "launched job, so leave --nproc out"
             )
         resolve_config(config, overrides)  # fails once, not in every rank
-        code = launch_torchrun(nproc, ["run", str(config), *overrides])
+        code = launch_torchrun(nproc, ["run", *flags, str(config), *overrides])
     raise typer.Exit(code)
 
 

@@ -1,4 +1,5 @@
-"""The trainer's building blocks: model, optimizer, data, ranks, checkpoints, evaluation, metrics.
+"""The trainer's building blocks: model, optimizer, data, ranks, checkpoints, evaluation,
+metrics, profiler.
 
 Nothing here imports the recipe (`llama_train.config`, `train`, `eval`, `plot`),
 the launchers (`llama_train.launch`) or the command line (`llama_train.cli`);

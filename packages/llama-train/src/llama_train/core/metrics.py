@@ -116,6 +116,7 @@ class MetricLogger:
         wandb_entity: str | None = None,
         run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
+        group: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -132,7 +133,7 @@ class MetricLogger:
         self._file = self.path.open("a", buffering=1)  # line-buffered: a kill loses <= 1 line
         if wandb_mode != "disabled":
             self._wandb_run = _start_wandb(
-                self.run_dir, wandb_mode, wandb_project, wandb_entity, run_name, config or {}
+                self.run_dir, wandb_mode, wandb_project, wandb_entity, run_name, config or {}, group
             )
 
     def log(self, metrics: Mapping[str, Any]) -> None:
@@ -156,6 +157,17 @@ class MetricLogger:
         them in summary.json."""
         if self._wandb_run is not None:
             self._wandb_run.summary.update({k: v for k, v in figures.items() if v is not None})
+
+    def upload(self, path: Path) -> None:
+        """Attach a file of the run (a profiler trace) to the wandb run as an artifact."""
+        if self._wandb_run is None:
+            return
+        import wandb
+
+        name = f"{self._wandb_run.id}-{path.stem}".replace("/", "-")
+        artifact = wandb.Artifact(name, type="profile")
+        artifact.add_file(str(path))
+        self._wandb_run.log_artifact(artifact)
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -195,6 +207,7 @@ def _start_wandb(
     entity: str | None,
     name: str | None,
     config: Mapping[str, Any],
+    group: str | None = None,
 ) -> Any:
     try:
         import wandb
@@ -210,6 +223,7 @@ def _start_wandb(
         project=project,
         entity=entity,
         name=name,
+        group=group,
         id=wandb_run_id(run_dir),
         resume="allow",
         mode=mode,

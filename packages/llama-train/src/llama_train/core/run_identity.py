@@ -1,0 +1,29 @@
+"""What names a run on wandb and which data it saw: shared by live logging and wandb-sync.
+
+A sweep point's `run.name` is `<sweep>/<overrides>` (llama_train.sweep), so on
+wandb its name is the overrides that make it different (`optim.lr=0.001`) and
+its group the sweep; a plain run keeps its name. The data's fingerprint goes
+into the wandb config beside the training config and the parameter counts, so
+runs can be compared only on the same data, stored or online.
+"""
+
+from __future__ import annotations
+
+from gssm_data.manifest import fingerprint
+from gssm_data.sampler import BLOCK_SIZE
+from llama_train.core.data import DataSpec
+
+
+def wandb_name_and_group(run_name: str | None) -> tuple[str | None, str | None]:
+    """(name, group) on wandb: `sweep/point` gives (`point`, `sweep`); else (name, None)."""
+    if run_name and "/" in run_name:
+        group, _, point = run_name.rpartition("/")
+        return point, group
+    return run_name, None
+
+
+def data_fingerprint(spec: DataSpec) -> str:
+    """The store's fingerprint, or for online data the one a store of that process would have."""
+    if spec.store is not None:
+        return spec.store.manifest.fingerprint
+    return fingerprint(spec.graph, spec.seed, spec.seq_len, BLOCK_SIZE)

@@ -1,0 +1,202 @@
+"""`llama-train report DIR... --html OUT.html`: the plot's figures, interactive, in one file.
+
+The same three panels as `llama-train plot` (loss against tokens with the
+exact entropy, excess loss against tokens, excess loss by position), every
+run overlaid and toggled from the legend, hover giving nats and bits, and a
+table of each run's final figures and throughput. The HTML inlines plotly.js,
+so it opens offline and can be mailed or attached as is. The notebook
+`notebooks/runs.ipynb` draws the same figure with :func:`report_figure`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llama_train.runs import LN2, RunData, load_runs
+
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+HOVER = "%{x:.4g}: %{y:.5f} nats = %{customdata:.5f} bits<extra>%{fullData.name}</extra>"
+
+
+def nice_ticks(low: float, high: float) -> list[float]:
+    """Tick values for a log axis over low..high (> 0): 1-2-5 per decade, or round steps within one.
+
+    Within about a decade plotly's log axis labels few or no ticks; round
+    linear steps (0.05, 0.1, 0.25 ...) keep at least three labels there.
+    """
+    if high / low >= 8:
+        ticks = []
+        for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+            ticks += [m * 10.0**exponent for m in (1, 2, 5)]
+        return [t for t in ticks if low <= t <= high]
+    raw = (high - low) / 5
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step) + 1)]
+
+
+def _log_axis(values: list[float], pad: float) -> dict[str, Any]:
+    """Plotly settings of a log axis covering `values`, ticks labelled in nats and bits."""
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if not positive:
+        return {"type": "log"}
+    low, high = min(positive) / pad, max(positive) * pad
+    ticks = nice_ticks(low, high)
+    return {
+        "type": "log",
+        "range": [math.log10(low), math.log10(high)],
+        "tickvals": ticks,
+        "ticktext": [f"{t:.4g} ({t / LN2:.3g} b)" for t in ticks],
+    }
+
+
+def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
+    """The plotly figure: three panels and a table of final figures, every run overlaid."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(
+        rows=2,
+        cols=3,
+        row_heights=[0.7, 0.3],
+        specs=[[{}, {}, {}], [{"type": "table", "colspan": 3}, None, None]],
+        subplot_titles=(
+            "loss; dashed: exact entropy (the floor)",
+            "excess loss (test loss - exact entropy)",
+            "excess loss by position, latest evaluation",
+        ),
+        vertical_spacing=0.12,
+    )
+    losses: list[float] = []
+    excesses: list[float] = []
+    for index, run in enumerate(runs):
+        color = PALETTE[index % len(PALETTE)]
+        train_x = run.train_tokens if x == "tokens" else run.train_steps
+        eval_x = run.eval_tokens if x == "tokens" else run.eval_steps
+        common = {"legendgroup": run.name, "hovertemplate": HOVER}
+        figure.add_trace(
+            go.Scatter(
+                x=train_x,
+                y=run.train_loss,
+                customdata=[v / LN2 for v in run.train_loss],
+                name=run.name,
+                mode="lines",
+                line={"color": color, "width": 1},
+                **common,
+            ),
+            row=1,
+            col=1,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=eval_x,
+                y=run.eval_loss,
+                customdata=[v / LN2 for v in run.eval_loss],
+                name=f"{run.name} (test)",
+                mode="markers",
+                marker={"color": color, "size": 6},
+                showlegend=False,
+                **common,
+            ),
+            row=1,
+            col=1,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=eval_x,
+                y=run.eval_excess,
+                customdata=[v / LN2 for v in run.eval_excess],
+                name=run.name,
+                mode="lines+markers",
+                marker={"color": color, "size": 5},
+                line={"color": color},
+                showlegend=False,
+                **common,
+            ),
+            row=1,
+            col=2,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=list(range(1, len(run.position_excess) + 1)),
+                y=run.position_excess,
+                customdata=[v / LN2 for v in run.position_excess],
+                name=run.name,
+                mode="lines",
+                line={"color": color},
+                showlegend=False,
+                **common,
+            ),
+            row=1,
+            col=3,
+        )
+        losses += run.train_loss + run.eval_loss
+        excesses += run.eval_excess
+        if run.entropy is not None:
+            figure.add_hline(
+                y=run.entropy, line={"color": "black", "dash": "dash", "width": 1}, row=1, col=1
+            )
+            losses.append(run.entropy)
+    figure.add_trace(_table(runs), row=2, col=1)
+    x_title = "predicted tokens" if x == "tokens" else "step"
+    figure.update_xaxes(type="log", title_text=x_title, row=1, col=1)
+    figure.update_xaxes(type="log", title_text=x_title, row=1, col=2)
+    figure.update_xaxes(title_text="position t", row=1, col=3)
+    figure.update_yaxes(title_text="nats (bits)", **_log_axis(losses, 1.03), row=1, col=1)
+    figure.update_yaxes(title_text="nats (bits)", **_log_axis(excesses, 1.15), row=1, col=2)
+    figure.update_yaxes(title_text="nats", zeroline=True, row=1, col=3)
+    title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
+    figure.update_layout(
+        title=f"{title}: loss against the exact entropy",
+        height=820,
+        template="plotly_white",
+        legend={"title": "runs (click to hide)"},
+    )
+    return figure
+
+
+def _table(runs: list[RunData]) -> Any:
+    import plotly.graph_objects as go
+
+    def cell(summary: dict[str, Any], key: str, fmt: str) -> str:
+        value = summary.get(key)
+        return format(value, fmt) if isinstance(value, int | float) else "-"
+
+    columns = {
+        "run": [run.name for run in runs],
+        "step": [cell(run.summary, "step", "d") for run in runs],
+        "test loss (nats)": [cell(run.summary, "test_loss", ".5f") for run in runs],
+        "exact entropy": [cell(run.summary, "test_entropy", ".5f") for run in runs],
+        "excess (nats)": [cell(run.summary, "excess_loss", ".5f") for run in runs],
+        "excess (bits)": [cell(run.summary, "excess_loss_bits", ".5f") for run in runs],
+        "parameters": [cell(run.summary, "parameters", ",") for run in runs],
+        "tokens": [cell(run.summary, "tokens", ",") for run in runs],
+        "tokens/s": [cell(run.summary, "tokens_per_s", ",.0f") for run in runs],
+    }
+    return go.Table(
+        header={"values": list(columns), "align": "left"},
+        cells={"values": list(columns.values()), "align": "left"},
+    )
+
+
+def write_report(paths: list[str | Path], out: str | Path, *, x: str = "tokens") -> Path:
+    """Write the self-contained HTML report of the runs under `paths`."""
+    figure = report_figure(load_runs(paths), x=x)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_html(target, include_plotlyjs=True, full_html=True)
+    return target
