@@ -41,7 +41,7 @@ import yaml
 from llama_train.core.metrics import read_metrics
 from llama_train.core.run_identity import wandb_name_and_group
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME
+from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME, atomic_write
 
 SYNC_FILENAME = "wandb_sync.json"
 DEFAULT_PROJECT = "llama-train"
@@ -133,10 +133,7 @@ def _sync_state(run_dir: Path) -> dict[str, Any]:
 
 
 def _write_sync_state(run_dir: Path, state: dict[str, Any]) -> None:
-    path = run_dir / SYNC_FILENAME
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(state, indent=1))
-    os.replace(partial, path)
+    atomic_write(run_dir / SYNC_FILENAME, json.dumps(state, indent=1))
 
 
 def sync_run(

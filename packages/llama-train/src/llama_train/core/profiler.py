@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +41,8 @@ from typing import Any
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from llama_train.rundir import atomic_write
 
 PROFILE_FILENAME = "profile.csv"
 TRACE_DIR = "profile"
@@ -297,12 +298,11 @@ def read_profile(path: str | Path) -> list[dict[str, str]]:
 
 
 def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 class TraceWindow:
