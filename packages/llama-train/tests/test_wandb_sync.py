@@ -201,3 +201,37 @@ def test_live_logging_names_a_sweep_point_by_its_overrides_with_its_facts(
     assert counts["parameters_non_embedding"] == summary["parameters_non_embedding"]
     assert started["config"]["data_fingerprint"] == open_store(store).manifest.fingerprint
     assert summary["store_fingerprint"] == started["config"]["data_fingerprint"]
+
+
+def test_a_run_started_with_overrides_is_named_by_them() -> None:
+    from llama_train.core.run_identity import command_line_name, wandb_name_and_group
+
+    overrides = ["optim.lr=1e-3", "run.dir=runs/x", "logging.wandb.project=p", "model.dim=64"]
+    assert command_line_name("demo", overrides) == "demo optim.lr=1e-3 model.dim=64"
+    assert command_line_name("demo", ["run.dir=runs/x"]) is None
+    assert wandb_name_and_group("demo", "demo optim.lr=1e-3") == ("demo optim.lr=1e-3", None)
+    assert wandb_name_and_group("lr/optim.lr=0.1", None) == ("optim.lr=0.1", "lr")
+    assert wandb_name_and_group("lr/optim.lr=0.1", "mine") == ("mine", "lr")
+
+
+def test_the_run_command_records_the_wandb_name_and_sync_uses_it(
+    make_debug_store, tmp_path: Path, fake_wandb: list[FakeRun]
+) -> None:
+    store = make_debug_store(n_train=64, n_test=16, seq_len=9)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(store), "batch_size": 8},
+                "model": {"dim": 16, "n_layers": 1, "n_heads": 2},
+                "train": {"steps": 2, "progress": False},
+            }
+        )
+    )
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(config), "optim.lr=0.003", f"run.dir={run_dir}"])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["logging"]["wandb"]["name"] == "tiny optim.lr=0.003"
+    sync_run(run_dir)
+    assert fake_wandb[-1].settings["name"] == "tiny optim.lr=0.003"

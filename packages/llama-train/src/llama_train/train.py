@@ -459,7 +459,7 @@ class Trainer:
         config = self.config
         show = (config.train.progress if progress is None else progress) and self.ranks.is_main
         wandb = config.logging.wandb
-        name, group = wandb_name_and_group(config.run.name)
+        name, group = wandb_name_and_group(config.run.name, wandb.name)
         logger = MetricLogger(
             self.run_dir,
             enabled=self.ranks.is_main,

@@ -156,7 +156,9 @@ def sync_run(
     config = config if isinstance(config, dict) else {}
     logged = (config.get("logging") or {}).get("wandb") or {}
     summary = _read_json(run_dir / "summary.json")
-    name, group = wandb_name_and_group((config.get("run") or {}).get("name") or run_dir.name)
+    name, group = wandb_name_and_group(
+        (config.get("run") or {}).get("name") or run_dir.name, logged.get("name")
+    )
     run_id = run_id_for(run_dir)
     state = _sync_state(run_dir)
     sent_before = state.get(mode, {}).get("last_step") if state.get("run_id") == run_id else None

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llama_train.cli.app import app, console, err_console, user_errors
 from llama_train.cli.tables import summary_table
 from llama_train.errors import LlamaTrainError
+
+if TYPE_CHECKING:
+    from llama_train.config import TrainConfig
 
 
 @app.command("run")
@@ -62,7 +65,7 @@ def run_command(
 
     with user_errors():
         is_main = rank_info().is_main
-        resolved = resolve_config(config, overrides or [])
+        resolved = _named(resolve_config(config, overrides or []), overrides or [])
         try:
             summary = train(resolved)
         except Preempted as preempted:
@@ -74,6 +77,18 @@ def run_command(
     elif is_main:
         console.print(summary_table(summary))
         console.print(f"run directory: {resolved.run_dir}", highlight=False)
+
+
+def _named(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Give the wandb run the command line's overrides as its name unless one is set."""
+    from llama_train.core.run_identity import command_line_name
+
+    wandb = config.logging.wandb
+    name = command_line_name(config.run.name, overrides)
+    if wandb.name is not None or name is None:
+        return config
+    logging = config.logging.model_copy(update={"wandb": wandb.model_copy(update={"name": name})})
+    return config.model_copy(update={"logging": logging})
 
 
 def _launch(nproc: int, config: Path, overrides: list[str], flags: list[str]) -> None:

@@ -40,6 +40,11 @@ class WandbConfig(BaseModel):
     )
     project: str | None = None
     entity: str | None = None
+    name: str | None = Field(
+        None,
+        description="wandb run name; None = a sweep point's overrides, or run.name followed "
+        "by the command line's overrides (`llama-train run CONFIG key=value ...`)",
+    )
 
     @property
     def effective_mode(self) -> Literal["offline", "online", "disabled"]:

@@ -14,12 +14,26 @@ from gssm_data.sampler import BLOCK_SIZE
 from llama_train.core.data import DataSpec
 
 
-def wandb_name_and_group(run_name: str | None) -> tuple[str | None, str | None]:
-    """(name, group) on wandb: `sweep/point` gives (`point`, `sweep`); else (name, None)."""
+def wandb_name_and_group(
+    run_name: str | None, name: str | None = None
+) -> tuple[str | None, str | None]:
+    """(name, group) on wandb: `sweep/point` gives (`point`, `sweep`); else (run name, None).
+
+    `name` (logging.wandb.name) replaces the derived name, keeping the group.
+    """
+    group = None
     if run_name and "/" in run_name:
-        group, _, point = run_name.rpartition("/")
-        return point, group
-    return run_name, None
+        group, _, run_name = run_name.rpartition("/")
+    return name or run_name, group
+
+
+def command_line_name(run_name: str, overrides: list[str]) -> str | None:
+    """`run.name` and the overrides that change the run (`demo optim.lr=1e-3`), None if none.
+
+    Where the run is (run.*) and how it is logged (logging.*) do not name it.
+    """
+    meaningful = [o for o in overrides if not o.startswith(("run.", "logging."))]
+    return " ".join([run_name, *meaningful]) if meaningful else None
 
 
 def data_fingerprint(spec: DataSpec) -> str:
