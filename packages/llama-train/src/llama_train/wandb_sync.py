@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from llama_train.core.configuration import load_yaml
 from llama_train.core.metrics import read_metrics
 from llama_train.core.run_identity import wandb_name_and_group
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME, atomic_write
+from llama_train.rundir import CONFIG_FILENAME, METRICS_FILENAME, WANDB_ID_FILENAME, atomic_write
 
 SYNC_FILENAME = "wandb_sync.json"
 DEFAULT_PROJECT = "llama-train"
@@ -151,9 +150,8 @@ def sync_run(
         import wandb
     except ImportError:
         raise LlamaTrainError("wandb-sync needs wandb: pip install 'llama-train[wandb]'") from None
-    config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    config = config if isinstance(config, dict) else {}
+    config_path = run_dir / CONFIG_FILENAME
+    config = load_yaml(config_path) if config_path.is_file() else {}
     logged = (config.get("logging") or {}).get("wandb") or {}
     summary = _read_json(run_dir / "summary.json")
     name, group = wandb_name_and_group(
