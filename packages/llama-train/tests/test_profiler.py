@@ -154,6 +154,7 @@ class FakeWandbRun:
 
     def __init__(self) -> None:
         self.artifacts: list = []
+        self.summary: dict = {}
 
     def log(self, *args, **kwargs) -> None:
         pass
