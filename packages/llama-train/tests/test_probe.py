@@ -31,7 +31,7 @@ def _store(out: Path, *, with_latents: bool) -> Path:
             n_train=512,
             n_test=96,
             seq_len=SEQ_LEN,
-            seed=2,
+            seed=1,  # a store where the latent is far from predictable by position alone
             block_size=128,
             with_latents=with_latents,
         )
