@@ -286,3 +286,19 @@ def test_status_of_a_directory_that_is_no_run_is_a_one_line_error(tmp_path):
     result = runner.invoke(app, ["sweep-status", str(tmp_path)])
     assert result.exit_code == 1
     assert "is neither a sweep nor a run directory" in result.output
+
+
+def test_a_folder_of_separate_runs_is_listed_and_ranked_like_a_sweep(tmp_path):
+    folder = tmp_path / "runs"
+    for name, loss in (("small", 1.4), ("large", 1.1)):
+        _summary(folder / name, loss=loss)
+        write_state(folder / name, "done", step=5)
+    (folder / "notes").mkdir()  # not a run: ignored
+    statuses = sweep_status(folder)
+    assert [(status.name, status.state) for status in statuses] == [
+        ("large", "done"),
+        ("small", "done"),
+    ]
+    best = runner.invoke(app, ["best", str(folder), "--by", "test_loss"])
+    assert best.exit_code == 0, best.output
+    assert "best by test_loss: large (1.1)" in best.output

@@ -187,16 +187,24 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def sweep_status(directory: str | Path, *, check_queue: bool = True) -> list[PointStatus]:
-    """Every point of a sweep (or a single run) directory, in grid order."""
+    """Every point of a sweep directory in grid order, a single run, or a folder of runs.
+
+    A folder holding separate run directories (no sweep.json of its own) lists
+    each of them, by name, so runs made one by one compare like a sweep's points.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest is None:
-        if not (directory / CONFIG_FILENAME).is_file() and read_state(directory) is None:
+        if _is_run_dir(directory):
+            return [point_status(directory)]
+        runs = sorted(child for child in _children(directory) if _is_run_dir(child))
+        if not runs:
             raise LlamaTrainError(
-                f"{directory} is neither a sweep nor a run directory (no {MANIFEST_FILENAME}, "
-                "no config.yaml); give the run.dir of a submitted config"
+                f"{directory} is neither a sweep nor a run directory nor a folder of runs (no "
+                f"{MANIFEST_FILENAME}, no config.yaml here or one level down); give the "
+                "run.dir of a submitted config"
             )
-        return [point_status(directory)]
+        return [point_status(run, index=index, name=run.name) for index, run in enumerate(runs)]
     points = manifest["points"]
     queue = None
     if check_queue and manifest.get("executor") == "slurm":
@@ -213,6 +221,17 @@ def sweep_status(directory: str | Path, *, check_queue: bool = True) -> list[Poi
         )
         for position, point in enumerate(points)
     ]
+
+
+def _is_run_dir(directory: Path) -> bool:
+    return (directory / CONFIG_FILENAME).is_file() or read_state(directory) is not None
+
+
+def _children(directory: Path) -> list[Path]:
+    try:
+        return [child for child in directory.iterdir() if child.is_dir()]
+    except OSError:
+        return []
 
 
 def queued_jobs(job_ids: Iterable[str | None]) -> set[str] | None:
