@@ -1,6 +1,6 @@
 """`make demo`: make a small store, train a small model on it, compare with the exact entropy.
 
-    .venv/bin/python scripts/demo.py            # about two minutes on a 2-core CPU
+    .venv/bin/python scripts/demo.py            # minutes on a 2-core CPU (2-3 idle, more when busy)
     .venv/bin/python scripts/demo.py --fresh    # retrain from scratch (the store is kept)
 
 Three commands of the repository, run as a user would run them:
