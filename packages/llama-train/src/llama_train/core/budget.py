@@ -11,11 +11,11 @@ sees by how much.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from gssm_data.preflight import available_memory_bytes
 from llama_train.core.model import ModelConfig
 from llama_train.errors import LlamaTrainError
 
@@ -68,26 +68,12 @@ def available_memory(device: torch.device, processes_sharing: int = 1) -> Memory
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return Memory(free, f"{_size(free)} free on {device}")
-    available = _ram_available()
+    available = available_memory_bytes()
     if available is None:
         return Memory(None, "the machine")
     share = available // max(processes_sharing, 1)
     shared = f" shared by {processes_sharing} processes" if processes_sharing > 1 else ""
     return Memory(share, f"{_size(available)} of available RAM{shared}")
-
-
-def _ram_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_training_fits(
