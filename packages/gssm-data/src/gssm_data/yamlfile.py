@@ -16,7 +16,9 @@ names what was being loaded and where:
   iterative state machine) *before* anything is composed, so a deep document
   is refused without recursing;
 - syntax errors give line and column (1-based);
-- no float in the result (values or keys) may be NaN or infinite.
+- no float in the result (values or keys) may be NaN or infinite;
+- numbers are read as YAML 1.2 reads them (:class:`Loader`): ``1e5`` and
+  ``3e-4`` are floats, not the strings PyYAML's YAML 1.1 rules make of them.
 
 Otherwise the semantics are exactly ``yaml.safe_load``: no tags that build
 Python objects, so loading never executes code. The module depends only on
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,28 @@ from gssm_data.errors import GssmDataError
 
 DEFAULT_MAX_BYTES = 1 << 20
 DEFAULT_MAX_DEPTH = 64
+
+
+class Loader(yaml.SafeLoader):
+    """``SafeLoader`` with YAML 1.2 floats: `1e5` and `3e-4` are numbers, as people mean them.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e5`), so `steps: 1e4`
+    would arrive as the string "1e4". Plain data only, like ``safe_load``.
+    """
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
+        |[-+]?(?:[0-9][0-9_]*)\.[0-9_]*
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
 
 
 def load_yaml_file(
@@ -116,7 +141,7 @@ def _too_large(label: str, max_bytes: int) -> str:
 def _load(text: str, *, label: str, max_depth: int) -> Any:
     try:
         _check_depth(text, label=label, max_depth=max_depth)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
     except yaml.MarkedYAMLError as error:
         raise GssmDataError(f"{label} is not valid YAML: {_describe(error)}") from None
     except yaml.YAMLError as error:
@@ -133,7 +158,7 @@ def _check_depth(text: str, *, label: str, max_depth: int) -> None:
     afterwards does recurse, and only ever sees documents that passed here.
     """
     depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=Loader):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > max_depth:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error
+from gssm_data.yamlfile import Loader as YamlLoader
 from gssm_data.yamlfile import load_yaml_file
 from llama_train.core.plain_text import visible
 from llama_train.errors import LlamaTrainError
@@ -36,30 +36,8 @@ Config = TypeVar("Config", bound=BaseModel)
 # Loading and overrides
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML with 1.2-style numbers: `1e5` and `3e-4` are floats, as people mean them.
-
-    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e5`), so `train.steps=1e4`
-    would arrive as the string "1e4" and fail validation as an integer.
-    """
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
-        |[-+]?(?:[0-9][0-9_]*)\.[0-9_]*
-        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.VERBOSE,
-    ),
-    list("-+0123456789."),
-)
-
-
 def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: plain data only
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -67,31 +45,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
     gssm_data.yamlfile does the reading: a regular file of at most 1 MB (never a
     directory or /dev/zero), UTF-8, nesting at most 64 deep, finite numbers,
-    plain data only. It follows YAML 1.1, so exponent-only numbers (`1e4`,
-    `3e-4`) are then read as floats, as overrides read them (:class:`_Loader`).
+    plain data only, and `1e4` / `3e-4` read as floats, as overrides read them.
     """
     try:
-        data = _yaml_1_2_numbers(load_yaml_file(path, what="config file"))
+        data = load_yaml_file(path, what="config file")
     except GssmDataError as error:
         raise LlamaTrainError(str(error)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise LlamaTrainError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-_EXPONENT_ONLY = re.compile(r"[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+")
-
-
-def _yaml_1_2_numbers(data: Any) -> Any:
-    """`data` with strings such as "1e4" and "3e-4" as floats (YAML 1.2 reads them so)."""
-    if isinstance(data, str) and _EXPONENT_ONLY.fullmatch(data):
-        return float(data.replace("_", ""))
-    if isinstance(data, dict):
-        return {key: _yaml_1_2_numbers(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_yaml_1_2_numbers(value) for value in data]
     return data
 
 
@@ -119,7 +82,7 @@ _MAX_NESTING = 64  # as for config files (gssm_data.yamlfile)
 def _check_nesting(text: str, key: str) -> None:
     """Refuse a deeply nested value from the parser's events, before the recursive composer."""
     depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
+    for event in yaml.parse(text, Loader=YamlLoader):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > _MAX_NESTING:
