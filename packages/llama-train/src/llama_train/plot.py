@@ -138,10 +138,12 @@ def _bits_axis(axes: Any) -> Any:
     return bits
 
 
-def _loss_panel(axes: Any, losses: list[float], x_label: str, runs: list[RunData], x: str) -> None:
+def _log_log_nats(
+    axes: Any, limits: tuple[float, float] | None, x_label: str, y_label: str
+) -> None:
+    """Log-log axes in nats with labelled ticks on any range, and a bits axis on the right."""
     axes.set_xscale("log")
     axes.set_yscale("log")
-    limits = _limits(losses, pad=1.03)
     if limits:
         axes.set_ylim(*limits)
         readable_log_axis(axes.yaxis, *limits)
@@ -149,7 +151,11 @@ def _loss_panel(axes: Any, losses: list[float], x_label: str, runs: list[RunData
     if limits:
         readable_log_axis(bits.yaxis, limits[0] / LN2, limits[1] / LN2)
     axes.set_xlabel(f"{x_label} (log scale)")
-    axes.set_ylabel("loss, nats per token (log scale)")
+    axes.set_ylabel(f"{y_label} (log scale)")
+
+
+def _loss_panel(axes: Any, losses: list[float], x_label: str, runs: list[RunData], x: str) -> None:
+    _log_log_nats(axes, _limits(losses, pad=1.03), x_label, "loss, nats per token")
     axes.set_title("loss; dashed: exact entropy (the floor)")
     per_step = runs[0].tokens_per_step if len(runs) == 1 else None
     if x == "tokens" and per_step:
@@ -162,17 +168,7 @@ def _loss_panel(axes: Any, losses: list[float], x_label: str, runs: list[RunData
 
 
 def _excess_panel(axes: Any, excesses: list[float], x_label: str) -> None:
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    limits = _limits(excesses)
-    if limits:
-        axes.set_ylim(*limits)
-        readable_log_axis(axes.yaxis, *limits)
-    bits = _bits_axis(axes)
-    if limits:
-        readable_log_axis(bits.yaxis, limits[0] / LN2, limits[1] / LN2)
-    axes.set_xlabel(f"{x_label} (log scale)")
-    axes.set_ylabel("excess loss, nats (log scale)")
+    _log_log_nats(axes, _limits(excesses), x_label, "excess loss, nats")
     axes.set_title("test loss - exact entropy")
     axes.grid(alpha=0.3, which="both")
     if axes.get_legend_handles_labels()[0]:

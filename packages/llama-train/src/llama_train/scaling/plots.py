@@ -115,48 +115,36 @@ def _colours(plt: Any, count: int) -> list[Any]:
     return [cmap(i / max(count - 1, 1) * 0.9) for i in range(count)]
 
 
+def _curves(
+    plt: Any, ax: Any, regime: RegimeFits, data: dict, *, x: str, per: str, marker: str
+) -> None:
+    """Loss against column `x`, one curve per value of `per`, with both fitted laws."""
+    grid = np.geomspace(data[x].min() / 1.3, data[x].max() * 1.3, 100)
+    groups = np.unique(data[per])
+    for colour, value in zip(_colours(plt, len(groups)), groups, strict=True):
+        mask = data[per] == value
+        order = np.argsort(data[x][mask])
+        label = f"{per}={_si(value)}"
+        ax.plot(
+            data[x][mask][order], data["loss"][mask][order], f"{marker}-", color=colour, label=label
+        )
+        n, d = (grid, value) if x == "N" else (value, grid)
+        ax.plot(grid, regime.free.predict(n, d), "--", color=colour, linewidth=1)
+        ax.plot(grid, regime.exact.predict(n, d), ":", color=colour, linewidth=1)
+    ax.set_xscale("log")
+    readable_log_axis(ax.xaxis, grid)
+
+
 def _loss_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
     data = _arrays(regime)
     figure, axes = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
-    ns, ds = np.unique(data["N"]), np.unique(data["D"])
-    # Against N, one curve per D.
-    ax = axes[0]
-    n_grid = np.geomspace(ns.min() / 1.3, ns.max() * 1.3, 100)
-    for colour, d in zip(_colours(plt, len(ds)), ds, strict=True):
-        mask = data["D"] == d
-        order = np.argsort(data["N"][mask])
-        ax.plot(
-            data["N"][mask][order],
-            data["loss"][mask][order],
-            "o-",
-            color=colour,
-            label=f"D={_si(d)}",
-        )
-        ax.plot(n_grid, regime.free.predict(n_grid, d), "--", color=colour, linewidth=1)
-        ax.plot(n_grid, regime.exact.predict(n_grid, d), ":", color=colour, linewidth=1)
-    ax.set_xscale("log")
-    readable_log_axis(ax.xaxis, n_grid)
-    ax.set_xlabel("N (non-embedding parameters)")
-    ax.set_title("loss against N (dashed: E free, dotted: E = exact)")
-    # Against D, one curve per N.
-    ax = axes[1]
-    d_grid = np.geomspace(ds.min() / 1.3, ds.max() * 1.3, 100)
-    for colour, n in zip(_colours(plt, len(ns)), ns, strict=True):
-        mask = data["N"] == n
-        order = np.argsort(data["D"][mask])
-        ax.plot(
-            data["D"][mask][order],
-            data["loss"][mask][order],
-            "s-",
-            color=colour,
-            label=f"N={_si(n)}",
-        )
-        ax.plot(d_grid, regime.free.predict(n, d_grid), "--", color=colour, linewidth=1)
-        ax.plot(d_grid, regime.exact.predict(n, d_grid), ":", color=colour, linewidth=1)
-    ax.set_xscale("log")
-    readable_log_axis(ax.xaxis, d_grid)
-    ax.set_xlabel("D (unique training tokens)")
-    ax.set_title("loss against D")
+    # Against N, one curve per D; against D, one curve per N.
+    _curves(plt, axes[0], regime, data, x="N", per="D", marker="o")
+    axes[0].set_xlabel("N (non-embedding parameters)")
+    axes[0].set_title("loss against N (dashed: E free, dotted: E = exact)")
+    _curves(plt, axes[1], regime, data, x="D", per="N", marker="s")
+    axes[1].set_xlabel("D (unique training tokens)")
+    axes[1].set_title("loss against D")
     # Against compute: points, frontier, and the fitted compute-optimal loss.
     ax = axes[2]
     flops = data["flops"]
