@@ -62,14 +62,73 @@ def test_ntk_changes_the_base_to_theta_times_factor_to_d_over_d_minus_2(
     _close(ntk_scaling(inv_freq, 4.0), rotary_frequencies(8, new_base).tolist())
 
 
-def test_yarn_keeps_high_frequencies_interpolates_low_ones_ramps_between(
+def test_yarn_ramps_in_the_pair_index_between_rounded_bounds(
     inv_freq: torch.Tensor,
 ) -> None:
-    # gamma_i = clamp((r_i - 1) / 31, 0, 1) = 1, 0.481145, 0.0190822, 0;
-    # f_i' = (1 - gamma) f_i / 4 + gamma f_i; sqrt(1/t) = 0.1 ln 4 + 1.
+    # The pair turning r times over L sits at d(r) = 8 ln(L / 2 pi r) / (2 ln 1e4):
+    # d(32) = 0.697 -> lo = 0, d(1) = 2.202 -> hi = 3; keep g_i = 1 - i / 3 = 1, 2/3, 1/3, 0;
+    # f_i' = (1 - g) f_i / 4 + g f_i; sqrt(1/t) = 0.1 ln 4 + 1.
     scaled, attention = yarn_scaling(inv_freq, 4.0, 1000)
-    _close(scaled, [1.0, 0.061085873, 0.0026431168, 0.00025])
+    _close(scaled, [1.0, 0.075, 0.005, 0.00025])
     assert attention == pytest.approx(1.1386294361)
+
+
+hf_rope = pytest.importorskip("transformers.modeling_rope_utils")
+
+
+def _hf_frequencies(head_dim: int, theta: float, context: int, parameters: dict):
+    """inv_freq and attention factor of Hugging Face's own implementation."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=head_dim * 2,
+        num_attention_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=context,
+        rope_parameters={"rope_theta": theta, **parameters},
+    )
+    function = hf_rope.ROPE_INIT_FUNCTIONS[parameters["rope_type"]]
+    inv_freq, attention = function(config, "cpu")
+    return inv_freq.double(), attention
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "theta", "original", "factor", "beta_fast", "beta_slow"),
+    [
+        (8, 10_000.0, 1000, 4.0, 32.0, 1.0),
+        (64, 10_000.0, 2048, 8.0, 32.0, 1.0),
+        (128, 500_000.0, 8192, 4.0, 32.0, 1.0),
+        (32, 1_000.0, 256, 16.0, 8.0, 2.0),
+        (16, 100.0, 24, 2.0, 32.0, 1.0),
+    ],
+)
+def test_yarn_equals_hugging_face_s_reference(
+    head_dim: int, theta: float, original: int, factor: float, beta_fast: float, beta_slow: float
+) -> None:
+    parameters = {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+    }
+    expected, expected_attention = _hf_frequencies(
+        head_dim, theta, int(original * factor), parameters
+    )
+    ours = RopeScaling(
+        method="yarn",
+        factor=factor,
+        original_max_seq_len=original,
+        beta_fast=beta_fast,
+        beta_slow=beta_slow,
+    ).apply(rotary_frequencies(head_dim, theta), int(original * factor))
+    torch.testing.assert_close(ours.inv_freq, expected, rtol=3e-7, atol=0)  # HF: float32
+    assert ours.attention_factor == pytest.approx(expected_attention, rel=1e-12)
+    # The paper's ramp in rotations gives other frequencies: the comparison can fail.
+    paper = llama3_scaling(
+        rotary_frequencies(head_dim, theta), factor, original, beta_slow, beta_fast
+    )
+    assert (paper / expected - 1).abs().max() > 1e-2
 
 
 def test_llama3_keeps_high_frequencies_divides_low_ones_smooth_between(

@@ -17,6 +17,12 @@ Hugging Face's Llama differs from ours in three ways, all undone here:
   logits agree exactly (up to float rounding);
 - parameter names (``tok_embeddings`` -> ``model.embed_tokens``, ...).
 
+A run trained with ``model.rope_scaling`` exports the rotary scaling as
+Hugging Face spells it (:func:`hf_rope_parameters`), each method one that
+transformers computes with the same formula as :mod:`llama_train.core.rope`
+(linear, llama3 and yarn by name, NTK-aware as the plain rotary with its new
+base), so the exported model gives the run's logits at every position.
+
 `--out` is written as a hidden sibling folder and renamed into place. An
 existing `--out` is replaced only when it is empty or a previous export
 (it holds ``export.json``); anything else is refused.
@@ -30,7 +36,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -39,7 +45,7 @@ from llama_train.core.budget import parameter_count
 from llama_train.core.model import ModelConfig
 from llama_train.core.weights import WEIGHTS_FILE, give_usual_permissions, write_weights
 from llama_train.errors import LlamaTrainError
-from llama_train.loading import StoredWeights, read_checkpoint_weights
+from llama_train.loading import StoredWeights, check_weights_fit, read_checkpoint_weights
 
 ExportFormat = Literal["hf", "state-dict"]
 FORMATS: tuple[ExportFormat, ...] = ("hf", "state-dict")
@@ -72,10 +78,13 @@ def export_run(
     out = Path(out)
     _check_out(out)
     weights = read_checkpoint_weights(run_dir, checkpoint)
+    check_weights_fit(weights)
+    if format == "hf":
+        hf_rope_parameters(weights.model_config)  # refused before anything is written
     temporary = out.with_name(f".{out.name}.export-tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
         if format == "hf":
             _write_hf(temporary, weights)
         else:
@@ -110,7 +119,11 @@ def _check_out(out: Path) -> None:
         return
     if not out.is_dir():
         raise LlamaTrainError(f"--out {out} is a file; name a folder for the export")
-    if any(out.iterdir()) and not (out / MARKER_FILE).is_file():
+    try:
+        holds_files = any(out.iterdir())
+    except OSError as error:
+        raise LlamaTrainError(f"cannot read --out {out}: {error.strerror or error}") from None
+    if holds_files and not (out / MARKER_FILE).is_file():
         raise LlamaTrainError(
             f"--out {out} is a non-empty folder that is not a previous export (no "
             f"{MARKER_FILE}); name a new or empty folder"
@@ -174,11 +187,13 @@ def hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
 def hf_config(config: ModelConfig) -> dict[str, object]:
     """config.json of the equivalent `LlamaForCausalLM`.
 
-    The rotary base is given both as `rope_theta` (transformers 4) and in
-    `rope_parameters` (transformers 5). Token 0 is every sequence's start
-    state, hence the BOS id; the data has no end-of-sequence token.
+    The rotary base and scaling are given both as `rope_theta` and `rope_scaling`
+    (transformers 4) and as `rope_parameters` (transformers 5). Token 0 is every
+    sequence's start state, hence the BOS id; the data has no end-of-sequence token.
     """
     assert config.vocab_size is not None and config.max_seq_len is not None
+    rope = hf_rope_parameters(config)
+    scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -192,8 +207,9 @@ def hf_config(config: ModelConfig) -> dict[str, object]:
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": rope["rope_theta"],
+        "rope_parameters": rope,
+        "rope_scaling": None if rope["rope_type"] == "default" else scaling,
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -205,6 +221,46 @@ def hf_config(config: ModelConfig) -> dict[str, object]:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+
+
+def hf_rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    """`rope_parameters` with which transformers computes the run's rotary frequencies.
+
+    Every method of :mod:`llama_train.core.rope` has an exact counterpart:
+    linear, llama3 and yarn (with the reference's ramp in the pair index) by
+    name; NTK-aware scaling is the plain rotary with base theta * s^(D/(D-2)),
+    which is how that method is defined (HF's ``dynamic`` instead changes the
+    base with the sequence length, so it is not used).
+    """
+    assert config.max_seq_len is not None
+    scaling = config.rope_scaling
+    theta = config.rope_theta
+    original = scaling.original_max_seq_len or config.max_seq_len
+    if scaling.method == "none" or scaling.factor == 1:
+        return {"rope_type": "default", "rope_theta": theta}
+    if scaling.method == "ntk":
+        D = config.head_dim
+        new_theta = theta * scaling.factor ** (D / (D - 2)) if D > 2 else theta
+        return {"rope_type": "default", "rope_theta": new_theta}
+    common = {"rope_type": scaling.method, "rope_theta": theta, "factor": scaling.factor}
+    if scaling.method == "linear":
+        return common
+    if scaling.method == "llama3":
+        return common | {
+            "original_max_position_embeddings": original,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+        }
+    if scaling.method == "yarn":
+        return common | {
+            "original_max_position_embeddings": original,
+            "beta_fast": scaling.beta_fast,
+            "beta_slow": scaling.beta_slow,
+        }
+    raise LlamaTrainError(
+        f"model.rope_scaling.method {scaling.method!r} has no Hugging Face equivalent "
+        "that computes the same frequencies; export --format state-dict instead"
+    )
 
 
 def _write_hf(folder: Path, weights: StoredWeights) -> None:

@@ -22,6 +22,7 @@ from llama_train.config import TrainConfig, read_run_config
 from llama_train.core.budget import check_model_fits
 from llama_train.core.checkpoint import CheckpointManager, CorruptCheckpointWarning
 from llama_train.core.model import Llama, ModelConfig
+from llama_train.core.rope import RopeScaling
 from llama_train.core.weights import WEIGHTS_FILE, read_weights
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import CHECKPOINT_DIR
@@ -87,6 +88,36 @@ def _read(manager: CheckpointManager, step: int) -> StoredWeights:
             f"{folder / WEIGHTS_FILE}: stored architecture is invalid ({where}: {first['msg']})"
         ) from None
     return StoredWeights(step, folder / WEIGHTS_FILE, model_config, state)
+
+
+def check_weights_fit(weights: StoredWeights) -> None:
+    """Refuse weights whose names or shapes are not those of their stored architecture.
+
+    Export converts tensors without building a model, so a file whose header
+    claims one architecture and whose tensors have another would otherwise be
+    split along the wrong sizes (or not at all) and written as if sound. The
+    expected shapes come from a model built on the meta device (no memory).
+    """
+    # Shapes do not depend on the rotary scaling, whose frequencies need real numbers.
+    plain = weights.model_config.model_copy(update={"rope_scaling": RopeScaling()})
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Llama(plain).state_dict().items()}
+    stored = {name: tuple(tensor.shape) for name, tensor in weights.state.items()}
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
+    wrong = [name for name in expected if name in stored and stored[name] != expected[name]]
+    if missing:
+        problem = f"{missing[0]} is missing ({len(missing)} missing in all)"
+    elif unexpected:
+        problem = f"{unexpected[0]} is not a parameter of this architecture"
+    elif wrong:
+        name = wrong[0]
+        problem = (
+            f"{name} has shape {list(stored[name])}, the architecture needs {list(expected[name])}"
+        )
+    else:
+        return
+    raise LlamaTrainError(f"{weights.path} does not fit its own architecture: {problem}")
 
 
 def build_model(weights: StoredWeights, device: str | torch.device = "cpu") -> Llama:

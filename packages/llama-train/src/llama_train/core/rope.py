@@ -16,14 +16,19 @@ original training length, f_i = theta^(-2i/D), rotations r_i = L f_i / 2 pi):
 2) ``ntk``: NTK-aware scaling (bloc97, 2023; YaRN paper eq. 16): a new base
    theta' = theta * s^(D/(D-2)), i.e. f_i * s^(-2i/(D-2)): the highest
    frequency is kept, the lowest divided by s, a geometric blend in between.
-3) ``yarn``: YaRN (Peng et al., 2023, eqs. 17-22): NTK-by-parts,
-   f_i' = (1 - g_i) f_i / s + g_i f_i with g_i = clamp((r_i - beta_slow) /
-   (beta_fast - beta_slow), 0, 1), so pairs that turn more than beta_fast
-   times over L are untouched and those turning less than beta_slow times are
-   interpolated; plus the attention temperature sqrt(1/t) = 0.1 ln(s) + 1,
-   which multiplies queries and keys (logits by its square). The paper's
-   ramp is linear in r_i; the reference code ramps linearly in the pair index
-   between rounded bounds, which differs only inside the ramp.
+3) ``yarn``: YaRN (Peng et al., 2023, eqs. 17-22) as Hugging Face's
+   ``_compute_yarn_parameters`` and the authors' reference code compute it:
+   NTK-by-parts, f_i' = (1 - g_i) f_i / s + g_i f_i, where g_i ramps linearly
+   in the *pair index* i, from 1 (kept) at pair lo = floor(d(beta_fast)) to 0
+   (interpolated) at pair hi = ceil(d(beta_slow)), with d(r) the fractional
+   pair index at which a pair turns r times over L (lo clamped to >= 0, hi to
+   <= D - 1, as the reference does); plus the attention temperature
+   sqrt(1/t) = 0.1 ln(s) + 1, which multiplies queries and keys (logits by its
+   square). The paper's equations ramp linearly in the rotations r_i instead;
+   since r_i is geometric in i the two ramps differ at every pair strictly
+   between lo and hi (by up to 63% there), and the rounding of lo and hi moves
+   the ends, so only the reference's form is implemented: a model exported to
+   or loaded from the ecosystem then behaves the same.
 4) ``llama3``: Llama 3.1's rule (Meta's ``apply_scaling``): wavelengths
    2 pi / f_i shorter than L / high_freq_factor keep f_i, longer than
    L / low_freq_factor become f_i / s, and in between
@@ -102,9 +107,26 @@ def yarn_scaling(
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
 ) -> ScaledFrequencies:
-    """YaRN: NTK-by-parts frequencies (ramp from beta_slow to beta_fast rotations) and
-    the attention temperature."""
-    scaled = _by_parts(inv_freq, factor, original_length, beta_slow, beta_fast)
+    """YaRN as the reference code computes it: a ramp in the pair index between the
+    pairs turning beta_fast and beta_slow times over the original length (module
+    docstring), and the attention temperature."""
+    n_pairs = inv_freq.shape[-1]
+    if n_pairs == 1:  # the one pair turns fastest, which the ramp keeps
+        return ScaledFrequencies(inv_freq.clone(), yarn_attention_factor(factor))
+    # Frequencies are geometric in the pair index, so log rotations are linear in it.
+    log_step = math.log(inv_freq[1].item() / inv_freq[0].item())
+    log_first = math.log(original_length * inv_freq[0].item() / (2 * math.pi))
+
+    def pair_turning(rotations: float) -> float:
+        return (math.log(rotations) - log_first) / log_step
+
+    low = max(math.floor(pair_turning(beta_fast)), 0)
+    high = min(math.ceil(pair_turning(beta_slow)), 2 * n_pairs - 1)
+    if high == low:
+        high += 0.001  # the reference's guard against a zero-width ramp
+    pair = torch.arange(n_pairs, dtype=torch.float64)
+    keep = 1 - ((pair - low) / (high - low)).clamp(0.0, 1.0)
+    scaled = (1 - keep) * inv_freq / factor + keep * inv_freq
     return ScaledFrequencies(scaled, yarn_attention_factor(factor))
 
 
