@@ -192,3 +192,87 @@ def test_a_transition_graph_scores_test_continuations_under_each_row_s_kernel(tm
     np.testing.assert_allclose(np.stack(scored), rows_entropy(spec.store, "test", 0, 70))
     with pytest.raises(LlamaTrainError, match="use --from-test K"):
         true_nll(spec, rows, test_rows=False)
+
+
+def _independent_log_probs(logits: np.ndarray, temperature: float, top_k: int | None):
+    """log q'(token | prefix) (..., V) of a sampler, from the model's raw logits, in numpy:
+    divided by the temperature, all but the k largest set to -inf, log-normalised."""
+    scaled = logits.astype(np.float64) / temperature
+    if top_k is not None:
+        kth = np.sort(scaled, axis=-1)[..., -top_k][..., None]
+        scaled = np.where(scaled >= kth, scaled, -np.inf)
+    top = scaled.max(axis=-1, keepdims=True)
+    return scaled - top - np.log(np.exp(scaled - top).sum(axis=-1, keepdims=True))
+
+
+def _full_logits(run_dir: Path, sequences: np.ndarray) -> np.ndarray:
+    """The model's logits for whole sequences in one forward pass (no cache, no sampler)."""
+    import torch
+
+    from llama_train.loading import load_model
+
+    model, _ = load_model(run_dir)
+    with torch.no_grad():
+        return model(torch.from_numpy(sequences)).logits.double().numpy()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k"), [(1.0, None), (0.6, None), (0.8, 3), (0.0, None)]
+)
+def test_each_sample_is_scored_under_the_law_that_drew_it(run_dir, temperature, top_k):
+    result = generate_run(
+        run_dir, n=6, max_new_tokens=5, temperature=temperature, top_k=top_k, seed=2
+    )
+    tokens = np.array([s.tokens for s in result.samples])  # (6, 6): prompt 0 + 5 new
+    logits = _full_logits(run_dir, tokens)[:, :-1]  # predictions of tokens 1..5
+    chosen = tokens[:, 1:, None]
+    model = -np.take_along_axis(_independent_log_probs(logits, 1.0, None), chosen, -1)[..., 0]
+    for sample, row in zip(result.samples, model, strict=True):
+        assert sample.model_nll == pytest.approx(row.mean(), abs=1e-5)
+    if temperature == 0:  # a point mass: each token had probability 1 under the sampler
+        assert all(s.sampler_nll == 0 for s in result.samples)
+        assert result.summary()["sampler_kl"] == pytest.approx(result.true_nll, rel=1e-12)
+        return
+    law = _independent_log_probs(logits, temperature, top_k)
+    sampler = -np.take_along_axis(law, chosen, -1)[..., 0]
+    for sample, row in zip(result.samples, sampler, strict=True):
+        assert sample.sampler_nll == pytest.approx(row.mean(), abs=1e-5)
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(0.5, 2), (0.05, None), (1.0, 3)])
+def test_the_printed_kl_is_the_exact_kl_of_the_sampler_from_the_process(
+    run_dir, temperature, top_k
+):
+    """Against KL(q' || p) summed exactly over all 8^3 continuations of the prompt 0.
+
+    q'(x) is the product of the sampler's per-step laws (numpy, from whole-sequence
+    logits), p(x) the process's likelihood (forward algorithm, checked against a
+    brute-force sum above). The figure printed before, true NLL - model NLL at
+    temperature 1, has another expectation, far outside the estimate's error here.
+    """
+    new = 3
+    continuations = np.array(list(itertools.product(range(8), repeat=new)))
+    sequences = np.concatenate([np.zeros((len(continuations), 1), np.int64), continuations], 1)
+    logits = _full_logits(run_dir, sequences)[:, :-1]
+
+    def log_law(temperature: float, top_k: int | None) -> np.ndarray:
+        log_probs = _independent_log_probs(logits, temperature, top_k)
+        return np.take_along_axis(log_probs, sequences[:, 1:, None], -1)[..., 0].sum(axis=1)
+
+    log_q, log_model = log_law(temperature, top_k), log_law(1.0, None)
+    store = open_store(resolve_config_path(run_dir))
+    log_p = -sequence_entropy(store.graph, store.conditionals(), sequences).sum(axis=1)
+    q = np.exp(log_q)
+    drawn = q > 0
+    assert q.sum() == pytest.approx(1.0, abs=1e-9)
+    exact = float(np.sum(q[drawn] * (log_q[drawn] - log_p[drawn]))) / new
+    temperature_one = float(np.sum(q[drawn] * (log_model[drawn] - log_p[drawn]))) / new
+
+    result = generate_run(
+        run_dir, n=2000, max_new_tokens=new, temperature=temperature, top_k=top_k, seed=5
+    )
+    figures = result.summary()
+    stderr = figures["sampler_kl_stderr"]
+    assert 0 < stderr < 0.05
+    assert abs(figures["sampler_kl"] - exact) < 4 * stderr, (figures["sampler_kl"], exact)
+    assert abs(temperature_one - exact) > 10 * stderr  # so the check above can fail

@@ -4,8 +4,15 @@ A GSSM store knows the exact conditional p(x_t | x_<t) of any token sequence, so
 model's samples can be judged by the process itself: the true negative log-likelihood
 per generated token, -log p(x_t | x_<t), next to the data's exact entropy at the same
 positions. At temperature 1 a model q that learned the process draws samples whose
-true NLL matches the entropy; the gap, true NLL - model NLL of its own samples, is the
-per-token KL(q || p) of the model from the process (in expectation).
+true NLL matches the entropy.
+
+The samples come from the *sampler's* law q' (the model's softmax at the chosen
+temperature, restricted to the top k tokens; a point mass for greedy decoding), so
+each sample is also scored under q' itself: in expectation, true NLL - sampler NLL
+= E_q'[log q'(x) - log p(x)] per generated token, the per-token KL(q' || p) of the
+samples' distribution from the process. The model's own NLL at temperature 1 is
+reported too; true NLL - model NLL is that KL only when q' = q (temperature 1, no
+top-k), and is not printed as one.
 
 Prompts come from a file (:func:`read_prompts`), from the first tokens of test
 sequences, or are the bare start token 0. Sample i continues prompt i mod P, with its
@@ -57,6 +64,7 @@ class Sample:
     tokens: list[int]  # prompt + generated tokens
     true_nll: float  # -log p under the true process, mean over generated tokens
     model_nll: float  # -log q under the model (temperature 1), mean over generated tokens
+    sampler_nll: float  # -log q' under the law it was drawn from, mean over generated tokens
     data_entropy: float | None  # the data's exact entropy at the same positions
 
 
@@ -93,6 +101,16 @@ class GenerationResult:
         return float(np.mean([s.model_nll for s in self.samples]))
 
     @property
+    def sampler_nll(self) -> float:
+        return float(np.mean([s.sampler_nll for s in self.samples]))
+
+    @property
+    def sampler_kl_stderr(self) -> float:
+        """Standard error of the KL estimate, true NLL - sampler NLL, over samples."""
+        values = np.array([s.true_nll - s.sampler_nll for s in self.samples])
+        return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
+
+    @property
     def data_entropy(self) -> float | None:
         """Mean data entropy at the samples' positions; None if one lies beyond the data."""
         values = [s.data_entropy for s in self.samples]
@@ -105,9 +123,11 @@ class GenerationResult:
             "true_nll": self.true_nll,
             "true_nll_stderr": self.true_nll_stderr,
             "model_nll": self.model_nll,
+            "sampler_nll": self.sampler_nll,
             "data_entropy": entropy,
             "true_minus_entropy": None if entropy is None else self.true_nll - entropy,
-            "true_minus_model": self.true_nll - self.model_nll,
+            "sampler_kl": self.true_nll - self.sampler_nll,
+            "sampler_kl_stderr": self.sampler_kl_stderr,
         }
         bits = {f"{k}_bits": None if v is None else v / LN2 for k, v in figures.items()}
         return figures | bits
@@ -299,6 +319,7 @@ def generate_run(
     device_ = model.rope_cos.device
     sequences: list[np.ndarray] = []
     model_nll: list[np.ndarray] = []
+    sampler_nll: list[np.ndarray] = []
     for first in range(0, n, batch_size):
         ids = list(range(first, min(first + batch_size, n)))
         decoded = generate_batch(
@@ -313,6 +334,7 @@ def generate_run(
         new = decoded.new_tokens.cpu().numpy()
         sequences.extend(np.concatenate([rows[i], new[j]]) for j, i in enumerate(ids))
         model_nll.extend(decoded.model_nll.cpu().numpy())
+        sampler_nll.extend(decoded.sampler_nll.cpu().numpy())
         if on_batch is not None:
             on_batch(ids[-1] + 1, n)
     true = true_nll(spec, sequences, prompts.test_rows)
@@ -331,6 +353,7 @@ def generate_run(
                 tokens=[int(t) for t in sequence],
                 true_nll=float(new_true.mean()),
                 model_nll=float(model_nll[i].mean()),
+                sampler_nll=float(sampler_nll[i].mean()),
                 data_entropy=entropy,
             )
         )

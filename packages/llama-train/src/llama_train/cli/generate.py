@@ -75,7 +75,9 @@ def generate_command(
 
     Every sample is scored under the data's true process: its exact negative
     log-likelihood per generated token, -log p(x_t | x_<t), beside the data's exact
-    entropy at the same positions and the model's own NLL of the sample. At
+    entropy at the same positions, the model's own NLL of the sample and its NLL
+    under the sampler's law (temperature and top-k applied). True NLL - sampler NLL
+    estimates the per-token KL of the samples' distribution from the process. At
     temperature 1 a model that learned the process gives true NLL = entropy.
     """
     from llama_train.generate import generate_run, write_samples
@@ -153,7 +155,8 @@ def _nats_bits(value: float | None) -> tuple[str, str]:
 
 
 def summary_table(result: GenerationResult) -> Table:
-    """True NLL of the samples against the data's entropy, and the model's own NLL."""
+    """True NLL of the samples against the data's entropy, the model's and the sampler's
+    NLL of them, and the KL of the sampler's law from the process."""
     figures = result.summary()
     top_k = "" if result.top_k is None else f", top-k {result.top_k}"
     table = Table(
@@ -172,8 +175,10 @@ def summary_table(result: GenerationResult) -> Table:
         ("  its standard error over samples", stderr),
         ("data's exact entropy, same positions", figures["data_entropy"]),
         ("true NLL - entropy", figures["true_minus_entropy"]),
-        ("model NLL of its own samples", figures["model_nll"]),
-        ("true NLL - model NLL (KL of model from process)", figures["true_minus_model"]),
+        ("model NLL of the samples (temperature 1)", figures["model_nll"]),
+        ("sampler NLL (temperature and top-k applied)", figures["sampler_nll"]),
+        ("true NLL - sampler NLL: KL(sampler || process)", figures["sampler_kl"]),
+        ("  its standard error over samples", figures["sampler_kl_stderr"]),
     ]
     for name, value in rows:
         table.add_row(name, *_nats_bits(value))

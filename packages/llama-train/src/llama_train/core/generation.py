@@ -35,6 +35,7 @@ class Decoded:
 
     new_tokens: Tensor  # (B, M) int64
     model_nll: Tensor  # (B, M) float64: -log q(token) under the model at temperature 1
+    sampler_nll: Tensor  # (B, M) float64: -log q'(token) under the law it was drawn from
     logits: Tensor | None  # (B, M, V) the logits each new token was drawn from, if asked
 
 
@@ -43,6 +44,26 @@ def row_uniforms(seed: int, row_ids: Sequence[int], steps: int) -> np.ndarray:
     return np.stack(
         [np.random.default_rng([seed, int(row)]).random(steps) for row in row_ids]
     ).reshape(len(row_ids), steps)
+
+
+def sampler_logits(logits: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
+    """The logits (B, V) -> (B, V) float64 of the law a sampler with temperature > 0 draws
+    from: divided by the temperature, tokens below the k-th largest (ties with it kept)
+    set to -inf."""
+    scaled = logits.double() / temperature
+    if top_k is not None and top_k < scaled.size(-1):
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return scaled
+
+
+def sampler_log_probs(logits: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
+    """log q'(token) (B, V) float64 of the distribution :func:`sample_with_uniforms` draws
+    from; greedy decoding (temperature 0) is the point mass on the argmax."""
+    if temperature == 0:
+        point = torch.full(logits.shape, float("-inf"), dtype=torch.float64, device=logits.device)
+        return point.scatter(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
+    return F.log_softmax(sampler_logits(logits, temperature, top_k), dim=-1)
 
 
 def sample_with_uniforms(
@@ -56,10 +77,7 @@ def sample_with_uniforms(
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits.double() / temperature
-    if top_k is not None and top_k < scaled.size(-1):
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    scaled = sampler_logits(logits, temperature, top_k)
     cdf = scaled.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     target = uniforms.to(cdf)[:, None] * cdf[:, -1:]  # (B, 1)
     # First index whose CDF exceeds the target: zero-probability tokens are never hit.
@@ -129,7 +147,7 @@ def generate_batch(
     batch, pad = left_pad(prompts, device)
     was_training = model.training
     model.eval()
-    new_tokens, nll, kept = [], [], []
+    new_tokens, nll, sampler_nll, kept = [], [], [], []
     try:
         cache = KVCache(model.config.n_layers, batch.size(1) + max_new_tokens, pad=pad)
         logits = model(batch, cache=cache).logits[:, -1]  # (B, V)
@@ -137,6 +155,8 @@ def generate_batch(
             token = sample_with_uniforms(logits, uniforms[:, step], temperature, top_k)  # (B,)
             log_q = F.log_softmax(logits.double(), dim=-1)
             nll.append(-log_q.gather(1, token[:, None]).squeeze(1))
+            log_sampler = sampler_log_probs(logits, temperature, top_k)
+            sampler_nll.append(-log_sampler.gather(1, token[:, None]).squeeze(1))
             new_tokens.append(token)
             if keep_logits:
                 kept.append(logits)
@@ -147,6 +167,7 @@ def generate_batch(
     return Decoded(
         new_tokens=torch.stack(new_tokens, dim=1),
         model_nll=torch.stack(nll, dim=1),
+        sampler_nll=torch.stack(sampler_nll, dim=1),
         logits=torch.stack(kept, dim=1) if keep_logits else None,
     )
 
