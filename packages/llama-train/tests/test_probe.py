@@ -213,3 +213,59 @@ def test_a_store_without_latents_is_a_one_line_error(run_dir: Path, stores) -> N
 def test_layer_lists() -> None:
     assert parse_layers("all", 2) == [0, 1, 2, 3]
     assert parse_layers("3, 0,0", 2) == [0, 3]
+
+
+def test_probe_uses_training_s_threads_and_announces_every_fit_before_it_starts(
+    run_dir: Path, monkeypatch
+) -> None:
+    """The run sets train.threads=1: every fit runs on one thread, whatever the caller
+    had, and the caller's setting is back afterwards. The announced plan lists exactly
+    the fits that are made (rows, features, states), and comes before the first one."""
+    from llama_train import probe as probe_module
+
+    events: list[tuple] = []
+    real_fit, real_plan = linear_probe.fit, probe_module.planned_fits
+
+    def fit(features, targets, penalty, **kwargs):
+        events.append(("fit", torch.get_num_threads(), tuple(features.shape), targets.shape[1]))
+        return real_fit(features, targets, penalty, **kwargs)
+
+    planned: list = []
+
+    def plan(*args):
+        planned.extend(real_plan(*args))
+        return planned
+
+    monkeypatch.setattr(linear_probe, "fit", fit)
+    monkeypatch.setattr(probe_module, "planned_fits", plan)
+    torch.set_num_threads(2)
+    probe_run(
+        run_dir,
+        ProbeOptions(sequences=24, positions=4, layers="1", device="cpu"),
+        announce=lambda line: events.append(("announce", line)),
+    )
+    assert torch.get_num_threads() == 2
+    assert events[0][0] == "announce" and [e[0] for e in events[1:]] == ["fit"] * len(planned)
+    line = events[0][1]
+    assert f"({len(planned)} fits)" in line and "1 thread " in line and "at most about" in line
+    assert {e[1] for e in events[1:]} == {1}
+    made = sorted((e[2][0], e[2][1], e[3]) for e in events[1:])
+    assert made == sorted((f.rows, f.features, f.states) for f in planned)
+
+
+def test_the_time_estimate_scales_the_timed_evaluation_by_rows_and_iterations(monkeypatch):
+    from llama_train.probe import FitSize, estimate_seconds
+
+    monkeypatch.setattr(linear_probe, "evaluation_seconds", lambda rows, d, c, device: rows * d)
+    fits = [FitSize(100, 16, 4), FitSize(50, 16, 4), FitSize(100, 32, 4)]
+    expected = linear_probe.MAX_ITERATIONS * (100 * 16 + 50 * 16 + 100 * 32)
+    assert estimate_seconds(fits, torch.device("cpu")) == pytest.approx(expected)
+
+
+def test_the_cli_says_how_long_probing_takes_and_refuses_absurd_threads(run_dir: Path) -> None:
+    result = _cli(str(run_dir), "--sequences", "24", "--positions", "4", "--layers", "1")
+    assert result.exit_code == 0, result.output
+    assert "at most about" in result.stderr and "fits)" in result.stderr
+    refused = _cli(str(run_dir), "--threads", "100000")
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
+    assert "--threads must be 1.." in refused.output

@@ -21,7 +21,9 @@ fitting and scoring: neighbouring positions share most of their context).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,19 +83,7 @@ def fit(
     else:
         weight, bias = start.weight.to(x), start.bias.to(x)
     n_weights = weight.numel()
-
-    # The (N, D) x (D, C) product dominates: float32 (3x faster on CPUs); the softmax, the
-    # loss and the parameters stay float64, which L-BFGS's line search needs.
-    x32 = x.float()
-
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        parameters = torch.from_numpy(theta).to(x.device).requires_grad_(True)
-        w = parameters[:n_weights].view(n_features, n_states)
-        logits = (x32 @ w.float()).double() + parameters[n_weights:]
-        log_p = torch.log_softmax(logits, dim=1)
-        loss = -(targets * log_p).sum(dim=1).mean() + 0.5 * penalty * w.square().sum()
-        (gradient,) = torch.autograd.grad(loss, parameters)
-        return float(loss.detach()), gradient.cpu().numpy()
+    objective = _objective(x, targets, penalty)
 
     # scipy's L-BFGS-B rather than torch.optim.LBFGS: the same method, without the
     # seconds torch.optim spends importing its compiler on first use.
@@ -109,6 +99,51 @@ def fit(
     theta = torch.from_numpy(solution.x).to(x.device)
     fitted_weight = theta[:n_weights].view(n_features, n_states)
     return SoftmaxProbe(mean, scale, fitted_weight, theta[n_weights:], penalty)
+
+
+def _objective(
+    x: Tensor, targets: Tensor, penalty: float
+) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    """The penalised cross-entropy and its gradient, of the flat parameters (W, b)."""
+    n_features, n_states = x.shape[1], targets.shape[1]
+    n_weights = n_features * n_states
+    # The (N, D) x (D, C) product dominates: float32 (3x faster on CPUs); the softmax, the
+    # loss and the parameters stay float64, which L-BFGS's line search needs.
+    x32 = x.float()
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        parameters = torch.from_numpy(theta).to(x.device).requires_grad_(True)
+        w = parameters[:n_weights].view(n_features, n_states)
+        logits = (x32 @ w.float()).double() + parameters[n_weights:]
+        log_p = torch.log_softmax(logits, dim=1)
+        loss = -(targets * log_p).sum(dim=1).mean() + 0.5 * penalty * w.square().sum()
+        (gradient,) = torch.autograd.grad(loss, parameters)
+        return float(loss.detach()), gradient.cpu().numpy()
+
+    return objective
+
+
+def evaluation_seconds(
+    n_rows: int, n_features: int, n_states: int, device: torch.device, repeats: int = 3
+) -> float:
+    """Seconds one evaluation of :func:`fit`'s objective takes at this size (the fastest
+    of `repeats`, on random features), with the current thread setting.
+
+    A fit costs at most `max_iterations` L-BFGS iterations of about one evaluation
+    each, which is what `llama-train probe` announces before it starts.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n_rows, n_features, generator=generator, dtype=torch.float64).to(device)
+    targets = torch.full((n_rows, n_states), 1 / n_states, dtype=torch.float64, device=device)
+    objective = _objective(x, targets, PENALTIES[0])
+    theta = np.zeros(n_features * n_states + n_states)
+    best = math.inf
+    with torch.enable_grad():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            objective(theta)
+            best = min(best, time.perf_counter() - started)
+    return best
 
 
 def soft_cross_entropy(log_p: Tensor, targets: Tensor) -> float:

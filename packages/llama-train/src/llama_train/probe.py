@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from gssm_data.posterior import split_posterior
+from gssm_data.resources import available_cpus, describe_threads, set_torch_threads
 from gssm_data.store import Store, open_store
 from llama_train import linear_probe
 from llama_train.config import TrainConfig, read_run_config
@@ -66,6 +67,7 @@ FORWARD_BATCH = 32
 PROBE_DIR = "probe"
 
 Progress = Callable[[int, int, str], None]  # (done, total, what is being fitted)
+Announce = Callable[[str], None]  # one start-up line: threads and the time it will take
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class ProbeOptions:
     folds: int = DEFAULT_FOLDS
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None  # None: the run's train.threads, else as training chooses
 
 
 def probe_file(run_dir: Path, step: int, suffix: str) -> Path:
@@ -243,6 +246,64 @@ def _probe_pair(
     return result
 
 
+@dataclass(frozen=True)
+class FitSize:
+    """One :func:`linear_probe.fit` call: rows fitted, features, states."""
+
+    rows: int
+    features: int
+    states: int
+
+
+def planned_fits(
+    node_states: Sequence[int], set_widths: Sequence[int], rows: ProbeRows
+) -> list[FitSize]:
+    """Every fit :func:`probe_run` makes, as :func:`_probe_pair` makes them.
+
+    Per node, feature set and model (trained, untrained), each of the two probes is
+    cross-validated (a fit per fold and penalty, on the other folds' rows) and
+    refitted on all training rows; the trained model's probes are fitted once more
+    to shuffled targets.
+    """
+    n_train = len(rows.fold)
+    fold_sizes = np.bincount(rows.fold)
+    penalties = len(linear_probe.PENALTIES)
+    fits = []
+    for states in node_states:
+        for width in set_widths:
+            for shuffled in (True, False):  # trained, untrained
+                one_probe = [n_train - int(size) for size in fold_sizes for _ in range(penalties)]
+                one_probe += [n_train] * (2 if shuffled else 1)
+                fits += [FitSize(n, width, states) for n in one_probe * 2]
+    return fits
+
+
+def estimate_seconds(fits: Sequence[FitSize], device: torch.device) -> float:
+    """Seconds the fits take at most: each at its iteration cap, one objective
+    evaluation per iteration, timed here at the full training size of each
+    (features, states) and scaled by the rows."""
+    n_train = max(fit.rows for fit in fits)
+    per_row = {
+        (fit.features, fit.states): linear_probe.evaluation_seconds(
+            n_train, fit.features, fit.states, device
+        )
+        / n_train
+        for fit in fits
+        if fit.rows == n_train
+    }
+    evaluations = linear_probe.MAX_ITERATIONS
+    return sum(evaluations * fit.rows * per_row[fit.features, fit.states] for fit in fits)
+
+
+def describe_seconds(seconds: float) -> str:
+    """A duration for a start-up line: seconds, minutes or hours, two figures."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _bayes(labels: np.ndarray, beliefs: np.ndarray) -> dict[str, float]:
     """The filter's own scores: argmax of the exact posterior, and -log posterior(true)."""
     picked = beliefs[np.arange(len(labels)), labels]
@@ -317,15 +378,37 @@ def probe_run(
     options: ProbeOptions | None = None,
     *,
     progress: Progress | None = None,
+    announce: Announce | None = None,
 ) -> dict[str, Any]:
     """Probe a run's checkpoint; the report (a JSON-able dict) is also saved with its plot.
 
     See the module docstring for what is fitted and compared; the report has one entry
     per latent node with the Bayes filter, the position baseline and one row per stream.
+    Torch threads follow training's policy (`options.threads`, else the run's
+    `train.threads`, else the idle CPUs) for the call; `announce` gets one line
+    with the threads and the most time the fits will take, before they start.
     """
     options = options or ProbeOptions()
     run_dir = Path(run_dir)
     _check_options(options)
+    config = read_run_config(run_dir)
+    previous = torch.get_num_threads()
+    threads = set_torch_threads(
+        options.threads if options.threads is not None else config.train.threads
+    )
+    try:
+        return _probe(run_dir, options, progress, announce, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _probe(
+    run_dir: Path,
+    options: ProbeOptions,
+    progress: Progress | None,
+    announce: Announce | None,
+    threads: int,
+) -> dict[str, Any]:
     step, trained, untrained, config, device = _load_models(run_dir, options)
     store_path = Path(options.data) if options.data is not None else config.data.path
     if store_path is None:
@@ -359,6 +442,19 @@ def probe_run(
     if len(streams) > 1:
         label = "all layers" if len(streams) == n_layers + 2 else "selected layers"
         sets.append((f"{label} (concatenated)", -1, list(range(len(streams)))))
+    if announce is not None:
+        fits = planned_fits(
+            [store.graph.node(name).states for name in nodes],
+            [trained.config.dim * len(slots) for _, _, slots in sets],
+            rows,
+        )
+        seconds = estimate_seconds(fits, device)
+        announce(
+            f"probing {len(sets)} feature sets x {len(nodes)} nodes x 2 models ({len(fits)} "
+            f"fits) on {device} with {describe_threads(threads)}: at most about "
+            f"{describe_seconds(seconds)} ({linear_probe.MAX_ITERATIONS} L-BFGS iterations "
+            "per fit)"
+        )
     counter = _Counter(len(nodes) * len(sets) * 2, progress)
     report_nodes = {}
     for name in nodes:
@@ -407,6 +503,11 @@ def _check_options(options: ProbeOptions) -> None:
         )
     if options.folds < 2:
         raise LlamaTrainError(f"--folds must be at least 2, got {options.folds}")
+    if options.threads is not None and not 1 <= options.threads <= available_cpus():
+        raise LlamaTrainError(
+            f"--threads must be 1..{available_cpus()} (the CPUs this process may use), "
+            f"got {options.threads}"
+        )
 
 
 def _check_nodes(store: Store, wanted: Sequence[str] | None) -> list[str]:

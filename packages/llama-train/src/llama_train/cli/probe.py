@@ -65,6 +65,13 @@ def probe_command(
     folds: Annotated[int, typer.Option(help="Cross-validation folds (of sequences).")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the sequence split and shuffles.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads of the forward passes and fits; default the run's "
+            "train.threads, else the idle CPUs (as training chooses)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
 ) -> None:
@@ -75,7 +82,8 @@ def probe_command(
     (R², KL), next to the Bayes filter's own accuracy (the ceiling), a
     position-only baseline, shuffled labels and the untrained (step-0) model.
     Needs a store written --with-latents. Saves the report and a plot under
-    <run dir>/probe/.
+    <run dir>/probe/. Before the fits start, a line on stderr gives the threads and
+    the most time they will take.
     """
     from llama_train.probe import ProbeOptions, probe_run, strict_json
 
@@ -93,9 +101,10 @@ def probe_command(
             folds=folds,
             seed=seed,
             device=device,
+            threads=threads,
         )
         with _progress(quiet) as on_progress:
-            report = probe_run(run_dir, options, progress=on_progress)
+            report = probe_run(run_dir, options, progress=on_progress, announce=on_progress.say)
     if as_json:
         sys.stdout.write(json.dumps(strict_json(report), indent=2) + "\n")
         return
@@ -126,7 +135,15 @@ class _progress:
             )
             self.bar.start()
             self.task = self.bar.add_task("probing", total=None)
-        return self.update
+        return self
+
+    def say(self, line: str) -> None:
+        """A start-up line (threads, expected time), above the bar on a terminal."""
+        if not self.quiet:
+            self.err.print(line, highlight=False, soft_wrap=True)
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        self.update(done, total, what)
 
     def update(self, done: int, total: int, what: str) -> None:
         if self.quiet:
