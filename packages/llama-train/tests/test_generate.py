@@ -134,6 +134,9 @@ def test_from_test_continues_the_test_sequences_up_to_the_data_s_length(run_dir)
         ("0 -1\n", r"token -1 is outside the vocabulary"),
         ("3 1\n", r"line 1: a prompt starts with the start token 0"),
         ("# nothing\n\n", r"holds no prompt"),
+        ("0 100000000000000000000000\n", r"token 100000000000000000000000 is outside"),
+        ("0 " + "9" * 40 + "\n", r"token 999999999999\.\.\. \(40 digits\) is outside"),
+        ("0 1e23\n", r"'0 1e23' is not a list of integer token ids"),
     ],
 )
 def test_bad_prompt_files_are_one_line_errors(tmp_path, text, message):
@@ -148,7 +151,10 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, text, message):
     [
         (["--max-new-tokens", "40"], r"needs 40 positions; the model has model.max_seq_len=12"),
         (["--temperature", "nan"], "temperature must be a finite number >= 0"),
-        (["--prompts", "missing.txt"], "cannot read prompts from missing.txt"),
+        (["--prompts", "missing.txt"], "prompt file missing.txt not found"),
+        (["--prompts", "/dev/zero"], "prompt file /dev/zero is not a regular file"),
+        (["--prompts", "."], "prompt file . is a directory, not a prompt file"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
         (["--from-test", "3", "--n", "99"], "the test split has only 16 sequences"),
         (["--device", "tpu"], "--device 'tpu': choose auto, cpu or cuda"),
     ],
@@ -158,6 +164,20 @@ def test_cli_user_errors_are_one_line_and_exit_1(run_dir, arguments, message):
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in " ".join(result.output.split()), result.output
+
+
+def test_a_prompt_file_is_read_with_bounded_memory(tmp_path, monkeypatch):
+    """A file over the limit is refused by its size, before a byte of it is read."""
+    import llama_train.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "MAX_PROMPT_BYTES", 100)
+    big = tmp_path / "big.txt"
+    big.write_text("0 1 2 3\n" * 20)  # 160 bytes
+    with pytest.raises(LlamaTrainError, match="larger than the 100-byte limit for a prompt file"):
+        read_prompts(big, vocab_size=8)
+    (tmp_path / "bad.txt").write_bytes(b"0 1\n\xff\n")
+    with pytest.raises(LlamaTrainError, match="not UTF-8 text"):
+        read_prompts(tmp_path / "bad.txt", vocab_size=8)
 
 
 def test_cli_prints_the_table_json_and_writes_samples_in_the_prompt_format(run_dir, tmp_path):

@@ -74,7 +74,7 @@ def load_yaml_file(
     """Read and parse one YAML file; ``what`` names it in errors ("graph file")."""
     path = Path(path)
     label = f"{what} {path}"
-    data = _read_bounded(path, label=label, max_bytes=max_bytes)
+    data = read_bounded(path, label=label, max_bytes=max_bytes)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -89,15 +89,22 @@ def load_yaml_text(text: str, *, what: str, max_depth: int = DEFAULT_MAX_DEPTH) 
     return _load(text, label=what, max_depth=max_depth)
 
 
-def _read_bounded(path: Path, *, label: str, max_bytes: int) -> bytes:
-    """At most ``max_bytes + 1`` bytes of a regular file, or one clear error."""
+def read_bounded(
+    path: str | os.PathLike[str], *, label: str, max_bytes: int, kind: str = "YAML file"
+) -> bytes:
+    """At most ``max_bytes + 1`` bytes of a regular file, or one clear error.
+
+    Any user-named file a command reads whole goes through here (``kind`` names
+    it in errors: "prompt file"), so a device, FIFO or huge file costs nothing.
+    """
+    path = Path(path)
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise GssmDataError(f"{label} not found") from None
     except OSError as error:
         raise GssmDataError(f"cannot read {label}: {error.strerror or error}") from None
-    _check_kind(info, label=label, max_bytes=max_bytes)
+    _check_kind(info, label=label, max_bytes=max_bytes, kind=kind)
     try:
         # O_NONBLOCK: if the path became a FIFO since the stat, open must not wait
         # for a writer; the fstat below then refuses it.
@@ -107,7 +114,7 @@ def _read_bounded(path: Path, *, label: str, max_bytes: int) -> bytes:
     except OSError as error:
         raise GssmDataError(f"cannot read {label}: {error.strerror or error}") from None
     try:
-        _check_kind(os.fstat(fd), label=label, max_bytes=max_bytes)
+        _check_kind(os.fstat(fd), label=label, max_bytes=max_bytes, kind=kind)
         chunks: list[bytes] = []
         size = 0
         while size <= max_bytes:
@@ -121,21 +128,21 @@ def _read_bounded(path: Path, *, label: str, max_bytes: int) -> bytes:
     finally:
         os.close(fd)
     if size > max_bytes:
-        raise GssmDataError(_too_large(label, max_bytes))
+        raise GssmDataError(_too_large(label, max_bytes, kind))
     return b"".join(chunks)
 
 
-def _check_kind(info: os.stat_result, *, label: str, max_bytes: int) -> None:
+def _check_kind(info: os.stat_result, *, label: str, max_bytes: int, kind: str) -> None:
     if stat.S_ISDIR(info.st_mode):
-        raise GssmDataError(f"{label} is a directory, not a YAML file")
+        raise GssmDataError(f"{label} is a directory, not a {kind}")
     if not stat.S_ISREG(info.st_mode):
         raise GssmDataError(f"{label} is not a regular file (a device, FIFO or socket)")
     if info.st_size > max_bytes:
-        raise GssmDataError(_too_large(label, max_bytes))
+        raise GssmDataError(_too_large(label, max_bytes, kind))
 
 
-def _too_large(label: str, max_bytes: int) -> str:
-    return f"{label} is larger than the {max_bytes:,}-byte limit for a YAML file"
+def _too_large(label: str, max_bytes: int, kind: str) -> str:
+    return f"{label} is larger than the {max_bytes:,}-byte limit for a {kind}"
 
 
 def _load(text: str, *, label: str, max_depth: int) -> Any:

@@ -34,6 +34,7 @@ from gssm_data.entropy import sequence_entropy
 from gssm_data.errors import GssmDataError
 from gssm_data.kernels import draw_kernels
 from gssm_data.sampler import STREAMS
+from gssm_data.yamlfile import read_bounded
 from llama_train.config import read_run_config
 from llama_train.core.data import DataSpec, online_sampler, resolve_data
 from llama_train.core.distributed import RankInfo, resolve_device
@@ -45,6 +46,8 @@ from llama_train.loading import build_model, read_checkpoint_weights
 from llama_train.rundir import atomic_write
 
 START_TOKEN = 0
+# A prompt file is read whole; 16 MiB is millions of tokens.
+MAX_PROMPT_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,20 @@ def read_prompts(path: Path, vocab_size: int) -> Prompts:
 
     Every prompt starts with the fixed start token 0 (position 0 of every GSSM
     sequence); blank lines and lines starting with `#` are skipped. Every problem is
-    a one-line error naming the line.
+    a one-line error naming the line. The file must be a regular file of at most
+    :data:`MAX_PROMPT_BYTES` (never a device or FIFO, which would be read without end).
     """
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise LlamaTrainError(f"cannot read prompts from {path}: {error}") from None
+        data = read_bounded(
+            path, label=f"prompt file {path}", max_bytes=MAX_PROMPT_BYTES, kind="prompt file"
+        )
+        lines = data.decode("utf-8").splitlines()
+    except GssmDataError as error:
+        raise LlamaTrainError(str(error)) from None
+    except UnicodeDecodeError as error:
+        raise LlamaTrainError(
+            f"prompt file {path} is not UTF-8 text (invalid byte at offset {error.start})"
+        ) from None
     rows = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
@@ -164,6 +175,9 @@ def read_prompts(path: Path, vocab_size: int) -> Prompts:
             raise LlamaTrainError(
                 f"{where}: {text[:40]!r} is not a list of integer token ids separated by spaces"
             ) from None
+        outside = next((token for token in ids if not 0 <= token < vocab_size), None)
+        if outside is not None:  # before numpy, which cannot hold 10^23
+            raise _outside_vocabulary(outside, vocab_size, where)
         rows.append(check_prompt(np.array(ids, dtype=np.int64), vocab_size, where))
     if not rows:
         raise LlamaTrainError(f"{path} holds no prompt (one prompt per line: token ids)")
@@ -174,15 +188,20 @@ def check_prompt(ids: np.ndarray, vocab_size: int, where: str) -> np.ndarray:
     """A prompt as a 1-D int64 array, or a one-line error saying what is wrong."""
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
-        raise LlamaTrainError(
-            f"{where}: token {int(bad[0])} is outside the vocabulary 0..{vocab_size - 1}"
-        )
+        raise _outside_vocabulary(int(bad[0]), vocab_size, where)
     if ids.size == 0 or ids[0] != START_TOKEN:
         raise LlamaTrainError(
             f"{where}: a prompt starts with the start token {START_TOKEN} (every GSSM "
             "sequence begins with it)"
         )
     return ids
+
+
+def _outside_vocabulary(token: int, vocab_size: int, where: str) -> LlamaTrainError:
+    shown = (
+        str(token) if len(str(token)) <= 30 else f"{str(token)[:12]}... ({len(str(token))} digits)"
+    )
+    return LlamaTrainError(f"{where}: token {shown} is outside the vocabulary 0..{vocab_size - 1}")
 
 
 def prompts_from_test(spec: DataSpec, n: int, length: int) -> Prompts:
@@ -292,6 +311,8 @@ def generate_run(
         raise LlamaTrainError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise LlamaTrainError(f"--batch-size must be >= 1, got {batch_size}")
+    if seed < 0:  # numpy's seed sequences take non-negative integers only
+        raise LlamaTrainError(f"--seed must be >= 0, got {seed}")
     if prompts_file is not None and from_test is not None:
         raise LlamaTrainError("give --prompts FILE or --from-test K, not both")
     if not math.isfinite(temperature) or temperature < 0:
