@@ -247,7 +247,7 @@ def test_probe_uses_training_s_threads_and_announces_every_fit_before_it_starts(
     assert torch.get_num_threads() == 2
     assert events[0][0] == "announce" and [e[0] for e in events[1:]] == ["fit"] * len(planned)
     line = events[0][1]
-    assert f"({len(planned)} fits)" in line and "1 thread " in line and "at most about" in line
+    assert f"({len(planned)} fits)" in line and "1 thread " in line and "about" in line
     assert {e[1] for e in events[1:]} == {1}
     made = sorted((e[2][0], e[2][1], e[3]) for e in events[1:])
     assert made == sorted((f.rows, f.features, f.states) for f in planned)
@@ -258,14 +258,15 @@ def test_the_time_estimate_scales_the_timed_evaluation_by_rows_and_iterations(mo
 
     monkeypatch.setattr(linear_probe, "evaluation_seconds", lambda rows, d, c, device: rows * d)
     fits = [FitSize(100, 16, 4), FitSize(50, 16, 4), FitSize(100, 32, 4)]
-    expected = linear_probe.MAX_ITERATIONS * (100 * 16 + 50 * 16 + 100 * 32)
+    iterations = linear_probe.MAX_ITERATIONS * linear_probe.EVALUATIONS_PER_ITERATION
+    expected = iterations * (100 * 16 + 50 * 16 + 100 * 32)
     assert estimate_seconds(fits, torch.device("cpu")) == pytest.approx(expected)
 
 
 def test_the_cli_says_how_long_probing_takes_and_refuses_absurd_threads(run_dir: Path) -> None:
     result = _cli(str(run_dir), "--sequences", "24", "--positions", "4", "--layers", "1")
     assert result.exit_code == 0, result.output
-    assert "at most about" in result.stderr and "fits)" in result.stderr
+    assert "fits) on cpu with" in result.stderr and "at today's load" in result.stderr
     refused = _cli(str(run_dir), "--threads", "100000")
     assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
     assert "--threads must be 1.." in refused.output

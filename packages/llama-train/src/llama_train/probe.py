@@ -279,9 +279,10 @@ def planned_fits(
 
 
 def estimate_seconds(fits: Sequence[FitSize], device: torch.device) -> float:
-    """Seconds the fits take at most: each at its iteration cap, one objective
-    evaluation per iteration, timed here at the full training size of each
-    (features, states) and scaled by the rows."""
+    """Seconds the fits take, about: each at its iteration cap (most are), with
+    :data:`linear_probe.EVALUATIONS_PER_ITERATION` objective evaluations per
+    iteration, timed here at the full training size of each (features, states)
+    and scaled by the rows. A machine whose load changes meanwhile changes it."""
     n_train = max(fit.rows for fit in fits)
     per_row = {
         (fit.features, fit.states): linear_probe.evaluation_seconds(
@@ -291,7 +292,7 @@ def estimate_seconds(fits: Sequence[FitSize], device: torch.device) -> float:
         for fit in fits
         if fit.rows == n_train
     }
-    evaluations = linear_probe.MAX_ITERATIONS
+    evaluations = linear_probe.MAX_ITERATIONS * linear_probe.EVALUATIONS_PER_ITERATION
     return sum(evaluations * fit.rows * per_row[fit.features, fit.states] for fit in fits)
 
 
@@ -386,7 +387,7 @@ def probe_run(
     per latent node with the Bayes filter, the position baseline and one row per stream.
     Torch threads follow training's policy (`options.threads`, else the run's
     `train.threads`, else the idle CPUs) for the call; `announce` gets one line
-    with the threads and the most time the fits will take, before they start.
+    with the threads and how long the fits will take, before they start.
     """
     options = options or ProbeOptions()
     run_dir = Path(run_dir)
@@ -451,9 +452,9 @@ def _probe(
         seconds = estimate_seconds(fits, device)
         announce(
             f"probing {len(sets)} feature sets x {len(nodes)} nodes x 2 models ({len(fits)} "
-            f"fits) on {device} with {describe_threads(threads)}: at most about "
-            f"{describe_seconds(seconds)} ({linear_probe.MAX_ITERATIONS} L-BFGS iterations "
-            "per fit)"
+            f"fits) on {device} with {describe_threads(threads)}: about "
+            f"{describe_seconds(seconds)} at today's load (up to {linear_probe.MAX_ITERATIONS} "
+            "L-BFGS iterations per fit)"
         )
     counter = _Counter(len(nodes) * len(sets) * 2, progress)
     report_nodes = {}

@@ -83,7 +83,7 @@ def probe_command(
     position-only baseline, shuffled labels and the untrained (step-0) model.
     Needs a store written --with-latents. Saves the report and a plot under
     <run dir>/probe/. Before the fits start, a line on stderr gives the threads and
-    the most time they will take.
+    how long they will take at the current load.
     """
     from llama_train.probe import ProbeOptions, probe_run, strict_json
 
