@@ -25,10 +25,10 @@ original training length, f_i = theta^(-2i/D), rotations r_i = L f_i / 2 pi):
    <= D - 1, as the reference does); plus the attention temperature
    sqrt(1/t) = 0.1 ln(s) + 1, which multiplies queries and keys (logits by its
    square). The paper's equations ramp linearly in the rotations r_i instead;
-   since r_i is geometric in i the two ramps differ at every pair strictly
-   between lo and hi (by up to 63% there), and the rounding of lo and hi moves
-   the ends, so only the reference's form is implemented: a model exported to
-   or loaded from the ecosystem then behaves the same.
+   r_i is geometric in i, so the two ramps disagree across the whole ramp, not
+   only at its rounded ends (the paper's frequencies are up to 63% lower for
+   D = 16, L = 128, s = 8). Only the reference's form is implemented, so a
+   model exported to or loaded from the ecosystem behaves the same.
 4) ``llama3``: Llama 3.1's rule (Meta's ``apply_scaling``): wavelengths
    2 pi / f_i shorter than L / high_freq_factor keep f_i, longer than
    L / low_freq_factor become f_i / s, and in between
