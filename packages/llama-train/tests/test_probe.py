@@ -266,7 +266,7 @@ def test_the_time_estimate_scales_the_timed_evaluation_by_rows_and_iterations(mo
 def test_the_cli_says_how_long_probing_takes_and_refuses_absurd_threads(run_dir: Path) -> None:
     result = _cli(str(run_dir), "--sequences", "24", "--positions", "4", "--layers", "1")
     assert result.exit_code == 0, result.output
-    assert "fits) on cpu with" in result.stderr and "at today's load" in result.stderr
+    assert "fits) on cpu with" in result.stderr and "at the current load" in result.stderr
     refused = _cli(str(run_dir), "--threads", "100000")
     assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
     assert "--threads must be 1.." in refused.output

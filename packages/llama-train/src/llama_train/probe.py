@@ -453,7 +453,7 @@ def _probe(
         announce(
             f"probing {len(sets)} feature sets x {len(nodes)} nodes x 2 models ({len(fits)} "
             f"fits) on {device} with {describe_threads(threads)}: about "
-            f"{describe_seconds(seconds)} at today's load (up to {linear_probe.MAX_ITERATIONS} "
+            f"{describe_seconds(seconds)} at the current load (up to {linear_probe.MAX_ITERATIONS} "
             "L-BFGS iterations per fit)"
         )
     counter = _Counter(len(nodes) * len(sets) * 2, progress)
