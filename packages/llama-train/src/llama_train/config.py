@@ -42,6 +42,11 @@ from llama_train.rundir import CONFIG_FILENAME, atomic_write
 # Sections of `llama-train submit`'s config that a training config does not take.
 LAUNCHER_SECTIONS = ("slurm", "sweep")
 
+# Keys whose default changed when they were added: what a run directory's config.yaml
+# written before the key existed meant (its file lists every key of its time, so a
+# missing one is older than the key). The wsd schedule decayed linearly then.
+LEGACY_DEFAULTS: dict[str, Any] = {"optim.decay_shape": "linear"}
+
 
 class TrainSection(BaseModel):
     """How long and how the loop runs (the `train` section)."""
@@ -271,7 +276,38 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     # Run directories written before the launcher had its own config hold its sections.
     for section in LAUNCHER_SECTIONS:
         raw.pop(section, None)
-    return validate(raw)
+    return validate(with_legacy_defaults(raw))
+
+
+def with_legacy_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config.yaml with the :data:`LEGACY_DEFAULTS` it lacks filled in."""
+    result = configuration.deep_copy(raw)
+    for dotted, value in LEGACY_DEFAULTS.items():
+        section, key = dotted.split(".")
+        node = result.get(section)
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
+    return result
+
+
+def keep_legacy_settings(config: TrainConfig, stored: Mapping[str, Any]) -> TrainConfig:
+    """`config`, resuming the run whose config.yaml is `stored`, with the legacy values
+    of keys the old file lacks and this config leaves unset (so an old run resumes on
+    its own schedule rather than on a newer default)."""
+    updates: dict[str, dict[str, Any]] = {}
+    for dotted, value in LEGACY_DEFAULTS.items():
+        section, key = dotted.split(".")
+        old = stored.get(section)
+        new_section = getattr(config, section)
+        if isinstance(old, Mapping) and key not in old and key not in new_section.model_fields_set:
+            updates.setdefault(section, {})[key] = value
+    if not updates:
+        return config
+    sections = {
+        section: getattr(config, section).model_copy(update=values)
+        for section, values in updates.items()
+    }
+    return config.model_copy(update=sections)
 
 
 def config_schema() -> dict[str, Any]:

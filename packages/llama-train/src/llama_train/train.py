@@ -41,6 +41,7 @@ Running the same command again resumes from that checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -60,7 +61,13 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from gssm_data.humanize import format_si
 from gssm_data.progress import progress_display, progress_mode
 from gssm_data.resources import default_threads, describe_threads, set_torch_threads
-from llama_train.config import TrainConfig, TrainSection, write_config
+from llama_train.config import (
+    TrainConfig,
+    TrainSection,
+    keep_legacy_settings,
+    with_legacy_defaults,
+    write_config,
+)
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
@@ -83,7 +90,14 @@ from llama_train.core.evaluate import (
 )
 from llama_train.core.metrics import MetricLogger, system_metrics
 from llama_train.core.model import Llama
-from llama_train.core.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from llama_train.core.optim import (
+    OptimConfig,
+    build_optimizer,
+    clip_gradients,
+    lr_at,
+    resolve_warmup,
+    set_lr,
+)
 from llama_train.core.profiler import StepProfiler, TraceWindow, flops_per_token
 from llama_train.core.run_identity import data_fingerprint, wandb_name_and_group
 from llama_train.core.runlock import run_dir_lock
@@ -234,7 +248,8 @@ def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) ->
     new = _flatten(config.model_dump(mode="json"))
     # A key the old file lacks (written before the key existed) had its default then.
     defaults = _flatten(type(config).model_construct().model_dump(mode="json", warnings=False))
-    old = {key: defaults[key] for key in new if key in defaults} | _flatten(load_yaml(old_path))
+    stored = with_legacy_defaults(load_yaml(old_path))
+    old = {key: defaults[key] for key in new if key in defaults} | _flatten(stored)
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     model_changes = [
         key for key in changed if key.startswith("model.") and key not in WEIGHT_NEUTRAL_KEYS
@@ -300,6 +315,15 @@ class Trainer:
     saved_step: int | None = None  # step of the checkpoint on disk that matches the state
     profiler: StepProfiler | None = None  # set by `run` for its session
 
+    @functools.cached_property
+    def optim(self) -> OptimConfig:
+        """The optim section with its warmup rule resolved (what :func:`lr_at` reads)."""
+        return resolve_warmup(
+            self.config.optim,
+            parameters=self.model.num_parameters(),
+            tokens_per_step=self.tokens_per_step,
+        )
+
     def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time a block as a phase of the light profiler (nothing when there is none)."""
         return contextlib.nullcontext() if self.profiler is None else self.profiler.phase(name)
@@ -339,7 +363,7 @@ class Trainer:
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate `grad_accum` micro-batches, clip, step. Returns (mean loss, pre-clip norm)."""
         config = self.config
-        set_lr(self.optimizer, lr_at(self.state.step, config.train.steps, config.optim))
+        set_lr(self.optimizer, lr_at(self.state.step, config.train.steps, self.optim))
         accum = config.train.grad_accum
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -559,7 +583,7 @@ class Trainer:
                     {
                         "step": state.step,
                         **figures,
-                        "lr": lr_at(state.step - 1, steps, config.optim),
+                        "lr": lr_at(state.step - 1, steps, self.optim),
                         "tokens": state.tokens,
                         "epoch": self.loader.epoch,
                         "elapsed": elapsed(),
@@ -640,6 +664,7 @@ class Trainer:
             "eval_split": result.split,
             "eval_sequences": result.n_sequences,
             "parameters": self.model.num_parameters(),
+            "warmup_steps": self.optim.warmup_steps,
             "world_size": self.ranks.world_size,
             "tokens": self.state.tokens,
             "train_seconds": self.state.train_seconds,
@@ -722,7 +747,10 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
         checkpoints = CheckpointManager(
             run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, payload=DcpPayload()
         )
-        changes = check_resumable(run_dir, config, has_checkpoint=bool(checkpoints.steps()))
+        has_checkpoint = bool(checkpoints.steps())
+        if has_checkpoint and (run_dir / CONFIG_FILENAME).is_file():
+            config = keep_legacy_settings(config, load_yaml(run_dir / CONFIG_FILENAME))
+        changes = check_resumable(run_dir, config, has_checkpoint=has_checkpoint)
         spec = resolve_data(config.data)
         check_training_fits(
             config.model,
