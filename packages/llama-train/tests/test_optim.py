@@ -16,8 +16,8 @@ from llama_train.core.optim import (
     clip_gradients,
     decay_start,
     lr_at,
-    resolve_warmup,
     parameter_groups,
+    resolve_warmup,
     set_lr,
 )
 

@@ -35,7 +35,9 @@ def _logged_lrs(run_dir: Path) -> dict[int, float]:
 
 
 def test_the_warmup_rule_warms_up_over_n_tokens(store, tmp_path):
-    config = _config(store, tmp_path / "run", "train.steps=3", "optim.warmup_tokens_per_parameter=1")
+    config = _config(
+        store, tmp_path / "run", "train.steps=3", "optim.warmup_tokens_per_parameter=1"
+    )
     summary = train(config, progress=False)
     tokens_per_step = 8 * 16
     warmup = math.ceil(summary["parameters_total"] / tokens_per_step)
