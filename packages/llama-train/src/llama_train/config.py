@@ -24,8 +24,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from gssm_data.errors import GssmDataError
+from gssm_data.humanize import parse_count
 from llama_train.core import configuration
 from llama_train.core.checkpoint import CheckpointConfig
 from llama_train.core.data import DataConfig, resolve_data
@@ -84,6 +93,30 @@ class TrainSection(BaseModel):
     progress_every: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines off a terminal"
     )
+    branches: list[int] = Field(
+        default_factory=list,
+        description="cooldown branches (optim.schedule wsd): the predicted tokens of each, "
+        "shorter than the run; each forks from this run's stable phase where its own decay "
+        "starts and is a run directory of its own under <run.dir>/branches/ "
+        "(llama_train.branches)",
+    )
+
+    @field_validator("branches", mode="before")
+    @classmethod
+    def _branch_counts(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        try:
+            return [parse_count(item, option="", minimum=1) for item in value]
+        except GssmDataError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("branches")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a branch is listed twice")
+        return sorted(value)
 
 
 class RunConfig(BaseModel):
@@ -117,6 +150,15 @@ class TrainConfig(BaseModel):
     run: RunConfig = RunConfig()
     distributed: DistributedConfig = DistributedConfig()
     profile: ProfileConfig = ProfileConfig()
+
+    @model_validator(mode="after")
+    def _branches_need_wsd(self) -> TrainConfig:
+        if self.train.branches and self.optim.schedule != "wsd":
+            raise ValueError(
+                f"train.branches fork cooldowns from a stable lr: set optim.schedule=wsd "
+                f"(it is {self.optim.schedule})"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

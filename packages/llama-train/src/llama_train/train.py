@@ -47,7 +47,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,6 +61,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from gssm_data.humanize import format_si
 from gssm_data.progress import progress_display, progress_mode
 from gssm_data.resources import default_threads, describe_threads, set_torch_threads
+from llama_train.branches import fork, plan_branches
 from llama_train.config import (
     TrainConfig,
     TrainSection,
@@ -314,6 +315,7 @@ class Trainer:
     resumed: bool
     saved_step: int | None = None  # step of the checkpoint on disk that matches the state
     profiler: StepProfiler | None = None  # set by `run` for its session
+    fork_steps: frozenset[int] = frozenset()  # a trunk's: checkpointed, kept (branches)
 
     @functools.cached_property
     def optim(self) -> OptimConfig:
@@ -573,7 +575,9 @@ class Trainer:
             last = state.step == steps
             due_log = state.step % config.train.log_every == 0 or last
             due_eval = state.step % config.eval.every == 0 or last
-            due_checkpoint = state.step % config.checkpoint.every == 0 or last
+            due_checkpoint = (
+                state.step % config.checkpoint.every == 0 or last or state.step in self.fork_steps
+            )
             if not (due_log or due_eval or due_checkpoint):
                 continue
             window.sync()
@@ -805,6 +809,11 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
         state=TrainState(),
         resumed=False,
     )
+    with distributed.together("planning the cooldown branches"):
+        branches = plan_branches(
+            config, tokens_per_step=trainer.tokens_per_step, optim=trainer.optim
+        )
+    trainer.fork_steps = checkpoints.pinned = frozenset(branch.fork_step for branch in branches)
     step = trainer.load_latest_checkpoint()
     if step is not None:
         trainer.resumed = True
@@ -868,7 +877,69 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any
     and always destroys it. `progress` overrides `train.progress` (the
     benchmark and tests turn it off). On SIGUSR1 or SIGTERM the run
     checkpoints at an agreed step and raises :class:`Preempted` on every rank.
+    With `train.branches`, the run is a trunk: once it is done, each cooldown
+    branch that is not is forked and trained (:mod:`llama_train.branches`).
     """
+    summary = _train_run(config, progress=progress)
+    if config.train.branches:
+        train_branches(config, summary, progress=progress)
+    return summary
+
+
+def train_branches(
+    trunk: TrainConfig, summary: dict[str, Any], *, progress: bool | None = None
+) -> list[dict[str, Any]]:
+    """Fork and train every unfinished branch of a finished trunk; their summaries.
+
+    A branch that fails (its fork impossible, a non-finite loss) does not stop the
+    others; the failures are raised together at the end, one line. A preemption
+    stops at once: running the same command again resumes the branch.
+    """
+    tokens_per_step = summary["tokens"] // summary["step"]
+    optim = resolve_warmup(
+        trunk.optim, parameters=summary["parameters_total"], tokens_per_step=tokens_per_step
+    )
+    trunk_checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
+    summaries, failures = [], []
+    for branch in plan_branches(trunk, tokens_per_step=tokens_per_step, optim=optim):
+        finished = finished_summary(branch.config)
+        if finished is not None:
+            summaries.append(finished)
+            continue
+        say = partial(_say_on_main, rank_info())
+        say(f"branch {branch.name}: {branch.steps} steps, forking at step {branch.fork_step}")
+        try:
+            summaries.append(
+                _train_run(
+                    branch.config,
+                    progress=progress,
+                    prepare=partial(fork, branch, trunk_checkpoints, say),
+                )
+            )
+        except LlamaTrainError as error:
+            if not isinstance(error, distributed.OtherRankFailed):
+                say(f"branch {branch.name} failed: {error}")
+            failures.append(f"{branch.name}: {error}")
+    if failures:
+        raise LlamaTrainError(
+            f"{len(failures)} of {len(trunk.train.branches)} branches of {trunk.run_dir} "
+            f"failed (the others are done): {'; '.join(failures)}"
+        )
+    return summaries
+
+
+def _say_on_main(ranks: RankInfo, message: str) -> None:
+    if ranks.is_main:
+        console.print(message, highlight=False, soft_wrap=True)
+
+
+def _train_run(
+    config: TrainConfig,
+    *,
+    progress: bool | None = None,
+    prepare: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train one run directory; `prepare` runs on rank 0 first, holding its lock (a fork)."""
     ranks = rank_info()
     finished = finished_summary(config)
     if finished is not None:
@@ -889,4 +960,8 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any
         with distributed.together(f"locking {config.run_dir}"):
             if ranks.is_main:  # one lock for the job; a second job fails on every rank
                 lock.enter_context(run_dir_lock(config.run_dir))
+        if prepare is not None:
+            with distributed.together(f"preparing {config.run_dir}"):
+                if ranks.is_main:
+                    prepare()
         return build_trainer(config, ranks).run(progress=progress, preemption=preemption)
