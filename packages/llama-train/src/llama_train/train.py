@@ -683,7 +683,11 @@ class Trainer:
         return summary
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total and non-embedding parameters (N of a scaling law is the latter)."""
+        """Total (embeddings and head) and non-embedding (head still in) parameter counts.
+
+        Fits use the total by default (Pearce & Song 2024; Porian et al. 2024: at small
+        scale the non-embedding count biases the exponents); both are reported.
+        """
         return {
             "parameters_total": self.model.num_parameters(),
             "parameters_non_embedding": self.model.num_parameters(exclude_embeddings=True),
@@ -693,7 +697,9 @@ class Trainer:
         """What a scaling-law fit reads from a run: N, tokens seen and unique, FLOPs, store.
 
         Unique tokens are the predicted tokens of the train prefix (n_train x (seq_len - 1));
-        online data never repeats, so there every token seen is unique.
+        online data never repeats, so there every token seen is unique. Unique tokens seen
+        are those the run has actually read (less than the prefix within the first epoch,
+        as for a cooldown branch: its D).
         """
         context = self.spec.seq_len - 1
         seen = self.state.tokens
@@ -712,6 +718,8 @@ class Trainer:
             "n_train": self.spec.n_train,
             "tokens_seen": seen,
             "unique_tokens": unique,
+            # Rows seen at least once: an epoch visits every row of the prefix once.
+            "unique_tokens_seen": min(seen, unique),
             "epochs": seen / unique if unique else 0.0,
             **compute.to_dict(),
             "store_fingerprint": store.manifest.fingerprint if store is not None else None,

@@ -159,12 +159,16 @@ def study_collect_command(
     every_lr: Annotated[
         bool, typer.Option("--every-lr", help="One row per run, not only the best lr per point.")
     ] = False,
+    parameters: Annotated[
+        str, typer.Option(help="What N counts: total (embeddings and head) or non-embedding.")
+    ] = "total",
 ) -> None:
     """Write the study's table: one row per finished point, its best learning rate.
 
-    Columns: regime, model, N (non-embedding parameters), N_total, D (unique training
-    tokens), n_train, tokens (seen), epochs, flops_6nd, flops_attention, flops, lr,
-    seed, steps, val_loss, loss, entropy, excess (nats) and *_bits. Points without a
+    Columns: regime, model, N (the count fits use: --parameters, total by default),
+    N_total, N_non_embedding, N_count, D (unique training tokens), n_train, tokens
+    (seen), epochs, flops_6nd, flops_attention, flops, lr, seed, steps, val_loss, loss,
+    entropy, excess (nats) and *_bits. Points without a
     validation.json are validated first (that needs their checkpoints).
     """
     from llama_train.launch.study import ensure_validation
@@ -172,7 +176,7 @@ def study_collect_command(
 
     with user_errors():
         ensure_validation(directory, log=_say)
-        rows = collect(directory, every_lr=every_lr)
+        rows = collect(directory, every_lr=every_lr, parameters=parameters)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         path = write_csv(rows, out or Path(directory) / "points.csv")
@@ -207,6 +211,9 @@ def study_plot_command(
     ] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples per fit.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    parameters: Annotated[
+        str, typer.Option(help="What N counts: total (embeddings and head) or non-embedding.")
+    ] = "total",
 ) -> None:
     """Fit every regime (E free, E = exact entropy, excess) and draw the figures.
 
@@ -222,7 +229,7 @@ def study_plot_command(
 
     with user_errors():
         ensure_validation(directory, log=_say)
-        rows = collect(directory)
+        rows = collect(directory, parameters=parameters)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed, log=_say)

@@ -5,7 +5,10 @@ whose final checkpoint has the lowest loss on the held-out validation slice (the
 of the train split, see :mod:`llama_train.launch.study`) and reports that run's test
 loss. Columns (losses in nats per predicted token, ``*_bits`` in bits):
 
-regime, model, N (non-embedding parameters), N_total, D (unique training tokens),
+regime, model, N (the parameter count the fits use: total by default, see
+:data:`PARAMETER_COUNTS`), N_total (embeddings and head included), N_non_embedding
+(the input embedding left out, the head kept), N_count (which of the two N is),
+D (unique training tokens),
 n_train, tokens (seen), epochs, flops_6nd, flops_attention, flops, lr, seed, steps,
 val_loss, loss (final test loss), entropy (exact, same test sequences), excess
 (loss - entropy), loss_bits, entropy_bits, excess_bits, lr_tried, run_dir.
@@ -25,11 +28,16 @@ from typing import Any
 from llama_train.errors import LlamaTrainError
 
 LN2 = math.log(2.0)
+# What N counts: total parameters by default (the Chinchilla count; Pearce & Song 2024 and
+# Porian et al. 2024 show that the non-embedding count biases small-scale exponents).
+PARAMETER_COUNTS = ("total", "non-embedding")
 COLUMNS = (
     "regime",
     "model",
     "N",
     "N_total",
+    "N_non_embedding",
+    "N_count",
     "D",
     "n_train",
     "tokens",
@@ -60,8 +68,14 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def point_rows(directory: str | Path, record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every finished run of a study (one per learning rate), with its validation loss."""
+def point_rows(
+    directory: str | Path, record: dict[str, Any], *, parameters: str = "total"
+) -> list[dict[str, Any]]:
+    """Every finished run of a study (one per learning rate), with its validation loss.
+
+    `parameters` chooses what the N column counts (:data:`PARAMETER_COUNTS`).
+    """
+    _check_count(parameters)
     directory = Path(directory)
     rows = []
     for point in record["points"]:
@@ -71,12 +85,16 @@ def point_rows(directory: str | Path, record: dict[str, Any]) -> list[dict[str, 
             continue
         validation = _read(run_dir / "validation.json")
         loss, entropy = summary["test_loss"], summary["test_entropy"]
+        total = summary.get("parameters_total", summary.get("parameters"))
+        non_embedding = summary.get("parameters_non_embedding")
         rows.append(
             {
                 "regime": point["regime"],
                 "model": point["model"],
-                "N": summary.get("parameters_non_embedding"),
-                "N_total": summary.get("parameters_total", summary.get("parameters")),
+                "N": total if parameters == "total" else non_embedding,
+                "N_total": total,
+                "N_non_embedding": non_embedding,
+                "N_count": parameters,
                 "D": summary.get("unique_tokens"),
                 "n_train": point["n_train"],
                 "tokens": summary.get("tokens_seen", summary.get("tokens")),
@@ -121,8 +139,18 @@ def select_best_lr(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return best
 
 
-def collect(directory: str | Path, *, every_lr: bool = False) -> list[dict[str, Any]]:
-    """The study's table (best lr per point, or every run with `every_lr`)."""
+def _check_count(parameters: str) -> None:
+    if parameters not in PARAMETER_COUNTS:
+        raise LlamaTrainError(
+            f"unknown parameter count {parameters!r}: choose {' or '.join(PARAMETER_COUNTS)}"
+        )
+
+
+def collect(
+    directory: str | Path, *, every_lr: bool = False, parameters: str = "total"
+) -> list[dict[str, Any]]:
+    """The study's table (best lr per point, or every run with `every_lr`); N counts
+    `parameters` (total by default, or non-embedding)."""
     directory = Path(directory)
     record = _read(directory / "study.json")
     if record is None or not isinstance(record.get("points"), list):
@@ -130,7 +158,7 @@ def collect(directory: str | Path, *, every_lr: bool = False) -> list[dict[str, 
             f"{directory} is not a study directory (no readable study.json); "
             "give the directory `llama-train study run` printed"
         )
-    rows = point_rows(directory, record)
+    rows = point_rows(directory, record, parameters=parameters)
     if every_lr:
         return [{**row, "lr_tried": 1} for row in rows]
     return select_best_lr(rows)
