@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
+from llama_train.cli import app
+from llama_train.core.model import Llama
 from llama_train.errors import LlamaTrainError
+from llama_train.launch.study import (
+    plan_study,
+    read_widened,
+    total_parameters,
+    widen_edges,
+    write_study_record,
+)
 from llama_train.scaling.points import collect
+
+runner = CliRunner()
 
 
 def _write_study(directory: Path, runs: list[dict]) -> Path:
@@ -76,3 +91,169 @@ def test_n_is_the_total_count_unless_asked_for_the_non_embedding_one(tmp_path):
     assert rows["small"]["N_count"] == "non-embedding"
     with pytest.raises(LlamaTrainError, match="total or non-embedding"):
         collect(directory, parameters="embedding")
+
+
+def test_the_lr_optimum_is_the_vertex_of_the_parabola_in_log_lr(tmp_path):
+    best = 0.013
+    lrs = [0.0025, 0.005, 0.01, 0.02, 0.04]
+    # A validation loss exactly quadratic in log lr, minimum at `best` (between 0.01 and 0.02).
+    runs = [
+        _run(lr=lr, val_loss=2.0 + 0.3 * (math.log(lr) - math.log(best)) ** 2, loss=2.5)
+        for lr in lrs
+    ]
+    (row,) = collect(_write_study(tmp_path / "s", runs))
+    assert row["lr"] == 0.01  # the best tried
+    assert row["lr_opt"] == pytest.approx(best, rel=1e-9)
+    assert row["lr_edge"] == "" and row["lr_tried"] == 5
+
+
+@pytest.mark.parametrize(("best", "edge"), [(0.001, "low"), (1.0, "high")])
+def test_an_optimum_on_the_edge_of_the_sweep_is_flagged(tmp_path, best, edge):
+    runs = [_run(lr=lr, val_loss=abs(math.log(lr / best))) for lr in (0.005, 0.01, 0.02)]
+    (row,) = collect(_write_study(tmp_path / "s", runs))
+    assert row["lr_edge"] == edge
+    assert row["lr_opt"] == row["lr"] == (0.005 if edge == "low" else 0.02)
+
+
+def test_seed_noise_is_the_spread_of_the_test_loss_over_seeds(tmp_path):
+    losses = {0: 2.10, 1: 2.16, 2: 2.07}
+    runs = [_run(seed=seed, loss=loss) for seed, loss in losses.items()]
+    runs.append(_run(model="large", seed=0, loss=1.9))
+    rows = collect(_write_study(tmp_path / "s", runs))
+    small = [row for row in rows if row["model"] == "small"]
+    assert len(small) == 3
+    for row in small:
+        assert row["seeds"] == 3
+        assert row["loss_seed_std"] == pytest.approx(statistics.stdev(losses.values()))
+    (large,) = [row for row in rows if row["model"] == "large"]
+    assert large["seeds"] == 1 and large["loss_seed_std"] is None
+
+
+# --- the study file: rules per size, branches -----------------------------------------------
+
+TRAIN_ROWS = 192
+SEQ_LEN = 17
+
+
+@pytest.fixture(scope="module")
+def store(make_debug_store) -> Path:
+    return make_debug_store(n_train=TRAIN_ROWS, n_test=32, seq_len=SEQ_LEN, block_size=32)
+
+
+@pytest.fixture
+def base(tmp_path: Path, store: Path) -> Path:
+    path = tmp_path / "base.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(store), "batch_size": 8},
+                "model": {"dim": 8, "n_layers": 1, "n_heads": 2},
+                "optim": {"warmup_steps": 1, "schedule": "wsd", "decay_fraction": 0.5},
+                "train": {"threads": 1, "log_every": 1, "progress": False},
+                "eval": {"batch_size": 16, "max_sequences": 16},
+            }
+        )
+    )
+    return path
+
+
+def _study_file(tmp_path: Path, base: Path, store: Path, **changes) -> Path:
+    study = {
+        "dir": str(tmp_path / "study"),
+        "base": str(base),
+        "regimes": [{"name": "debug", "store": str(store)}],
+        "models": [
+            {"name": "small", "model": {"dim": 8, "n_heads": 2}},
+            {"name": "large", "model": {"dim": 16, "n_heads": 2}},
+        ],
+        "data": [32, 64],
+        "steps": {"epochs": 1},
+        "lr": {"c": 0.5, "exponent": -0.5, "multipliers": [0.5, 1, 2]},
+        "validation_sequences": 64,
+        **changes,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_the_lr_rule_centres_each_sizes_sweep_on_its_total_parameter_count(tmp_path, base, store):
+    expanded = plan_study(_study_file(tmp_path, base, store))
+    for size in ("small", "large"):
+        points = [p for p in expanded.plan.points if p.overrides["model"] == size]
+        model = Llama(points[0].config.model)
+        n = model.num_parameters()  # the model's own count, embeddings and head included
+        assert total_parameters(points[0].config.model, model.config.vocab_size) == n
+        centre = 0.5 * n**-0.5
+        lrs = sorted({p.config.optim.lr for p in points})
+        assert lrs == pytest.approx([centre * m for m in (0.5, 1, 2)], rel=1e-5)
+    assert {p.lr_multiplier for p in expanded.points} == {0.5, 1, 2}
+
+
+def test_batch_and_beta2_per_size_by_rule_and_by_value(tmp_path, base, store):
+    models = [
+        {"name": "small", "model": {"dim": 8, "n_heads": 2}},
+        {"name": "large", "model": {"dim": 16, "n_heads": 2}, "overrides": {"data.batch_size": 3}},
+    ]
+    rules = {
+        "batch_tokens": {"c": 16 * 4, "exponent": 1.0, "reference": 1000},
+        "beta2": {"threshold_tokens": 100, "below": 0.99, "above": 0.9},
+    }
+    expanded = plan_study(
+        _study_file(tmp_path, base, store, models=models, per_size=rules, lr=[1e-2])
+    )
+    by_size = {p.overrides["model"]: p.config for p in expanded.plan.points}
+    small = by_size["small"]
+    n = Llama(small.model).num_parameters()
+    assert small.data.batch_size == max(1, round(64 * n / 1000 / 16))
+    expected_beta2 = 0.99 if small.data.batch_size * 16 < 100 else 0.9
+    assert small.optim.betas == (0.9, expected_beta2)
+    assert by_size["large"].data.batch_size == 3  # the size's own value wins over the rule
+
+
+def test_a_branched_study_trains_one_trunk_per_lr_and_seed_and_collects_every_size(
+    tmp_path, base, store
+):
+    path = _study_file(tmp_path, base, store, models=[{"name": "small", "model": {"dim": 8}}])
+    path.write_text(path.read_text() + "branches: true\n")
+    expanded = plan_study(path)
+    assert len(expanded.plan.points) == 3  # one trunk per lr (data 64 = 8 steps)
+    assert all(p.config.train.branches == [4 * 8 * 16] for p in expanded.plan.points)
+    assert len(expanded.branch_points) == 3 and {b.steps for b in expanded.branch_points} == {4}
+    result = runner.invoke(app, ["study", "run", str(path)])
+    assert result.exit_code == 0, result.output
+    directory = tmp_path / "study"
+    status = runner.invoke(app, ["study", "status", str(directory)])
+    assert status.exit_code == 0 and "branches/d512" in " ".join(status.output.split())
+    again = runner.invoke(app, ["study", "run", str(path)])
+    assert "all 3 points are done" in " ".join(again.output.split())
+    rows = collect(directory)
+    assert sorted((row["n_train"], row["D"]) for row in rows) == [
+        (32, 4 * 8 * 16),
+        (64, 8 * 8 * 16),
+    ]
+    # A branch's row is the branch's run: its own steps, validation and loss.
+    branch = next(row for row in rows if row["n_train"] == 32)
+    assert "/branches/d512" in branch["run_dir"] and branch["steps"] == 4
+    summary = json.loads((Path(branch["run_dir"]) / "summary.json").read_text())
+    assert summary["step"] == 4 and branch["loss"] == summary["test_loss"]
+
+
+def test_widen_edges_adds_a_multiplier_beyond_the_edge_the_optimum_sits_on(tmp_path, base, store):
+    path = _study_file(tmp_path, base, store, models=[{"name": "small", "model": {"dim": 8}}])
+    path.write_text(path.read_text().replace("- 64\n", "").replace("data:\n- 32\n", "data: [32]\n"))
+    expanded = plan_study(path)
+    directory = expanded.directory
+    directory.mkdir(parents=True)
+    # Pretend the sweep ran: the validation loss falls with the lr (optimum on the high edge).
+    write_study_record(expanded)
+    for point in expanded.points:
+        run_dir = directory / point.name
+        run_dir.mkdir()
+        summary = {"step": point.steps, "test_loss": 2.0, "test_entropy": 1.0}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        (run_dir / "validation.json").write_text(json.dumps({"loss": 3.0 - point.lr}))
+    assert widen_edges(expanded) == 1
+    assert read_widened(directory) == {"debug/small": [4.0]}
+    widened = plan_study(path)
+    assert sorted({p.lr_multiplier for p in widened.points}) == [0.5, 1, 2, 4]

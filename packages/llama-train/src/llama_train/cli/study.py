@@ -60,6 +60,14 @@ def study_run_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Expand and validate; list the points; train nothing.")
     ] = False,
+    widen_edges: Annotated[
+        bool,
+        typer.Option(
+            "--widen-edges",
+            help="For each model size whose lr optimum is on the edge of its sweep, add one "
+            "multiplier beyond that edge (lr rule only), then train what is missing.",
+        ),
+    ] = False,
 ) -> None:
     """Train every point of a study that is not done yet (the same command resumes).
 
@@ -68,12 +76,22 @@ def study_run_command(
     held-out validation slice (validation.json), which `study collect` uses to keep
     the best learning rate. Without --slurm, points run here, --parallel at a time.
     """
-    from llama_train.launch.study import plan_study, run_local, slurm_ranks, submit_slurm
+    from llama_train.launch.study import (
+        plan_study,
+        run_local,
+        slurm_ranks,
+        submit_slurm,
+    )
+    from llama_train.launch.study import (
+        widen_edges as widen,
+    )
 
     with user_errors():
         if slurm and local:
             raise LlamaTrainError("choose --slurm or --local, not both")
         expanded = plan_study(study)
+        if widen_edges and widen(expanded, log=_say):
+            expanded = plan_study(study)
         if slurm:
             ranks = slurm_ranks(expanded.plan.base)
             if ranks != 1:
@@ -134,12 +152,22 @@ def study_status_command(
     """Every point: state, step, test loss, excess (--json adds the validation loss, the lr
     criterion)."""
     from llama_train.cli.submit import status_table
-    from llama_train.launch.status import sweep_status
-    from llama_train.launch.study import read_study_record, read_validation
+    from llama_train.launch.status import point_status, sweep_status
+    from llama_train.launch.study import edge_optima, read_study_record, read_validation
 
     with user_errors():
-        read_study_record(directory)
+        record = read_study_record(directory)
         statuses = sweep_status(directory)
+        for point in record["points"]:
+            if point.get("trunk"):  # cooldown branches: trained by their trunk's point
+                statuses.append(
+                    point_status(
+                        Path(directory) / point["name"],
+                        index=len(statuses),
+                        name=point["name"],
+                        steps=point["steps"],
+                    )
+                )
     if as_json:
         points = []
         for status in statuses:
@@ -148,6 +176,13 @@ def study_status_command(
         console.print_json(json.dumps(points, default=str))
         return
     _print_table(status_table(statuses, title=f"{directory}: "))
+    for row in edge_optima(directory):
+        console.print(
+            f"lr optimum on the {row['lr_edge']} edge of the sweep: {row['regime']} "
+            f"{row['model']} n_train {row['n_train']} seed {row['seed']} (lr {row['lr']:g}); "
+            "widen it with llama-train study run STUDY --widen-edges",
+            highlight=False,
+        )
 
 
 @study_app.command("collect")
@@ -185,10 +220,18 @@ def study_collect_command(
 
 
 def _points_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(caption="nats/token; excess = test loss - exact entropy", caption_justify="left")
-    for column in ("regime", "model", "N", "D", "epochs", "lr", "val loss", "test loss", "excess"):
+    table = Table(
+        caption="nats/token; excess = test loss - exact entropy; lr*: the optimum interpolated "
+        "in log lr (edge: the best lr is the sweep's smallest or largest, widen the sweep with "
+        "study run --widen-edges); ± seeds: the test loss's standard deviation over seeds",
+        caption_justify="left",
+    )
+    columns = ("regime", "model", "N", "D", "epochs", "lr", "lr*", "val loss", "test loss")
+    for column in (*columns, "± seeds", "excess"):
         table.add_column(column, justify="left" if column in ("regime", "model") else "right")
     for row in rows:
+        edge = f" (edge {row['lr_edge']})" if row.get("lr_edge") else ""
+        noise = row.get("loss_seed_std")
         table.add_row(
             row["regime"],
             row["model"],
@@ -196,8 +239,10 @@ def _points_table(rows: list[dict[str, Any]]) -> Table:
             f"{row['D']:,}",
             f"{row['epochs']:.2f}",
             f"{row['lr']:g}",
+            f"{row['lr_opt']:.3g}{edge}",
             f"{row['val_loss']:.4f}",
             f"{row['loss']:.4f}",
+            "-" if noise is None else f"{noise:.4f}",
             f"{row['excess']:.4f}",
         )
     return table
