@@ -7,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -21,6 +22,7 @@ from llama_train.launch.study import (
     widen_edges,
     write_study_record,
 )
+from llama_train.scaling.plots import fit_lr_rule, plot_lr_sweeps
 from llama_train.scaling.points import collect
 
 runner = CliRunner()
@@ -257,3 +259,23 @@ def test_widen_edges_adds_a_multiplier_beyond_the_edge_the_optimum_sits_on(tmp_p
     assert read_widened(directory) == {"debug/small": [4.0]}
     widened = plan_study(path)
     assert sorted({p.lr_multiplier for p in widened.points}) == [0.5, 1, 2, 4]
+
+
+def test_the_lr_rule_fit_recovers_a_power_law():
+    n = np.asarray([1e3, 4e3, 2e4, 1e5])
+    c, k = fit_lr_rule(n, 0.7 * n**-0.33)
+    assert (c, k) == (pytest.approx(0.7, rel=1e-9), pytest.approx(-0.33, rel=1e-9))
+    with pytest.raises(LlamaTrainError, match="two model sizes"):
+        fit_lr_rule(np.asarray([1e3, 1e3]), np.asarray([1e-2, 2e-2]))
+
+
+def test_study_plot_draws_the_sweeps_and_lr_star_of_n(tmp_path):
+    runs = []
+    for model, best in (("small", 0.02), ("large", 0.01)):
+        for lr in (0.005, 0.01, 0.02, 0.04):
+            val = 2.0 + (math.log(lr) - math.log(best)) ** 2
+            runs.append(_run(model=model, lr=lr, val_loss=val))
+    directory = _write_study(tmp_path / "s", runs)
+    paths = plot_lr_sweeps(collect(directory, every_lr=True), collect(directory), tmp_path / "p")
+    assert [path.name for path in paths] == ["r-lr.png"]
+    assert paths[0].stat().st_size > 10_000

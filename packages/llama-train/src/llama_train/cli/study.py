@@ -268,7 +268,7 @@ def study_plot_command(
     (test loss against epochs over the same unique data). Writes fits.json beside.
     """
     from llama_train.launch.study import ensure_validation
-    from llama_train.scaling.plots import plot_study
+    from llama_train.scaling.plots import plot_lr_sweeps, plot_study
     from llama_train.scaling.points import collect
     from llama_train.scaling.report import fit_regimes
 
@@ -280,6 +280,8 @@ def study_plot_command(
         fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed, log=_say)
         target = out_dir or Path(directory) / "plots"
         paths = plot_study(directory, fits, target)
+        every_lr = collect(directory, every_lr=True, parameters=parameters)
+        paths += plot_lr_sweeps(every_lr, rows, target)
         fits_path = target / "fits.json"
         fits_path.write_text(json.dumps([fit.to_dict() for fit in fits], indent=1) + "\n")
     for regime in fits:
