@@ -128,8 +128,8 @@ def fork(branch: Branch, trunk_checkpoints: CheckpointManager, say: Callable[[st
     write_config(branch.config)  # the branch's own config: a run of its own from here
     if source is None:
         raise LlamaTrainError(
-            f"branch {branch.name} of {trunk_dir} cannot fork: the trunk has no sound "
-            f"checkpoint at or before step {branch.fork_step} ({'; '.join(problems)}); "
+            f"cannot fork: the trunk {trunk_dir} has no sound checkpoint at or before step "
+            f"{branch.fork_step} ({', '.join(problems)}); "
             f"train the branch from scratch with `llama-train run "
             f"{branch.run_dir / CONFIG_FILENAME}`, or move {trunk_dir} away to retrain the trunk"
         )
