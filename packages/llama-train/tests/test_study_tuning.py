@@ -222,6 +222,8 @@ def test_a_branched_study_trains_one_trunk_per_lr_and_seed_and_collects_every_si
     assert len(expanded.plan.points) == 3  # one trunk per lr (data 64 = 8 steps)
     assert all(p.config.train.branches == [4 * 8 * 16] for p in expanded.plan.points)
     assert len(expanded.branch_points) == 3 and {b.steps for b in expanded.branch_points} == {4}
+    dry = runner.invoke(app, ["study", "run", str(path), "--dry-run"])
+    assert "3 point(s) and 3 cooldown branches" in " ".join(dry.output.split())
     result = runner.invoke(app, ["study", "run", str(path)])
     assert result.exit_code == 0, result.output
     directory = tmp_path / "study"

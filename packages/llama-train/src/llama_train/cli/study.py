@@ -124,14 +124,16 @@ def study_run_command(
 
 
 def _print_plan(expanded: Any) -> None:
-    table = Table(
-        title=f"{expanded.directory}: {len(expanded.points)} point(s)", title_justify="left"
-    )
+    branches = len(expanded.branch_points)
+    title = f"{expanded.directory}: {len(expanded.points)} point(s)"
+    if branches:
+        title += f" and {branches} cooldown branches (trained by their trunks)"
+    table = Table(title=title, title_justify="left")
     for column in ("point", "regime", "model", "n_train", "lr", "seed", "steps"):
         table.add_column(
             column, justify="left" if column in ("point", "regime", "model") else "right"
         )
-    for point in expanded.points:
+    for point in expanded.all_points:
         table.add_row(
             point.name,
             point.regime,
