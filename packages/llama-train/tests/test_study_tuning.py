@@ -241,6 +241,19 @@ def test_a_branched_study_trains_one_trunk_per_lr_and_seed_and_collects_every_si
     assert "/branches/d512" in branch["run_dir"] and branch["steps"] == 4
     summary = json.loads((Path(branch["run_dir"]) / "summary.json").read_text())
     assert summary["step"] == 4 and branch["loss"] == summary["test_loss"]
+    # Make the largest lr the best everywhere: status flags it, --widen-edges extends the sweep.
+    for point in expanded.all_points:
+        validation = directory / point.name / "validation.json"
+        record = json.loads(validation.read_text())
+        validation.write_text(json.dumps({**record, "loss": 3.0 - point.lr_multiplier}))
+    status = runner.invoke(app, ["study", "status", str(directory)])
+    assert "lr optimum on the high edge of the sweep: debug small n_train 64" in " ".join(
+        status.output.split()
+    )
+    widened = runner.invoke(app, ["study", "run", str(path), "--widen-edges"])
+    assert widened.exit_code == 0, widened.output
+    assert "1 trained, 3 already done" in " ".join(widened.output.split())
+    assert {row["lr_tried"] for row in collect(directory)} == {4}
 
 
 def test_widen_edges_adds_a_multiplier_beyond_the_edge_the_optimum_sits_on(tmp_path, base, store):
