@@ -14,8 +14,10 @@ from llama_train.core.optim import (
     OptimConfig,
     build_optimizer,
     clip_gradients,
+    decay_start,
     lr_at,
     parameter_groups,
+    resolve_warmup,
     set_lr,
 )
 
@@ -51,9 +53,17 @@ def test_cosine_is_halfway_between_lr_and_its_floor_midway_through_the_decay() -
     assert lr_at(35, 111, cfg) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
-def test_decaying_schedules_reach_min_lr_on_the_last_step_and_stay_there(schedule: str) -> None:
-    cfg = OptimConfig(lr=2.0, warmup_steps=5, min_lr_ratio=0.1, schedule=schedule)
+@pytest.mark.parametrize(
+    ("schedule", "shape"),
+    [("cosine", "1-sqrt"), ("linear", "1-sqrt")]
+    + [("wsd", shape) for shape in ("1-sqrt", "linear", "cosine")],
+)
+def test_decaying_schedules_reach_min_lr_on_the_last_step_and_stay_there(
+    schedule: str, shape: str
+) -> None:
+    cfg = OptimConfig(
+        lr=2.0, warmup_steps=5, min_lr_ratio=0.1, schedule=schedule, decay_shape=shape
+    )
     assert lr_at(99, 100, cfg) == pytest.approx(0.2)
     assert lr_at(500, 100, cfg) == pytest.approx(0.2)
     after_warmup = [lr_at(step, 100, cfg) for step in range(5, 100)]
@@ -71,11 +81,74 @@ def test_constant_schedule_holds_lr_after_warmup() -> None:
 
 
 def test_wsd_is_flat_until_the_last_decay_fraction_then_decays_linearly() -> None:
-    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    cfg = OptimConfig(
+        lr=1.0,
+        warmup_steps=10,
+        schedule="wsd",
+        decay_fraction=0.2,
+        min_lr_ratio=0.0,
+        decay_shape="linear",
+    )
     # 100 steps: decay over the last 20 (steps 80..99), from 1 at 80 to 0 at 99.
     assert all(lr_at(step, 100, cfg) == 1.0 for step in range(10, 81))
     assert lr_at(81, 100, cfg) == pytest.approx(1 - 1 / 19)
     assert lr_at(99, 100, cfg) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "formula"),
+    [
+        ("1-sqrt", lambda p: 1 - math.sqrt(p)),
+        ("linear", lambda p: 1 - p),
+        ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+    ],
+)
+def test_wsd_decays_with_its_shape_from_the_peak_to_the_floor(shape, formula) -> None:
+    # 50 steps, decay_fraction 0.2: the decay covers steps 40..49, progress (s - 40) / 9.
+    peak, floor = 3e-3, 0.1
+    cfg = OptimConfig(
+        lr=peak,
+        warmup_steps=4,
+        schedule="wsd",
+        decay_fraction=0.2,
+        min_lr_ratio=floor,
+        decay_shape=shape,
+    )
+    assert all(lr_at(step, 50, cfg) == peak for step in range(4, 41))
+    for step in range(40, 50):
+        progress = (step - 40) / 9
+        expected = peak * (floor + (1 - floor) * formula(progress))
+        assert lr_at(step, 50, cfg) == pytest.approx(expected, rel=1e-12)
+
+
+def test_wsd_decays_in_1_minus_sqrt_unless_told_otherwise() -> None:
+    cfg = OptimConfig(lr=1.0, warmup_steps=0, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0)
+    # 10 steps: decay over steps 5..9, progress 1/4 at step 6.
+    assert cfg.decay_shape == "1-sqrt"
+    assert lr_at(6, 10, cfg) == pytest.approx(0.5)
+
+
+def test_before_the_decay_the_lr_does_not_depend_on_the_run_length() -> None:
+    """What lets a cooldown branch fork from a longer run's stable phase."""
+    cfg = OptimConfig(lr=1.0, warmup_steps=3, schedule="wsd", decay_fraction=0.25)
+    for short in (4, 8, 13, 40):
+        start = decay_start(short, cfg)
+        assert start == max(3, short - max(1, round(0.25 * short)))
+        assert [lr_at(s, short, cfg) for s in range(start)] == [
+            lr_at(s, 1000, cfg) for s in range(start)
+        ]
+        assert start == short or lr_at(start + 1, short, cfg) < 1.0
+
+
+def test_the_warmup_rule_is_n_tokens_in_whole_steps() -> None:
+    cfg = OptimConfig(warmup_tokens_per_parameter=1.0, warmup_steps=7)
+    resolved = resolve_warmup(cfg, parameters=10_001, tokens_per_step=1000)
+    assert resolved.warmup_steps == 11  # ceil(10_001 / 1000): at least N tokens
+    twice = OptimConfig(warmup_tokens_per_parameter=2.0)
+    assert resolve_warmup(twice, parameters=5_000, tokens_per_step=1000).warmup_steps == 10
+    assert resolve_warmup(OptimConfig(warmup_steps=7), parameters=1, tokens_per_step=1) == (
+        OptimConfig(warmup_steps=7)
+    )
 
 
 def test_warmup_longer_than_the_run_only_warms_up() -> None:

@@ -24,8 +24,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from gssm_data.errors import GssmDataError
+from gssm_data.humanize import parse_count
 from llama_train.core import configuration
 from llama_train.core.checkpoint import CheckpointConfig
 from llama_train.core.data import DataConfig, resolve_data
@@ -41,6 +50,11 @@ from llama_train.rundir import CONFIG_FILENAME, atomic_write
 
 # Sections of `llama-train submit`'s config that a training config does not take.
 LAUNCHER_SECTIONS = ("slurm", "sweep")
+
+# Keys whose default changed when they were added: what a run directory's config.yaml
+# written before the key existed meant (its file lists every key of its time, so a
+# missing one is older than the key). The wsd schedule decayed linearly then.
+LEGACY_DEFAULTS: dict[str, Any] = {"optim.decay_shape": "linear"}
 
 
 class TrainSection(BaseModel):
@@ -79,6 +93,30 @@ class TrainSection(BaseModel):
     progress_every: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines off a terminal"
     )
+    branches: list[int] = Field(
+        default_factory=list,
+        description="cooldown branches (optim.schedule wsd): the predicted tokens of each, "
+        "shorter than the run; each forks from this run's stable phase where its own decay "
+        "starts and is a run directory of its own under <run.dir>/branches/ "
+        "(llama_train.branches)",
+    )
+
+    @field_validator("branches", mode="before")
+    @classmethod
+    def _branch_counts(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        try:
+            return [parse_count(item, option="", minimum=1) for item in value]
+        except GssmDataError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("branches")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a branch is listed twice")
+        return sorted(value)
 
 
 class RunConfig(BaseModel):
@@ -112,6 +150,15 @@ class TrainConfig(BaseModel):
     run: RunConfig = RunConfig()
     distributed: DistributedConfig = DistributedConfig()
     profile: ProfileConfig = ProfileConfig()
+
+    @model_validator(mode="after")
+    def _branches_need_wsd(self) -> TrainConfig:
+        if self.train.branches and self.optim.schedule != "wsd":
+            raise ValueError(
+                f"train.branches fork cooldowns from a stable lr: set optim.schedule=wsd "
+                f"(it is {self.optim.schedule})"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -271,7 +318,38 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     # Run directories written before the launcher had its own config hold its sections.
     for section in LAUNCHER_SECTIONS:
         raw.pop(section, None)
-    return validate(raw)
+    return validate(with_legacy_defaults(raw))
+
+
+def with_legacy_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config.yaml with the :data:`LEGACY_DEFAULTS` it lacks filled in."""
+    result = configuration.deep_copy(raw)
+    for dotted, value in LEGACY_DEFAULTS.items():
+        section, key = dotted.split(".")
+        node = result.get(section)
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
+    return result
+
+
+def keep_legacy_settings(config: TrainConfig, stored: Mapping[str, Any]) -> TrainConfig:
+    """`config`, resuming the run whose config.yaml is `stored`, with the legacy values
+    of keys the old file lacks and this config leaves unset (so an old run resumes on
+    its own schedule rather than on a newer default)."""
+    updates: dict[str, dict[str, Any]] = {}
+    for dotted, value in LEGACY_DEFAULTS.items():
+        section, key = dotted.split(".")
+        old = stored.get(section)
+        new_section = getattr(config, section)
+        if isinstance(old, Mapping) and key not in old and key not in new_section.model_fields_set:
+            updates.setdefault(section, {})[key] = value
+    if not updates:
+        return config
+    sections = {
+        section: getattr(config, section).model_copy(update=values)
+        for section, values in updates.items()
+    }
+    return config.model_copy(update=sections)
 
 
 def config_schema() -> dict[str, Any]:

@@ -58,13 +58,18 @@ class RunData:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """The run directories named, or found below the folders named, in a stable order."""
+    """The run directories named, or found below the folders named, in a stable order.
+
+    A run directory named is taken with its cooldown branches (`<run>/branches/*`,
+    :mod:`llama_train.branches`): a trunk and its branches are one run's data points.
+    """
     found: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
             raise LlamaTrainError(f"{path} is not a directory")
         if (path / METRICS_FILENAME).is_file():
             found.append(path)
+            found.extend(sorted(p.parent for p in path.glob(f"branches/*/{METRICS_FILENAME}")))
             continue
         below = sorted(p.parent for p in path.rglob(METRICS_FILENAME))
         if not below:

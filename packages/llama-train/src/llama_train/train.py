@@ -41,12 +41,13 @@ Running the same command again resumes from that checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -60,7 +61,14 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from gssm_data.humanize import format_si
 from gssm_data.progress import progress_display, progress_mode
 from gssm_data.resources import default_threads, describe_threads, set_torch_threads
-from llama_train.config import TrainConfig, TrainSection, write_config
+from llama_train.branches import fork, plan_branches
+from llama_train.config import (
+    TrainConfig,
+    TrainSection,
+    keep_legacy_settings,
+    with_legacy_defaults,
+    write_config,
+)
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
@@ -83,7 +91,14 @@ from llama_train.core.evaluate import (
 )
 from llama_train.core.metrics import MetricLogger, system_metrics
 from llama_train.core.model import Llama
-from llama_train.core.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from llama_train.core.optim import (
+    OptimConfig,
+    build_optimizer,
+    clip_gradients,
+    lr_at,
+    resolve_warmup,
+    set_lr,
+)
 from llama_train.core.profiler import StepProfiler, TraceWindow, flops_per_token
 from llama_train.core.run_identity import data_fingerprint, wandb_name_and_group
 from llama_train.core.runlock import run_dir_lock
@@ -234,7 +249,8 @@ def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) ->
     new = _flatten(config.model_dump(mode="json"))
     # A key the old file lacks (written before the key existed) had its default then.
     defaults = _flatten(type(config).model_construct().model_dump(mode="json", warnings=False))
-    old = {key: defaults[key] for key in new if key in defaults} | _flatten(load_yaml(old_path))
+    stored = with_legacy_defaults(load_yaml(old_path))
+    old = {key: defaults[key] for key in new if key in defaults} | _flatten(stored)
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     model_changes = [
         key for key in changed if key.startswith("model.") and key not in WEIGHT_NEUTRAL_KEYS
@@ -299,6 +315,16 @@ class Trainer:
     resumed: bool
     saved_step: int | None = None  # step of the checkpoint on disk that matches the state
     profiler: StepProfiler | None = None  # set by `run` for its session
+    fork_steps: frozenset[int] = frozenset()  # a trunk's: checkpointed, kept (branches)
+
+    @functools.cached_property
+    def optim(self) -> OptimConfig:
+        """The optim section with its warmup rule resolved (what :func:`lr_at` reads)."""
+        return resolve_warmup(
+            self.config.optim,
+            parameters=self.model.num_parameters(),
+            tokens_per_step=self.tokens_per_step,
+        )
 
     def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time a block as a phase of the light profiler (nothing when there is none)."""
@@ -339,7 +365,7 @@ class Trainer:
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate `grad_accum` micro-batches, clip, step. Returns (mean loss, pre-clip norm)."""
         config = self.config
-        set_lr(self.optimizer, lr_at(self.state.step, config.train.steps, config.optim))
+        set_lr(self.optimizer, lr_at(self.state.step, config.train.steps, self.optim))
         accum = config.train.grad_accum
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -549,7 +575,9 @@ class Trainer:
             last = state.step == steps
             due_log = state.step % config.train.log_every == 0 or last
             due_eval = state.step % config.eval.every == 0 or last
-            due_checkpoint = state.step % config.checkpoint.every == 0 or last
+            due_checkpoint = (
+                state.step % config.checkpoint.every == 0 or last or state.step in self.fork_steps
+            )
             if not (due_log or due_eval or due_checkpoint):
                 continue
             window.sync()
@@ -559,7 +587,7 @@ class Trainer:
                     {
                         "step": state.step,
                         **figures,
-                        "lr": lr_at(state.step - 1, steps, config.optim),
+                        "lr": lr_at(state.step - 1, steps, self.optim),
                         "tokens": state.tokens,
                         "epoch": self.loader.epoch,
                         "elapsed": elapsed(),
@@ -640,6 +668,7 @@ class Trainer:
             "eval_split": result.split,
             "eval_sequences": result.n_sequences,
             "parameters": self.model.num_parameters(),
+            "warmup_steps": self.optim.warmup_steps,
             "world_size": self.ranks.world_size,
             "tokens": self.state.tokens,
             "train_seconds": self.state.train_seconds,
@@ -654,7 +683,11 @@ class Trainer:
         return summary
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total and non-embedding parameters (N of a scaling law is the latter)."""
+        """Total (embeddings and head) and non-embedding (head still in) parameter counts.
+
+        Fits use the total by default (Pearce & Song 2024; Porian et al. 2024: at small
+        scale the non-embedding count biases the exponents); both are reported.
+        """
         return {
             "parameters_total": self.model.num_parameters(),
             "parameters_non_embedding": self.model.num_parameters(exclude_embeddings=True),
@@ -664,7 +697,9 @@ class Trainer:
         """What a scaling-law fit reads from a run: N, tokens seen and unique, FLOPs, store.
 
         Unique tokens are the predicted tokens of the train prefix (n_train x (seq_len - 1));
-        online data never repeats, so there every token seen is unique.
+        online data never repeats, so there every token seen is unique. Unique tokens seen
+        are those the run has actually read (less than the prefix within the first epoch,
+        as for a cooldown branch: its D).
         """
         context = self.spec.seq_len - 1
         seen = self.state.tokens
@@ -683,6 +718,8 @@ class Trainer:
             "n_train": self.spec.n_train,
             "tokens_seen": seen,
             "unique_tokens": unique,
+            # Rows seen at least once: an epoch visits every row of the prefix once.
+            "unique_tokens_seen": min(seen, unique),
             "epochs": seen / unique if unique else 0.0,
             **compute.to_dict(),
             "store_fingerprint": store.manifest.fingerprint if store is not None else None,
@@ -722,7 +759,10 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
         checkpoints = CheckpointManager(
             run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, payload=DcpPayload()
         )
-        changes = check_resumable(run_dir, config, has_checkpoint=bool(checkpoints.steps()))
+        has_checkpoint = bool(checkpoints.steps())
+        if has_checkpoint and (run_dir / CONFIG_FILENAME).is_file():
+            config = keep_legacy_settings(config, load_yaml(run_dir / CONFIG_FILENAME))
+        changes = check_resumable(run_dir, config, has_checkpoint=has_checkpoint)
         spec = resolve_data(config.data)
         check_training_fits(
             config.model,
@@ -777,6 +817,11 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
         state=TrainState(),
         resumed=False,
     )
+    with distributed.together("planning the cooldown branches"):
+        branches = plan_branches(
+            config, tokens_per_step=trainer.tokens_per_step, optim=trainer.optim
+        )
+    trainer.fork_steps = checkpoints.pinned = frozenset(branch.fork_step for branch in branches)
     step = trainer.load_latest_checkpoint()
     if step is not None:
         trainer.resumed = True
@@ -840,7 +885,69 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any
     and always destroys it. `progress` overrides `train.progress` (the
     benchmark and tests turn it off). On SIGUSR1 or SIGTERM the run
     checkpoints at an agreed step and raises :class:`Preempted` on every rank.
+    With `train.branches`, the run is a trunk: once it is done, each cooldown
+    branch that is not is forked and trained (:mod:`llama_train.branches`).
     """
+    summary = _train_run(config, progress=progress)
+    if config.train.branches:
+        train_branches(config, summary, progress=progress)
+    return summary
+
+
+def train_branches(
+    trunk: TrainConfig, summary: dict[str, Any], *, progress: bool | None = None
+) -> list[dict[str, Any]]:
+    """Fork and train every unfinished branch of a finished trunk; their summaries.
+
+    A branch that fails (its fork impossible, a non-finite loss) does not stop the
+    others; the failures are raised together at the end, one line. A preemption
+    stops at once: running the same command again resumes the branch.
+    """
+    tokens_per_step = summary["tokens"] // summary["step"]
+    optim = resolve_warmup(
+        trunk.optim, parameters=summary["parameters_total"], tokens_per_step=tokens_per_step
+    )
+    trunk_checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
+    summaries, failures = [], []
+    for branch in plan_branches(trunk, tokens_per_step=tokens_per_step, optim=optim):
+        finished = finished_summary(branch.config)
+        if finished is not None:
+            summaries.append(finished)
+            continue
+        say = partial(_say_on_main, rank_info())
+        say(f"branch {branch.name}: {branch.steps} steps, forking at step {branch.fork_step}")
+        try:
+            summaries.append(
+                _train_run(
+                    branch.config,
+                    progress=progress,
+                    prepare=partial(fork, branch, trunk_checkpoints, say),
+                )
+            )
+        except LlamaTrainError as error:
+            if not isinstance(error, distributed.OtherRankFailed):
+                say(f"branch {branch.name} failed: {error}")
+            failures.append(f"{branch.name}: {error}")
+    if failures:
+        raise LlamaTrainError(
+            f"{len(failures)} of {len(trunk.train.branches)} branches of {trunk.run_dir} "
+            f"failed (the others are done): {'; '.join(failures)}"
+        )
+    return summaries
+
+
+def _say_on_main(ranks: RankInfo, message: str) -> None:
+    if ranks.is_main:
+        console.print(message, highlight=False, soft_wrap=True)
+
+
+def _train_run(
+    config: TrainConfig,
+    *,
+    progress: bool | None = None,
+    prepare: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train one run directory; `prepare` runs on rank 0 first, holding its lock (a fork)."""
     ranks = rank_info()
     finished = finished_summary(config)
     if finished is not None:
@@ -861,4 +968,8 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any
         with distributed.together(f"locking {config.run_dir}"):
             if ranks.is_main:  # one lock for the job; a second job fails on every rank
                 lock.enter_context(run_dir_lock(config.run_dir))
+        if prepare is not None:
+            with distributed.together(f"preparing {config.run_dir}"):
+                if ranks.is_main:
+                    prepare()
         return build_trainer(config, ranks).run(progress=progress, preemption=preemption)

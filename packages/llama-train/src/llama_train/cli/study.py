@@ -60,6 +60,14 @@ def study_run_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Expand and validate; list the points; train nothing.")
     ] = False,
+    widen_edges: Annotated[
+        bool,
+        typer.Option(
+            "--widen-edges",
+            help="For each model size whose lr optimum is on the edge of its sweep, add one "
+            "multiplier beyond that edge (lr rule only), then train what is missing.",
+        ),
+    ] = False,
 ) -> None:
     """Train every point of a study that is not done yet (the same command resumes).
 
@@ -68,12 +76,22 @@ def study_run_command(
     held-out validation slice (validation.json), which `study collect` uses to keep
     the best learning rate. Without --slurm, points run here, --parallel at a time.
     """
-    from llama_train.launch.study import plan_study, run_local, slurm_ranks, submit_slurm
+    from llama_train.launch.study import (
+        plan_study,
+        run_local,
+        slurm_ranks,
+        submit_slurm,
+    )
+    from llama_train.launch.study import (
+        widen_edges as widen,
+    )
 
     with user_errors():
         if slurm and local:
             raise LlamaTrainError("choose --slurm or --local, not both")
         expanded = plan_study(study)
+        if widen_edges and widen(expanded, log=_say):
+            expanded = plan_study(study)
         if slurm:
             ranks = slurm_ranks(expanded.plan.base)
             if ranks != 1:
@@ -106,14 +124,16 @@ def study_run_command(
 
 
 def _print_plan(expanded: Any) -> None:
-    table = Table(
-        title=f"{expanded.directory}: {len(expanded.points)} point(s)", title_justify="left"
-    )
+    branches = len(expanded.branch_points)
+    title = f"{expanded.directory}: {len(expanded.points)} point(s)"
+    if branches:
+        title += f" and {branches} cooldown branches (trained by their trunks)"
+    table = Table(title=title, title_justify="left")
     for column in ("point", "regime", "model", "n_train", "lr", "seed", "steps"):
         table.add_column(
             column, justify="left" if column in ("point", "regime", "model") else "right"
         )
-    for point in expanded.points:
+    for point in expanded.all_points:
         table.add_row(
             point.name,
             point.regime,
@@ -134,12 +154,22 @@ def study_status_command(
     """Every point: state, step, test loss, excess (--json adds the validation loss, the lr
     criterion)."""
     from llama_train.cli.submit import status_table
-    from llama_train.launch.status import sweep_status
-    from llama_train.launch.study import read_study_record, read_validation
+    from llama_train.launch.status import point_status, sweep_status
+    from llama_train.launch.study import edge_optima, read_study_record, read_validation
 
     with user_errors():
-        read_study_record(directory)
+        record = read_study_record(directory)
         statuses = sweep_status(directory)
+        for point in record["points"]:
+            if point.get("trunk"):  # cooldown branches: trained by their trunk's point
+                statuses.append(
+                    point_status(
+                        Path(directory) / point["name"],
+                        index=len(statuses),
+                        name=point["name"],
+                        steps=point["steps"],
+                    )
+                )
     if as_json:
         points = []
         for status in statuses:
@@ -148,6 +178,13 @@ def study_status_command(
         console.print_json(json.dumps(points, default=str))
         return
     _print_table(status_table(statuses, title=f"{directory}: "))
+    for row in edge_optima(directory):
+        console.print(
+            f"lr optimum on the {row['lr_edge']} edge of the sweep: {row['regime']} "
+            f"{row['model']} n_train {row['n_train']} seed {row['seed']} (lr {row['lr']:g}); "
+            "widen it with llama-train study run STUDY --widen-edges",
+            highlight=False,
+        )
 
 
 @study_app.command("collect")
@@ -159,12 +196,16 @@ def study_collect_command(
     every_lr: Annotated[
         bool, typer.Option("--every-lr", help="One row per run, not only the best lr per point.")
     ] = False,
+    parameters: Annotated[
+        str, typer.Option(help="What N counts: total (embeddings and head) or non-embedding.")
+    ] = "total",
 ) -> None:
     """Write the study's table: one row per finished point, its best learning rate.
 
-    Columns: regime, model, N (non-embedding parameters), N_total, D (unique training
-    tokens), n_train, tokens (seen), epochs, flops_6nd, flops_attention, flops, lr,
-    seed, steps, val_loss, loss, entropy, excess (nats) and *_bits. Points without a
+    Columns: regime, model, N (the count fits use: --parameters, total by default),
+    N_total, N_non_embedding, N_count, D (unique training tokens), n_train, tokens
+    (seen), epochs, flops_6nd, flops_attention, flops, lr, seed, steps, val_loss, loss,
+    entropy, excess (nats) and *_bits. Points without a
     validation.json are validated first (that needs their checkpoints).
     """
     from llama_train.launch.study import ensure_validation
@@ -172,7 +213,7 @@ def study_collect_command(
 
     with user_errors():
         ensure_validation(directory, log=_say)
-        rows = collect(directory, every_lr=every_lr)
+        rows = collect(directory, every_lr=every_lr, parameters=parameters)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         path = write_csv(rows, out or Path(directory) / "points.csv")
@@ -181,10 +222,18 @@ def study_collect_command(
 
 
 def _points_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(caption="nats/token; excess = test loss - exact entropy", caption_justify="left")
-    for column in ("regime", "model", "N", "D", "epochs", "lr", "val loss", "test loss", "excess"):
+    table = Table(
+        caption="nats/token; excess = test loss - exact entropy; lr*: the optimum interpolated "
+        "in log lr (edge: the best lr is the sweep's smallest or largest, widen the sweep with "
+        "study run --widen-edges); ± seeds: the test loss's standard deviation over seeds",
+        caption_justify="left",
+    )
+    columns = ("regime", "model", "N", "D", "epochs", "lr", "lr*", "val loss", "test loss")
+    for column in (*columns, "± seeds", "excess"):
         table.add_column(column, justify="left" if column in ("regime", "model") else "right")
     for row in rows:
+        edge = f" (edge {row['lr_edge']})" if row.get("lr_edge") else ""
+        noise = row.get("loss_seed_std")
         table.add_row(
             row["regime"],
             row["model"],
@@ -192,8 +241,10 @@ def _points_table(rows: list[dict[str, Any]]) -> Table:
             f"{row['D']:,}",
             f"{row['epochs']:.2f}",
             f"{row['lr']:g}",
+            f"{row['lr_opt']:.3g}{edge}",
             f"{row['val_loss']:.4f}",
             f"{row['loss']:.4f}",
+            "-" if noise is None else f"{noise:.4f}",
             f"{row['excess']:.4f}",
         )
     return table
@@ -207,6 +258,9 @@ def study_plot_command(
     ] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples per fit.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    parameters: Annotated[
+        str, typer.Option(help="What N counts: total (embeddings and head) or non-embedding.")
+    ] = "total",
 ) -> None:
     """Fit every regime (E free, E = exact entropy, excess) and draw the figures.
 
@@ -216,18 +270,20 @@ def study_plot_command(
     (test loss against epochs over the same unique data). Writes fits.json beside.
     """
     from llama_train.launch.study import ensure_validation
-    from llama_train.scaling.plots import plot_study
+    from llama_train.scaling.plots import plot_lr_sweeps, plot_study
     from llama_train.scaling.points import collect
     from llama_train.scaling.report import fit_regimes
 
     with user_errors():
         ensure_validation(directory, log=_say)
-        rows = collect(directory)
+        rows = collect(directory, parameters=parameters)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed, log=_say)
         target = out_dir or Path(directory) / "plots"
         paths = plot_study(directory, fits, target)
+        every_lr = collect(directory, every_lr=True, parameters=parameters)
+        paths += plot_lr_sweeps(every_lr, rows, target)
         fits_path = target / "fits.json"
         fits_path.write_text(json.dumps([fit.to_dict() for fit in fits], indent=1) + "\n")
     for regime in fits:

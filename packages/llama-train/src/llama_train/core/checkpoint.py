@@ -41,7 +41,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -255,19 +255,26 @@ class CheckpointManager:
     """Saves and finds checkpoints in `directory` (created on the first save).
 
     `keep` is how many of the newest checkpoints survive a save (None keeps
-    all); a checkpoint marked pending evaluation survives regardless. Saved
+    all); a checkpoint marked pending evaluation, or of a `pinned` step (a
+    trunk's fork points, :mod:`llama_train.branches`), survives regardless. Saved
     states may hold tensors, numbers, strings, None, and lists, tuples and
     dicts of them: they are loaded with ``weights_only=True``.
     """
 
     def __init__(
-        self, directory: str | Path, keep: int | None = 2, *, payload: PayloadFormat | None = None
+        self,
+        directory: str | Path,
+        keep: int | None = 2,
+        *,
+        payload: PayloadFormat | None = None,
+        pinned: Iterable[int] = (),
     ) -> None:
         if keep is not None and keep < 1:
             raise LlamaTrainError(f"checkpoint.keep must be at least 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
         self.payload = payload if payload is not None else TorchPayload()
+        self.pinned = frozenset(pinned)
 
     def folder(self, step: int) -> Path:
         """Where the checkpoint of `step` lives (whether or not it exists)."""
@@ -398,7 +405,7 @@ class CheckpointManager:
         if self.keep is None:
             return
         steps = self.steps()
-        protected = set(steps[-self.keep :]) | set(self.pending_eval()) | {protect}
+        protected = set(steps[-self.keep :]) | set(self.pending_eval()) | {protect} | self.pinned
         for step in steps:
             if step not in protected:
                 folder = self.folder(step)

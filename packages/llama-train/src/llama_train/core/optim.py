@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 Schedule = Literal["cosine", "linear", "constant", "wsd"]
+DecayShape = Literal["1-sqrt", "linear", "cosine"]
 
 
 class OptimConfig(BaseModel):
@@ -52,14 +53,31 @@ class OptimConfig(BaseModel):
     warmup_steps: Annotated[
         int, Field(ge=0, description="linear warmup from lr / warmup_steps to lr")
     ] = 100
+    warmup_tokens_per_parameter: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="warmup as a rule instead of warmup_steps: this many tokens per "
+            "parameter (total count, embeddings and head included; 1 = N tokens, Porian et "
+            "al. 2024), rounded up to whole steps of the run's global batch; when set it "
+            "replaces warmup_steps",
+        ),
+    ] = None
     schedule: Annotated[
         Schedule,
         Field(
             description="after warmup: cosine or linear decay to min_lr_ratio * lr, "
-            "constant, or wsd (warmup-stable-decay: constant, then a linear decay "
-            "over the last decay_fraction of the steps)"
+            "constant, or wsd (warmup-stable-decay: constant, then a decay of "
+            "decay_shape over the last decay_fraction of the steps)"
         ),
     ] = "cosine"
+    decay_shape: Annotated[
+        DecayShape,
+        Field(
+            description="wsd: shape of the decay, 1-sqrt (Hägele et al. 2024), linear or cosine "
+            "(a run directory written before this key existed decayed linearly)"
+        ),
+    ] = "1-sqrt"
     min_lr_ratio: Annotated[
         float, Field(ge=0, le=1, description="final learning rate as a fraction of lr")
     ] = 0.1
@@ -69,6 +87,20 @@ class OptimConfig(BaseModel):
     grad_clip: Annotated[
         float, Field(ge=0, description="max global gradient norm; 0 disables clipping")
     ] = 1.0
+
+
+def resolve_warmup(cfg: OptimConfig, *, parameters: int, tokens_per_step: int) -> OptimConfig:
+    """`cfg` with warmup_steps set from warmup_tokens_per_parameter (unchanged without it).
+
+    The rule needs the model's total parameter count and the global batch, which the
+    config alone does not know (the batch counts every rank); the trainer resolves it
+    once it has built both, and every caller of :func:`lr_at` uses the resolved copy.
+    """
+    rule = cfg.warmup_tokens_per_parameter
+    if rule is None:
+        return cfg
+    steps = math.ceil(rule * parameters / tokens_per_step)
+    return cfg.model_copy(update={"warmup_steps": steps, "warmup_tokens_per_parameter": None})
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -112,13 +144,34 @@ def _constant(progress: float, floor: float) -> float:
     return 1.0
 
 
-# Shape of the decay phase, progress 0 -> 1; wsd is constant until its decay starts.
+def _one_minus_sqrt(progress: float, floor: float) -> float:
+    return floor + (1 - floor) * (1 - math.sqrt(progress))
+
+
+# Shape of the decay phase, progress 0 -> 1 (wsd takes its shape from decay_shape).
 _SHAPES: dict[str, Callable[[float, float], float]] = {
     "cosine": _cosine,
     "linear": _linear,
     "constant": _constant,
-    "wsd": _linear,
+    "1-sqrt": _one_minus_sqrt,
 }
+
+
+def decay_start(total_steps: int, cfg: OptimConfig) -> int:
+    """First step of the decay phase of a run of `total_steps` steps (0-based).
+
+    Before it the lr depends on the step only, not on the run's length: warmup,
+    then the peak. That is what lets a cooldown branch of length S fork from a
+    longer run's stable phase at step `decay_start(S, cfg)` and continue exactly
+    as a run of S steps would have (:mod:`llama_train.branches`). For cosine and
+    linear the decay starts right after warmup; for wsd it covers the last
+    round(decay_fraction * total_steps) steps (at least one), never the warmup.
+    """
+    start = cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+        start = max(start, total_steps - decay_steps)
+    return start
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -127,20 +180,23 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     Warmup: steps 0..warmup_steps-1 ramp linearly from lr / warmup_steps to lr.
     Then the decay runs from lr at its first step to min_lr_ratio * lr at the last
     step (total_steps - 1) and stays there beyond it; for wsd the decay covers the
-    last round(decay_fraction * total_steps) steps and the lr is flat before them.
+    last round(decay_fraction * total_steps) steps (:func:`decay_start`), the lr is
+    flat before them, and the decay has `decay_shape`: 1-sqrt is
+    lr * (min + (1 - min) * (1 - sqrt(progress))), Hägele et al.'s cooldown, with
+    progress = (step - start) / (total_steps - 1 - start) so that, like the other
+    shapes here, it reaches the floor on the last step (epfml/schedules-and-scaling
+    divides by the decay's length instead and reaches it one step after the run).
     A warmup longer than the run simply never reaches the decay.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_start = cfg.warmup_steps
-    if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
-        decay_start = max(decay_start, total_steps - decay_steps)
-    progress = (step - decay_start) / max(1, total_steps - 1 - decay_start)
+    start = decay_start(total_steps, cfg)
+    progress = (step - start) / max(1, total_steps - 1 - start)
     progress = min(1.0, max(0.0, progress))
-    return cfg.lr * _SHAPES[cfg.schedule](progress, cfg.min_lr_ratio)
+    shape = cfg.decay_shape if cfg.schedule == "wsd" else cfg.schedule
+    return cfg.lr * _SHAPES[shape](progress, cfg.min_lr_ratio)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from llama_train.launch.sweep import Plan, Point, write_manifest
 
 STUDY_FILENAME = "study.json"
 VALIDATION_FILENAME = "validation.json"
+WIDENED_FILENAME = "lr_widened.json"
 STUDY_VERSION = 1
 
 Log = Callable[[str], None]
@@ -83,6 +84,59 @@ class RegimeEntry(BaseModel):
     store: Path = Field(description="the store (the train split's prefixes are the data sizes)")
 
 
+class PowerRule(BaseModel):
+    """value = c * (N / reference)^exponent, N the size's total parameter count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    c: float = Field(gt=0, allow_inf_nan=False, description="the value at N = reference")
+    exponent: float = Field(allow_inf_nan=False, description="power of N")
+    reference: float = Field(1.0, gt=0, allow_inf_nan=False, description="N where value = c")
+
+    def at(self, parameters: int) -> float:
+        return self.c * (parameters / self.reference) ** self.exponent
+
+
+class LrSweep(PowerRule):
+    """An lr sweep per model size, centred by a rule: c * (N / reference)^exponent times
+    each multiplier (Porian et al. 2024 / OLMo: 0.0047 (N / 108M)^(-1/3))."""
+
+    exponent: float = Field(-1 / 3, allow_inf_nan=False, description="power of N")
+    multipliers: list[float] = Field(
+        min_length=1, description="factors on the centre; 3+ let collect interpolate"
+    )
+
+    @field_validator("multipliers")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(not math.isfinite(m) or m <= 0 for m in value) or len(set(value)) != len(value):
+            raise ValueError("multipliers must be distinct, finite and positive")
+        return sorted(value)
+
+
+class Beta2Rule(BaseModel):
+    """OLMo's ladder: beta2 = below when the global batch is under threshold tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold_tokens: float = Field(524_288, gt=0, description="global batch tokens")
+    below: float = Field(0.99, ge=0, lt=1)
+    above: float = Field(0.95, ge=0, lt=1)
+
+
+class PerSizeRules(BaseModel):
+    """Batch size and beta2 per model size by rule (a size's overrides win over them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_tokens: PowerRule | None = Field(
+        None,
+        description="predicted tokens per global batch (OLMo: c 327680, exponent 2/3, "
+        "reference 108e6); data.batch_size = round(tokens / (seq_len - 1) / ranks), >= 1",
+    )
+    beta2: Beta2Rule | None = Field(None, description="optim.betas[1] from the global batch")
+
+
 class ModelSize(BaseModel):
     """One rung of the ladder: `model.*` settings, or a target non-embedding count."""
 
@@ -97,6 +151,11 @@ class ModelSize(BaseModel):
     model: dict[str, Any] = Field(
         default_factory=dict, description="model.* settings, e.g. {dim: 64, n_layers: 2}"
     )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config keys for this size only, e.g. {optim.betas: [0.9, 0.99], "
+        "data.batch_size: 16} (win over per_size rules)",
+    )
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -109,6 +168,8 @@ class ModelSize(BaseModel):
             raise ValueError("give either parameters (a target count) or model (settings)")
         for key in self.model:
             configuration.check_key(["model", key], TrainConfig)
+        for key in self.overrides:
+            configuration.check_key(key.split("."), TrainConfig)
         return self
 
 
@@ -157,7 +218,19 @@ class StudyConfig(BaseModel):
     models: list[ModelSize] = Field(min_length=1, description="the ladder of model sizes")
     data: list[int] = Field(min_length=1, description="data.n_train prefixes (sequences)")
     steps: StepsRule
-    lr: list[float] = Field(min_length=1, description="learning rates, cross-validated")
+    lr: list[float] | LrSweep = Field(
+        description="learning rates, cross-validated: a list for every size, or a sweep per "
+        "size centred by a rule ({c, exponent, reference, multipliers})"
+    )
+    per_size: PerSizeRules = Field(
+        default_factory=PerSizeRules, description="batch size and beta2 by rule of N"
+    )
+    branches: bool = Field(
+        False,
+        description="one trunk per (regime, model, lr, seed) at the largest data size, with "
+        "cooldown branches at the others (optim.schedule wsd; the steps rule must grow with "
+        "the data, e.g. epochs: 1): the D axis from one run",
+    )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     validation_sequences: int = Field(
         512, gt=0, description="held-out rows at the end of each store's train split"
@@ -179,14 +252,17 @@ class StudyConfig(BaseModel):
 
     @field_validator("lr")
     @classmethod
-    def _finite(cls, value: list[float]) -> list[float]:
-        if any(not math.isfinite(lr) or lr <= 0 for lr in value):
+    def _finite(cls, value: list[float] | LrSweep) -> list[float] | LrSweep:
+        if isinstance(value, list) and not value:
+            raise ValueError("list at least one learning rate")
+        if isinstance(value, list) and any(not math.isfinite(lr) or lr <= 0 for lr in value):
             raise ValueError("learning rates must be finite and positive")
         return value
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
-        for label, values in (("data", self.data), ("lr", self.lr), ("seeds", self.seeds)):
+        lrs = self.lr if isinstance(self.lr, list) else []
+        for label, values in (("data", self.data), ("lr", lrs), ("seeds", self.seeds)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{label}: a value is listed twice")
         for key in self.overrides:
@@ -272,6 +348,9 @@ class StudyPoint:
     lr: float
     seed: int
     steps: int
+    lr_multiplier: float | None = None  # on the size's lr centre (an lr rule's sweep)
+    trunk: str | None = None  # a cooldown branch: the name of its trunk's point
+    parameters_total: int | None = None  # N of the size's rules
 
 
 class StudyPlan(Plan):
@@ -288,9 +367,18 @@ class ExpandedStudy:
     path: Path
     directory: Path
     plan: StudyPlan
-    points: list[StudyPoint]
+    points: list[StudyPoint]  # one per plan point (a trunk when the study branches)
     regimes: dict[str, Regime]
     validation_first: dict[str, int]  # first held-out row of each regime's train split
+    branch_points: list[StudyPoint] = field(default_factory=list)  # trained by their trunks
+
+    @property
+    def all_points(self) -> list[StudyPoint]:
+        """Every point of the table: the planned runs and their cooldown branches."""
+        return [*self.points, *self.branch_points]
+
+    def branches_of(self, point: StudyPoint) -> list[StudyPoint]:
+        return [branch for branch in self.branch_points if branch.trunk == point.name]
 
     def validation_of(self, point: StudyPoint) -> tuple[int, int]:
         return self.validation_first[point.regime], self.study.validation_sequences
@@ -321,9 +409,9 @@ def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
                 f"slice (the last {study.validation_sequences} of the {regime.train_rows} train "
                 f"sequences of {regime.store}); lower the data sizes or validation_sequences"
             )
-    probe = configuration.validate(base_raw, SubmitConfig)  # the batch, before linking
-    rows = probe.data.batch_size * probe.train.grad_accum * ranks
+    widened = read_widened(directory)
     points: list[StudyPoint] = []
+    branch_points: list[StudyPoint] = []
     sweep_points: list[Point] = []
     for regime in regimes.values():
         for rung, size in enumerate(study.models):
@@ -331,23 +419,44 @@ def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
             if size.parameters is not None:
                 shape = shape_for_parameters(size.parameters, regime.vocab_size)
             label = size.name or _model_label(shape, rung)
-            for n_train, lr, seed in itertools.product(study.data, study.lr, study.seeds):
-                steps = study.steps.steps_for(
-                    n_train=n_train, tokens_per_step=rows * (regime.seq_len - 1), rows_per_step=rows
+            fixed = {
+                "data.path": str(regime.store),
+                **{f"model.{key}": value for key, value in shape.items()},
+            }
+            probe = _validate(_with(base_raw, {**fixed, **size.overrides}), label)
+            parameters = total_parameters(probe.model, regime.vocab_size)
+            fixed |= _size_rules(study.per_size, probe, parameters, regime.seq_len, ranks)
+            fixed |= size.overrides
+            probe = _validate(_with(base_raw, fixed), label)
+            rows = probe.data.batch_size * probe.train.grad_accum * ranks
+            tokens_per_step = rows * (regime.seq_len - 1)
+
+            def steps_for(n_train: int, rows: int = rows, tokens: int = tokens_per_step) -> int:
+                return study.steps.steps_for(
+                    n_train=n_train, tokens_per_step=tokens, rows_per_step=rows
                 )
-                name = f"{regime.name}_{label}_n{n_train}_lr{format_value(float(lr))}_s{seed}"
-                point = StudyPoint(name, regime.name, label, n_train, float(lr), seed, steps)
+
+            sweep = _lr_sweep(study.lr, parameters, widened.get(f"{regime.name}/{label}", []))
+            sizes = [max(study.data)] if study.branches else study.data
+            for n_train, (lr, multiplier), seed in itertools.product(sizes, sweep, study.seeds):
+                steps = steps_for(n_train)
+                name = f"{regime.name}_{label}_n{n_train}_lr{format_value(lr)}_s{seed}"
+                common = (regime.name, label, n_train, lr, seed, steps, multiplier)
+                point = StudyPoint(name, *common, parameters_total=parameters)
                 settings = {
-                    "data.path": str(regime.store),
+                    **fixed,
                     "data.n_train": n_train,
-                    **{f"model.{key}": value for key, value in shape.items()},
-                    "optim.lr": float(lr),
+                    "optim.lr": lr,
                     "run.seed": seed,
                     "run.dir": str(directory / name),
                     "run.name": f"{study.name}/{name}",
                     "train.steps": steps,
                     "eval.every": max(1, steps // study.evaluations),
                 }
+                if study.branches:
+                    branches = _branch_points(study, point, steps_for, tokens_per_step)
+                    settings["train.branches"] = [tokens for tokens, _ in branches]
+                    branch_points.extend(branch for _, branch in branches)
                 config = _validate(_with(base_raw, settings), name)
                 described = {"regime": regime.name, "model": label, **settings}
                 sweep_points.append(Point(len(sweep_points), name, described, config))
@@ -366,9 +475,77 @@ def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
         directory=directory,
         plan=StudyPlan(base_config, sweep_points),
         points=points,
+        branch_points=branch_points,
         regimes=regimes,
         validation_first=first_rows,
     )
+
+
+def total_parameters(model: ModelConfig, vocab_size: int) -> int:
+    """Every parameter: the non-embedding count plus the input embedding (the N of fits)."""
+    return non_embedding_parameters(model, vocab_size) + vocab_size * model.dim
+
+
+def _lr_sweep(
+    lr: list[float] | LrSweep, parameters: int, widened: list[float]
+) -> list[tuple[float, float | None]]:
+    """(lr, multiplier) of a size: the listed lrs, or the rule's centre times each multiplier
+    (with those `study run --widen-edges` added for this size)."""
+    if isinstance(lr, list):
+        return [(float(value), None) for value in lr]
+    centre = lr.at(parameters)
+    return [(float(f"{centre * m:.6g}"), m) for m in sorted({*lr.multipliers, *widened})]
+
+
+def _size_rules(
+    rules: PerSizeRules, probe: Any, parameters: int, seq_len: int, ranks: int
+) -> dict[str, Any]:
+    """The settings the per-size rules give a size: data.batch_size and optim.betas."""
+    settings: dict[str, Any] = {}
+    batch_size = probe.data.batch_size
+    if rules.batch_tokens is not None:
+        per_rank = rules.batch_tokens.at(parameters) / (seq_len - 1) / probe.train.grad_accum
+        batch_size = max(1, round(per_rank / ranks))
+        settings["data.batch_size"] = batch_size
+    if rules.beta2 is not None:
+        tokens = batch_size * probe.train.grad_accum * ranks * (seq_len - 1)
+        beta2 = rules.beta2.below if tokens < rules.beta2.threshold_tokens else rules.beta2.above
+        settings["optim.betas"] = [probe.optim.betas[0], beta2]
+    return settings
+
+
+def _branch_points(
+    study: StudyConfig,
+    trunk: StudyPoint,
+    steps_for: Callable[[int], int],
+    tokens_per_step: int,
+) -> list[tuple[int, StudyPoint]]:
+    """(tokens, point) of each cooldown branch of a trunk: one per smaller data size."""
+    branches = []
+    for n_train in sorted(study.data)[:-1]:
+        steps = steps_for(n_train)
+        if steps >= trunk.steps or any(point.steps == steps for _, point in branches):
+            raise LlamaTrainError(
+                f"branches: data sizes {n_train} and {trunk.n_train} train the same number of "
+                f"steps ({steps}) under the steps rule {study.steps.model_dump(exclude_none=True)}"
+                "; branches need a rule that grows with the data (epochs: 1)"
+            )
+        tokens = steps * tokens_per_step
+        name = f"{trunk.name}/branches/d{tokens}"
+        point = StudyPoint(
+            name,
+            trunk.regime,
+            trunk.model,
+            n_train,
+            trunk.lr,
+            trunk.seed,
+            steps,
+            trunk.lr_multiplier,
+            trunk=trunk.name,
+            parameters_total=trunk.parameters_total,
+        )
+        branches.append((tokens, point))
+    return branches
 
 
 def _model_label(settings: Mapping[str, Any], rung: int) -> str:
@@ -479,7 +656,7 @@ def write_study_record(expanded: ExpandedStudy) -> Path:
             }
             for name, regime in expanded.regimes.items()
         },
-        "points": [point.__dict__ for point in expanded.points],
+        "points": [point.__dict__ for point in expanded.all_points],
     }
     expanded.directory.mkdir(parents=True, exist_ok=True)
     path = expanded.directory / STUDY_FILENAME
@@ -565,11 +742,13 @@ class StudyJob(TrainJob):
 
     validation_first: int = 0
     validation_sequences: int = 0
+    branch_dirs: tuple[Path, ...] = ()  # its cooldown branches, trained with it
 
     def __call__(self) -> dict[str, Any]:
         summary = super().__call__()
         if rank_info().is_main:
-            write_validation(self.config.run_dir, self.validation_first, self.validation_sequences)
+            for run_dir in (self.config.run_dir, *self.branch_dirs):
+                write_validation(run_dir, self.validation_first, self.validation_sequences)
         return summary
 
 
@@ -582,7 +761,10 @@ def _job_factory(expanded: ExpandedStudy) -> Callable[[Any], StudyJob]:
     def make(config: Any) -> StudyJob:
         point = by_dir[str(config.run_dir)]
         first, sequences = expanded.validation_of(point)
-        return StudyJob(config, validation_first=first, validation_sequences=sequences)
+        branches = tuple(expanded.directory / b.name for b in expanded.branches_of(point))
+        return StudyJob(
+            config, validation_first=first, validation_sequences=sequences, branch_dirs=branches
+        )
 
     return make
 
@@ -601,14 +783,98 @@ class RunReport:
 
 
 def points_to_run(expanded: ExpandedStudy) -> list[int]:
-    """Indices of the points that are not done at their step count."""
+    """Indices of the points that are not done at their step count (a trunk is not done
+    while one of its branches is not)."""
     todo = []
-    for index, point in enumerate(expanded.plan.points):
-        status = point_status(point.config.run_dir)
-        if status.state == "done" and (status.step or 0) >= point.config.train.steps:
+    for index, (point, study_point) in enumerate(
+        zip(expanded.plan.points, expanded.points, strict=True)
+    ):
+        runs = [(point.config.run_dir, point.config.train.steps)] + [
+            (expanded.directory / branch.name, branch.steps)
+            for branch in expanded.branches_of(study_point)
+        ]
+        if all(_done(run_dir, steps) for run_dir, steps in runs):
             continue
         todo.append(index)
     return todo
+
+
+def _done(run_dir: Path, steps: int) -> bool:
+    status = point_status(run_dir)
+    return status.state == "done" and (status.step or 0) >= steps
+
+
+# ---------------------------------------------------------------------------
+# Widening an lr sweep whose optimum is on its edge
+
+
+def read_widened(directory: Path) -> dict[str, list[float]]:
+    """The multipliers `--widen-edges` added, per "regime/model" (kept in the study dir)."""
+    try:
+        data = json.loads((Path(directory) / WIDENED_FILENAME).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        path = Path(directory) / WIDENED_FILENAME
+        raise LlamaTrainError(f"cannot read {path}: {error}") from None
+    return {str(key): [float(m) for m in value] for key, value in data.items()}
+
+
+def edge_optima(directory: Path) -> list[dict[str, Any]]:
+    """The table's rows (best lr per point) whose optimum is on the sweep's edge."""
+    from llama_train.scaling.points import collect
+
+    try:
+        rows = collect(directory)
+    except LlamaTrainError:
+        return []
+    return [row for row in rows if row.get("lr_edge")]
+
+
+def widen_edges(expanded: ExpandedStudy, log: Log | None = None) -> int:
+    """Add one multiplier beyond each edge an optimum sits on, per (regime, model size).
+
+    The step is the ratio of the sweep's two outermost multipliers on that side (x2 for a
+    single one). Recorded in lr_widened.json, so every later plan of the study has them;
+    the caller plans again. Returns the number of multipliers added.
+    """
+    study = expanded.study
+    if not isinstance(study.lr, LrSweep):
+        raise LlamaTrainError(
+            "--widen-edges needs an lr rule (lr: {c, exponent, multipliers}): "
+            "with a list of learning rates, extend the list"
+        )
+    widened = read_widened(expanded.directory)
+    added = 0
+    by_size = {}
+    for point in expanded.points:
+        if point.lr_multiplier is not None:
+            by_size.setdefault((point.regime, point.model), set()).add(point.lr_multiplier)
+    edges = sorted(
+        {(row["regime"], row["model"], row["lr_edge"]) for row in edge_optima(expanded.directory)}
+    )
+    for regime, model, edge in edges:
+        multipliers = sorted(by_size.get((regime, model), set()))
+        if not multipliers:
+            continue
+        if edge == "high":
+            step = multipliers[-1] / multipliers[-2] if len(multipliers) > 1 else 2.0
+            new = float(f"{multipliers[-1] * step:.6g}")
+        else:
+            step = multipliers[1] / multipliers[0] if len(multipliers) > 1 else 2.0
+            new = float(f"{multipliers[0] / step:.6g}")
+        key = f"{regime}/{model}"
+        widened.setdefault(key, []).append(new)
+        added += 1
+        if log:
+            log(f"{key}: lr optimum on the {edge} edge of the sweep; adding multiplier {new:g}")
+    if added:
+        expanded.directory.mkdir(parents=True, exist_ok=True)
+        path = expanded.directory / WIDENED_FILENAME
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(widened, indent=1) + "\n")
+        os.replace(partial, path)
+    return added
 
 
 def run_local(

@@ -334,3 +334,107 @@ def _eval_curve(run_dir: Path, unique_tokens: float) -> list[tuple[float, float]
     if tokens_per_step is None or unique_tokens <= 0:
         return []
     return [(step * tokens_per_step / unique_tokens, loss) for step, loss in evals]
+
+
+# ---------------------------------------------------------------------------
+# Learning rate per size
+
+
+def fit_lr_rule(parameters: np.ndarray, lrs: np.ndarray) -> tuple[float, float]:
+    """(c, k) of lr* = c N^k, least squares in log-log (the rule that centres the next sweep)."""
+    n, lr = np.log(np.asarray(parameters, float)), np.log(np.asarray(lrs, float))
+    if len(np.unique(n)) < 2:
+        raise LlamaTrainError("an lr rule needs optima at two model sizes or more")
+    slope, intercept = np.polyfit(n, lr, 1)
+    return float(math.exp(intercept)), float(slope)
+
+
+def plot_lr_sweeps(
+    runs: list[dict[str, Any]], best: list[dict[str, Any]], out_dir: str | Path
+) -> list[Path]:
+    """`<regime>-lr.png` per regime with an lr sweep: validation loss against lr per model
+    size (largest data size, mean over seeds; a star at the interpolated optimum), and the
+    optimum lr*(N) at each data size with its power-law fit over the largest data size
+    (hollow: an optimum on the sweep's edge, left out of the fit).
+
+    `runs`: collect's rows with every lr; `best`: the best-lr rows (lr_opt, lr_edge).
+    """
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for regime in dict.fromkeys(row["regime"] for row in runs):
+        mine = [row for row in runs if row["regime"] == regime]
+        if len({row["lr"] for row in mine}) < 2:
+            continue  # one lr: no sweep to draw
+        optima = [row for row in best if row["regime"] == regime]
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        _sweep_panel(plt, left, mine, optima)
+        _lr_rule_panel(plt, right, optima)
+        figure.suptitle(f"{regime}: learning rate per model size")
+        figure.tight_layout()
+        path = out_dir / f"{regime}-lr.png"
+        figure.savefig(path, dpi=130)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _sweep_panel(
+    plt: Any, ax: Any, runs: list[dict[str, Any]], optima: list[dict[str, Any]]
+) -> None:
+    largest = max(row["n_train"] for row in runs)
+    models = sorted({row["model"] for row in runs}, key=lambda m: _size_of(runs, m))
+    for model, colour in zip(models, _colours(plt, len(models)), strict=True):
+        rows = [r for r in runs if r["model"] == model and r["n_train"] == largest]
+        by_lr: dict[float, list[float]] = {}
+        for row in rows:
+            if isinstance(row["val_loss"], int | float):
+                by_lr.setdefault(row["lr"], []).append(row["val_loss"])
+        if not by_lr:
+            continue
+        lrs = np.asarray(sorted(by_lr))
+        losses = np.asarray([np.mean(by_lr[lr]) for lr in lrs])
+        ax.plot(lrs, losses, "o-", color=colour, label=f"{model} (N={_si(_size_of(runs, model))})")
+        best = [r for r in optima if r["model"] == model and r["n_train"] == largest]
+        if best:
+            lr_opt = math.exp(np.mean([math.log(r["lr_opt"]) for r in best]))
+            ax.plot([lr_opt], [losses.min()], "*", color=colour, markersize=12)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title(f"sweeps at n_train={largest:,} (star: interpolated optimum)", fontsize=9)
+    ax.legend(fontsize=8)
+
+
+def _lr_rule_panel(plt: Any, ax: Any, optima: list[dict[str, Any]]) -> None:
+    sizes = sorted({row["n_train"] for row in optima})
+    for n_train, colour in zip(sizes, _colours(plt, len(sizes)), strict=True):
+        rows = [r for r in optima if r["n_train"] == n_train]
+        for edge in (False, True):
+            chosen = [r for r in rows if bool(r.get("lr_edge")) == edge]
+            if chosen:
+                ax.scatter(
+                    [float(r["N"]) for r in chosen],
+                    [r["lr_opt"] for r in chosen],
+                    facecolors="none" if edge else colour,
+                    edgecolors=colour,
+                    label=None if edge else f"n_train={n_train:,}",
+                )
+    interior = [r for r in optima if r["n_train"] == sizes[-1] and not r.get("lr_edge")]
+    if len({r["N"] for r in interior}) >= 2:
+        n = np.asarray([float(r["N"]) for r in interior])
+        c, k = fit_lr_rule(n, np.asarray([r["lr_opt"] for r in interior]))
+        grid = np.geomspace(n.min(), n.max(), 50)
+        ax.plot(grid, c * grid**k, "k--", label=f"lr* = {c:.3g} N^{k:.3f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    readable_log_axis(ax.xaxis, np.asarray([float(r["N"]) for r in optima]))
+    ax.set_xlabel(f"N ({optima[0].get('N_count', 'total')} parameters)" if optima else "N")
+    ax.set_ylabel("optimal learning rate lr*")
+    ax.set_title("lr*(N), fit over the largest data size (hollow: on the sweep's edge)", fontsize=9)
+    ax.legend(fontsize=8)
+
+
+def _size_of(rows: list[dict[str, Any]], model: str) -> float:
+    return float(next(row["N"] for row in rows if row["model"] == model))

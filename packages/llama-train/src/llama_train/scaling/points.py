@@ -5,7 +5,14 @@ whose final checkpoint has the lowest loss on the held-out validation slice (the
 of the train split, see :mod:`llama_train.launch.study`) and reports that run's test
 loss. Columns (losses in nats per predicted token, ``*_bits`` in bits):
 
-regime, model, N (non-embedding parameters), N_total, D (unique training tokens),
+regime, model, N (the parameter count the fits use: total by default, see
+:data:`PARAMETER_COUNTS`), N_total (embeddings and head included), N_non_embedding
+(the input embedding left out, the head kept), N_count (which of the two N is),
+D (unique training tokens; a cooldown branch's: the tokens it read), lr (the best
+tried), lr_opt (the optimum interpolated in log lr: :func:`interpolate_optimum`),
+lr_edge (low or high when the best is the sweep's smallest or largest lr: widen it),
+seeds and loss_seed_std (the spread of the test loss over the seeds of the same
+regime, model and data size),
 n_train, tokens (seen), epochs, flops_6nd, flops_attention, flops, lr, seed, steps,
 val_loss, loss (final test loss), entropy (exact, same test sequences), excess
 (loss - entropy), loss_bits, entropy_bits, excess_bits, lr_tried, run_dir.
@@ -25,11 +32,16 @@ from typing import Any
 from llama_train.errors import LlamaTrainError
 
 LN2 = math.log(2.0)
+# What N counts: total parameters by default (the Chinchilla count; Pearce & Song 2024 and
+# Porian et al. 2024 show that the non-embedding count biases small-scale exponents).
+PARAMETER_COUNTS = ("total", "non-embedding")
 COLUMNS = (
     "regime",
     "model",
     "N",
     "N_total",
+    "N_non_embedding",
+    "N_count",
     "D",
     "n_train",
     "tokens",
@@ -38,7 +50,11 @@ COLUMNS = (
     "flops_attention",
     "flops",
     "lr",
+    "lr_opt",
+    "lr_edge",
     "seed",
+    "seeds",
+    "loss_seed_std",
     "steps",
     "val_loss",
     "loss",
@@ -60,8 +76,14 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def point_rows(directory: str | Path, record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every finished run of a study (one per learning rate), with its validation loss."""
+def point_rows(
+    directory: str | Path, record: dict[str, Any], *, parameters: str = "total"
+) -> list[dict[str, Any]]:
+    """Every finished run of a study (one per learning rate), with its validation loss.
+
+    `parameters` chooses what the N column counts (:data:`PARAMETER_COUNTS`).
+    """
+    _check_count(parameters)
     directory = Path(directory)
     rows = []
     for point in record["points"]:
@@ -71,16 +93,25 @@ def point_rows(directory: str | Path, record: dict[str, Any]) -> list[dict[str, 
             continue
         validation = _read(run_dir / "validation.json")
         loss, entropy = summary["test_loss"], summary["test_entropy"]
+        total = summary.get("parameters_total", summary.get("parameters"))
+        # A cooldown branch read a part of its trunk's prefix once: D is what it read.
+        unique, epochs = summary.get("unique_tokens"), summary.get("epochs")
+        if point.get("trunk") and summary.get("unique_tokens_seen"):
+            unique = summary["unique_tokens_seen"]
+            epochs = summary.get("tokens_seen", unique) / unique
+        non_embedding = summary.get("parameters_non_embedding")
         rows.append(
             {
                 "regime": point["regime"],
                 "model": point["model"],
-                "N": summary.get("parameters_non_embedding"),
-                "N_total": summary.get("parameters_total", summary.get("parameters")),
-                "D": summary.get("unique_tokens"),
+                "N": total if parameters == "total" else non_embedding,
+                "N_total": total,
+                "N_non_embedding": non_embedding,
+                "N_count": parameters,
+                "D": unique,
                 "n_train": point["n_train"],
                 "tokens": summary.get("tokens_seen", summary.get("tokens")),
-                "epochs": summary.get("epochs"),
+                "epochs": epochs,
                 "flops_6nd": summary.get("flops_6nd"),
                 "flops_attention": summary.get("flops_attention"),
                 "flops": summary.get("flops"),
@@ -105,7 +136,8 @@ def select_best_lr(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
     A group whose runs lack a validation loss is left out (validate them first:
     ``llama-train study collect`` does). Order: regime, model, n_train, seed as
-    first met in the study.
+    first met in the study. Each row also gets lr_opt and lr_edge
+    (:func:`interpolate_optimum`), then seeds and loss_seed_std (:func:`add_seed_noise`).
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -117,12 +149,70 @@ def select_best_lr(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if not scored:
             continue
         winner = min(scored, key=lambda run: (run["val_loss"], run["lr"]))
-        best.append({**winner, "lr_tried": len(runs)})
-    return best
+        lr_opt, edge = interpolate_optimum([(run["lr"], run["val_loss"]) for run in scored])
+        best.append({**winner, "lr_tried": len(runs), "lr_opt": lr_opt, "lr_edge": edge})
+    return add_seed_noise(best)
 
 
-def collect(directory: str | Path, *, every_lr: bool = False) -> list[dict[str, Any]]:
-    """The study's table (best lr per point, or every run with `every_lr`)."""
+def interpolate_optimum(sweep: list[tuple[float, float]]) -> tuple[float, str]:
+    """The lr of lowest loss from (lr, validation loss) pairs, interpolated in log lr.
+
+    The parabola through the best lr and its two neighbours (in log lr) has its
+    vertex between those neighbours: that is the optimum. A best lr at either end
+    of a sweep of two or more cannot be interpolated: it is returned as it is with
+    the edge it sits on ("low" or "high"), a sign that the true optimum lies
+    outside the sweep (widen it). One lr alone is no sweep: no edge.
+    """
+    points = sorted(sweep)
+    index = min(range(len(points)), key=lambda i: (points[i][1], points[i][0]))
+    best = points[index][0]
+    if len(points) < 2:
+        return best, ""
+    if index == 0:
+        return best, "low"
+    if index == len(points) - 1:
+        return best, "high"
+    (x0, y0), (x1, y1), (x2, y2) = [
+        (math.log(lr), loss) for lr, loss in points[index - 1 : index + 2]
+    ]
+    # Newton form: y = y0 + slope01 (x - x0) + curvature (x - x0)(x - x1).
+    slope01, slope12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    curvature = (slope12 - slope01) / (x2 - x0)
+    if curvature <= 0:  # flat: every point of the three is as good
+        return best, ""
+    vertex = (x0 + x1) / 2 - slope01 / (2 * curvature)
+    return math.exp(min(max(vertex, x0), x2)), ""
+
+
+def add_seed_noise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with `seeds` and `loss_seed_std`: the sample standard deviation of the
+    test loss over the seeds of its (regime, model, n_train) point (None with one seed)."""
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["regime"], row["model"], row["n_train"]), []).append(row["loss"])
+    result = []
+    for row in rows:
+        losses = groups[(row["regime"], row["model"], row["n_train"])]
+        std = None
+        if len(losses) > 1:
+            mean = math.fsum(losses) / len(losses)
+            std = math.sqrt(math.fsum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
+        result.append({**row, "seeds": len(losses), "loss_seed_std": std})
+    return result
+
+
+def _check_count(parameters: str) -> None:
+    if parameters not in PARAMETER_COUNTS:
+        raise LlamaTrainError(
+            f"unknown parameter count {parameters!r}: choose {' or '.join(PARAMETER_COUNTS)}"
+        )
+
+
+def collect(
+    directory: str | Path, *, every_lr: bool = False, parameters: str = "total"
+) -> list[dict[str, Any]]:
+    """The study's table (best lr per point, or every run with `every_lr`); N counts
+    `parameters` (total by default, or non-embedding)."""
     directory = Path(directory)
     record = _read(directory / "study.json")
     if record is None or not isinstance(record.get("points"), list):
@@ -130,9 +220,9 @@ def collect(directory: str | Path, *, every_lr: bool = False) -> list[dict[str, 
             f"{directory} is not a study directory (no readable study.json); "
             "give the directory `llama-train study run` printed"
         )
-    rows = point_rows(directory, record)
+    rows = point_rows(directory, record, parameters=parameters)
     if every_lr:
-        return [{**row, "lr_tried": 1} for row in rows]
+        return [{**row, "lr_tried": 1, "lr_opt": row["lr"], "lr_edge": ""} for row in rows]
     return select_best_lr(rows)
 
 
