@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import math
@@ -39,18 +40,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error, parse_count
+from gssm_data.yamlfile import load_yaml_file
 from llama_train.config import TrainConfig, link_to_data, raw_config
 from llama_train.core import configuration
 from llama_train.core.distributed import rank_info
 from llama_train.core.model import ModelConfig
+from llama_train.core.runlock import directory_lock
 from llama_train.errors import LlamaTrainError
 from llama_train.eval import evaluate_run
 from llama_train.launch.config import SubmitConfig, format_value
+from llama_train.launch.lifeline import die_with_parent
 from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, tasks_per_node
 from llama_train.launch.status import point_status
 from llama_train.launch.sweep import Plan, Point, write_manifest
@@ -58,6 +61,7 @@ from llama_train.launch.sweep import Plan, Point, write_manifest
 STUDY_FILENAME = "study.json"
 VALIDATION_FILENAME = "validation.json"
 STUDY_VERSION = 1
+STUDY_LOCK_FILENAME = ".study.lock"
 
 Log = Callable[[str], None]
 
@@ -197,12 +201,10 @@ class StudyConfig(BaseModel):
 def load_study(path: str | Path) -> StudyConfig:
     """Read and validate a study file; every problem is a one-line user error."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise LlamaTrainError(f"study file not found: {path}") from None
-    except yaml.YAMLError:
-        raise LlamaTrainError(f"{path}: invalid YAML") from None
+    try:  # bounded: a regular file of at most 1 MB, UTF-8, nesting at most 64 deep
+        raw = load_yaml_file(path, what="study file")
+    except GssmDataError as error:
+        raise LlamaTrainError(str(error)) from None
     if not isinstance(raw, dict):
         raise LlamaTrainError(f"{path}: expected a mapping (base, regimes, models, data, ...)")
     try:
@@ -600,6 +602,24 @@ class RunReport:
     seconds: float
 
 
+def _one_writer(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Hold the study directory's lock for the call: a second `study run` on the same
+    directory refuses in one line before writing anything, so no run directory ever
+    has two writers. The kernel drops the lock when its holder dies."""
+
+    @functools.wraps(function)
+    def locked(expanded: ExpandedStudy, *args: Any, **kwargs: Any) -> Any:
+        with directory_lock(
+            expanded.directory,
+            STUDY_LOCK_FILENAME,
+            busy="is in use by another `llama-train study run`",
+            advice="wait for it to end (llama-train study status shows its progress)",
+        ):
+            return function(expanded, *args, **kwargs)
+
+    return locked
+
+
 def points_to_run(expanded: ExpandedStudy) -> list[int]:
     """Indices of the points that are not done at their step count."""
     todo = []
@@ -611,6 +631,7 @@ def points_to_run(expanded: ExpandedStudy) -> list[int]:
     return todo
 
 
+@_one_writer
 def run_local(
     expanded: ExpandedStudy,
     *,
@@ -671,7 +692,7 @@ def run_local(
             max_workers=parallel,
             mp_context=context,
             initializer=_start_worker,
-            initargs=(stop,),
+            initargs=(stop, os.getpid()),
         ) as pool,
         _stop_workers_on_interrupt(pool, stop, say),
     ):
@@ -698,11 +719,13 @@ def run_local(
 _STOP: Any = None  # in a worker: the study's stop event
 
 
-def _start_worker(stop: Any) -> None:
+def _start_worker(stop: Any, parent_pid: int) -> None:
     """In each worker: Ctrl-C reaches the whole process group, but only the parent
     decides; it sets `stop` (no further point starts) and sends SIGTERM, on which the
-    trainer checkpoints and stops (its preemption path)."""
+    trainer checkpoints and stops (its preemption path). A parent killed outright
+    takes its workers with it (lifeline), so they never race the rerun."""
     global _STOP
+    die_with_parent(parent_pid)
     _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -819,6 +842,7 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
+@_one_writer
 def submit_slurm(expanded: ExpandedStudy, log: Log | None = None) -> Any:
     """Send the points that are neither done nor queued to Slurm as one array job."""
     write_study_record(expanded)
