@@ -173,11 +173,21 @@ def study_collect_command(
     with user_errors():
         ensure_validation(directory, log=_say)
         rows = collect(directory, every_lr=every_lr)
+        _say_missing(directory)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         path = write_csv(rows, out or Path(directory) / "points.csv")
     _print_table(_points_table(rows))
     console.print(f"wrote {path} ({len(rows)} rows)", highlight=False)
+
+
+def _say_missing(directory: Path) -> None:
+    """Name the points a table leaves out, so a partial table is never taken for a whole."""
+    from llama_train.launch.study import describe_missing, missing_from_table
+
+    missing = missing_from_table(directory)
+    if missing:
+        _say(describe_missing(missing, directory))
 
 
 def _points_table(rows: list[dict[str, Any]]) -> Table:
@@ -223,6 +233,7 @@ def study_plot_command(
     with user_errors():
         ensure_validation(directory, log=_say)
         rows = collect(directory)
+        _say_missing(directory)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed, log=_say)

@@ -507,6 +507,40 @@ def read_study_record(directory: str | Path) -> dict[str, Any]:
     return data
 
 
+def missing_from_table(directory: str | Path) -> dict[str, str]:
+    """The points of a study with no row in its table (`study collect`), each with why:
+    its state and the one-line reason its run recorded (failed, pending, running), or
+    what is wrong with a result that is there but unusable."""
+    from llama_train.scaling.points import point_rows
+
+    directory = Path(directory)
+    record = read_study_record(directory)
+    finished = {Path(row["run_dir"]).name for row in point_rows(directory, record)}
+    missing = {}
+    for point in record["points"]:
+        name = point.get("name")
+        if not isinstance(name, str) or name in finished:
+            continue
+        status = point_status(directory / name)
+        if status.state == "done":
+            reason = "done, but its summary.json is unreadable, incomplete or of another step"
+        else:
+            reason = status.state + (f": {status.message}" if status.message else "")
+        missing[name] = reason
+    return missing
+
+
+def describe_missing(missing: Mapping[str, str], directory: str | Path, *, shown: int = 5) -> str:
+    """One line naming the points a table leaves out (the first `shown`, then a count)."""
+    named = [f"{name} ({reason})" for name, reason in itertools.islice(missing.items(), shown)]
+    more = len(missing) - len(named)
+    tail = f", and {more} more" if more else ""
+    return (
+        f"{len(missing)} point(s) not in the table: {', '.join(named)}{tail} "
+        f"(llama-train study status {directory})"
+    )
+
+
 # ---------------------------------------------------------------------------
 # Validation (the held-out slice)
 

@@ -69,8 +69,10 @@ def point_rows(directory: str | Path, record: dict[str, Any]) -> list[dict[str, 
         summary = _read(run_dir / "summary.json")
         if summary is None or summary.get("step") != point["steps"]:
             continue
+        loss, entropy = summary.get("test_loss"), summary.get("test_entropy")
+        if not all(_is_number(value) for value in (loss, entropy)):
+            continue  # a damaged summary: not a result (study collect names the point)
         validation = _read(run_dir / "validation.json")
-        loss, entropy = summary["test_loss"], summary["test_entropy"]
         rows.append(
             {
                 "regime": point["regime"],
@@ -98,6 +100,10 @@ def point_rows(directory: str | Path, record: dict[str, Any]) -> list[dict[str, 
             }
         )
     return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def select_best_lr(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
