@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llama_train.core import configuration
 from llama_train.core.checkpoint import CheckpointConfig
@@ -41,6 +48,9 @@ from llama_train.rundir import CONFIG_FILENAME, atomic_write
 
 # Sections of `llama-train submit`'s config that a training config does not take.
 LAUNCHER_SECTIONS = ("slurm", "sweep")
+# Micro-batches per optimizer step: preemption (SIGTERM, SIGUSR1) is acted on between
+# steps, so a step of a billion micro-batches would never see it.
+MAX_GRAD_ACCUM = 1024
 
 
 class TrainSection(BaseModel):
@@ -53,7 +63,9 @@ class TrainSection(BaseModel):
         1,
         ge=1,
         description="micro-batches per optimizer step; global batch = "
-        "data.batch_size x grad_accum x world size",
+        "data.batch_size x grad_accum x world size. At most 1024: a preemption signal "
+        "is acted on between optimizer steps, so one step must stay short; raise "
+        "data.batch_size or the ranks instead",
     )
     amp: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
@@ -79,6 +91,17 @@ class TrainSection(BaseModel):
     progress_every: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines off a terminal"
     )
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _bounded_step(cls, value: int) -> int:
+        if value > MAX_GRAD_ACCUM:
+            raise ValueError(
+                f"at most {MAX_GRAD_ACCUM} micro-batches per optimizer step (a preemption "
+                "signal is acted on between steps, so a step must stay short); raise "
+                "data.batch_size or the number of ranks instead"
+            )
+        return value
 
 
 class RunConfig(BaseModel):
