@@ -307,3 +307,56 @@ def test_without_prctl_the_parent_watch_still_ends_an_orphan():
             middle.wait()
         if grandchild and _alive(grandchild):
             os.kill(grandchild, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# A full disk during a study
+
+
+def test_disk_full_during_a_study_is_one_line_and_the_same_command_resumes(
+    tmp_path, store, monkeypatch
+):
+    from safetensors import SafetensorError
+
+    from llama_train.core import weights
+
+    path = _study(tmp_path, store)
+    directory = tmp_path / "study"
+    name = "debug_small_n32_lr0.01_s0"
+
+    def no_space(tensors, target, metadata=None):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28) "
+            f'at path "{target}"'
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(weights, "save_file", no_space)
+        result = runner.invoke(app, ["study", "run", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    said = _flat(result.output)
+    assert f"failed {name}: no space left on the device while writing checkpoint step 3" in said
+    assert not (directory / name / "summary.json").exists()
+    status = json.loads(runner.invoke(app, ["study", "status", str(directory), "--json"]).output)
+    assert status[0]["state"] == "failed" and "no space left" in status[0]["message"]
+
+    again = runner.invoke(app, ["study", "run", str(path)])  # space is free again
+    assert again.exit_code == 0 and "1 trained" in _flat(again.output), again.output
+
+    table = directory / "points.csv"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if ".points.csv." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, os.strerror(28))
+        real_fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        full = runner.invoke(app, ["study", "collect", str(directory)])
+    assert _error_line(full) == (
+        f"error: {table}: No space left on device; free some space and run the same command again"
+    )
+    assert not table.exists() and not list(directory.glob(".points.csv.*"))
+    collected = runner.invoke(app, ["study", "collect", str(directory)])
+    assert collected.exit_code == 0 and table.is_file(), collected.output

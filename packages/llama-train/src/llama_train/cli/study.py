@@ -226,6 +226,7 @@ def study_plot_command(
     (test loss against epochs over the same unique data). Writes fits.json beside.
     """
     from llama_train.launch.study import ensure_validation
+    from llama_train.rundir import atomic_write
     from llama_train.scaling.plots import plot_study
     from llama_train.scaling.points import collect
     from llama_train.scaling.report import fit_regimes
@@ -240,7 +241,7 @@ def study_plot_command(
         target = out_dir or Path(directory) / "plots"
         paths = plot_study(directory, fits, target)
         fits_path = target / "fits.json"
-        fits_path.write_text(json.dumps([fit.to_dict() for fit in fits], indent=1) + "\n")
+        atomic_write(fits_path, json.dumps([fit.to_dict() for fit in fits], indent=1) + "\n")
     for regime in fits:
         _print_table(_fits_table(regime))
     for path in [*paths, fits_path]:

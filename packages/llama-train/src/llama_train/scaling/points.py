@@ -16,6 +16,7 @@ Reads JSON files only (study.json, summary.json, validation.json): no torch.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_train.errors import LlamaTrainError
+from llama_train.rundir import atomic_write
 
 LN2 = math.log(2.0)
 COLUMNS = (
@@ -144,13 +146,13 @@ def collect(directory: str | Path, *, every_lr: bool = False) -> list[dict[str, 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _format(row.get(key)) for key in COLUMNS})
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _format(row.get(key)) for key in COLUMNS})
-    return path
+    return atomic_write(path, text.getvalue())  # never a half-written table (a full disk)
 
 
 def _format(value: Any) -> Any:
