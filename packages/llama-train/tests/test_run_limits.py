@@ -68,7 +68,7 @@ def test_a_huge_thread_count_is_capped_in_one_line(store, tmp_path):
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if "capped" in line]
     assert notes == [
-        f"note: 100,000 threads capped at {limit} ({MAX_THREADS_PER_CPU} per CPU this process "
-        f"may use, {available_cpus()})"
+        f"note: 100,000 threads capped at {limit} ({MAX_THREADS_PER_CPU} per CPU; this process "
+        f"may use {available_cpus()})"
     ]
     assert used == limit

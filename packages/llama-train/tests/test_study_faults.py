@@ -128,7 +128,7 @@ def test_a_second_study_run_on_the_same_directory_refuses_in_one_line(tmp_path, 
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         result = runner.invoke(app, ["study", "run", str(path)])
         line = _error_line(result)
-        assert "is in use by another `llama-train study run`" in line
+        assert "is in use by another llama-train study run (" in line
         assert f"pid {holder.pid}" in line
         # Refused before anything was written: no record, no manifest, no run directory.
         assert sorted(child.name for child in directory.iterdir()) == [".study.lock"]
@@ -360,3 +360,25 @@ def test_disk_full_during_a_study_is_one_line_and_the_same_command_resumes(
     assert not table.exists() and not list(directory.glob(".points.csv.*"))
     collected = runner.invoke(app, ["study", "collect", str(directory)])
     assert collected.exit_code == 0 and table.is_file(), collected.output
+
+
+def test_collect_names_a_point_whose_summary_is_damaged_and_run_repairs_it(tmp_path, store):
+    path = _study(tmp_path, store, data=[32, 64])
+    directory = tmp_path / "study"
+    assert runner.invoke(app, ["study", "run", str(path)]).exit_code == 0
+    damaged = directory / "debug_small_n64_lr0.01_s0" / "summary.json"
+    original = json.loads(damaged.read_text())
+    damaged.write_text(damaged.read_text()[:30])
+    collected = runner.invoke(app, ["study", "collect", str(directory)])
+    assert collected.exit_code == 0, collected.output
+    said = _flat(collected.output)
+    assert (
+        "1 point(s) not in the table: debug_small_n64_lr0.01_s0 (its summary.json is damaged"
+        in said
+    )
+    assert "(1 rows)" in said
+    again = runner.invoke(app, ["study", "run", str(path)])
+    assert again.exit_code == 0 and "1 trained, 1 already done" in _flat(again.output)
+    assert json.loads(damaged.read_text())["test_loss"] == original["test_loss"]
+    collected = runner.invoke(app, ["study", "collect", str(directory)])
+    assert "(2 rows)" in _flat(collected.output) and "not in the table" not in collected.output

@@ -119,8 +119,8 @@ def set_torch_threads(threads: int | None, processes: int = 1) -> int:
     limit = thread_limit()
     if chosen > limit:
         print(
-            f"note: {chosen:,} threads capped at {limit} ({MAX_THREADS_PER_CPU} per CPU "
-            f"this process may use, {available_cpus()})",
+            f"note: {chosen:,} threads capped at {limit} ({MAX_THREADS_PER_CPU} per CPU; "
+            f"this process may use {available_cpus()})",
             file=sys.stderr,
             flush=True,
         )

@@ -57,6 +57,7 @@ from llama_train.launch.lifeline import die_with_parent
 from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, tasks_per_node
 from llama_train.launch.status import point_status
 from llama_train.launch.sweep import Plan, Point, write_manifest
+from llama_train.rundir import SUMMARY_FILENAME
 
 STUDY_FILENAME = "study.json"
 VALIDATION_FILENAME = "validation.json"
@@ -522,8 +523,11 @@ def missing_from_table(directory: str | Path) -> dict[str, str]:
         if not isinstance(name, str) or name in finished:
             continue
         status = point_status(directory / name)
-        if status.state == "done":
-            reason = "done, but its summary.json is unreadable, incomplete or of another step"
+        if (directory / name / SUMMARY_FILENAME).is_file() and status.state in ("done", "failed"):
+            reason = (
+                f"its {SUMMARY_FILENAME} is damaged or of another step; `llama-train study run` "
+                "writes it again from the last checkpoint"
+            )
         else:
             reason = status.state + (f": {status.message}" if status.message else "")
         missing[name] = reason
@@ -646,7 +650,7 @@ def _one_writer(function: Callable[..., Any]) -> Callable[..., Any]:
         with directory_lock(
             expanded.directory,
             STUDY_LOCK_FILENAME,
-            busy="is in use by another `llama-train study run`",
+            busy="is in use by another llama-train study run",
             advice="wait for it to end (llama-train study status shows its progress)",
         ):
             return function(expanded, *args, **kwargs)
