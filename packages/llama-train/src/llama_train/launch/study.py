@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -65,6 +65,8 @@ STUDY_VERSION = 1
 STUDY_LOCK_FILENAME = ".study.lock"
 
 Log = Callable[[str], None]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # ---------------------------------------------------------------------------
@@ -640,13 +642,15 @@ class RunReport:
     seconds: float
 
 
-def _one_writer(function: Callable[..., Any]) -> Callable[..., Any]:
+def _one_writer(
+    function: Callable[Concatenate[ExpandedStudy, P], R],
+) -> Callable[Concatenate[ExpandedStudy, P], R]:
     """Hold the study directory's lock for the call: a second `study run` on the same
     directory refuses in one line before writing anything, so no run directory ever
     has two writers. The kernel drops the lock when its holder dies."""
 
     @functools.wraps(function)
-    def locked(expanded: ExpandedStudy, *args: Any, **kwargs: Any) -> Any:
+    def locked(expanded: ExpandedStudy, *args: P.args, **kwargs: P.kwargs) -> R:
         with directory_lock(
             expanded.directory,
             STUDY_LOCK_FILENAME,
