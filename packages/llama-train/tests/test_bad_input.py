@@ -172,21 +172,29 @@ def test_a_grid_of_10_to_the_8_points_is_refused_before_it_is_expanded(base, tmp
     _one_error_line(result, "100,000,000 points is more than the 10,000")
 
 
-@pytest.fixture()
-def fake_sbatch(tmp_path, monkeypatch) -> Path:
-    """An `sbatch` on PATH that records its calls and fails like a cluster refusing a job."""
-    bin_dir = tmp_path / "bin"
+def _fake_slurm_commands(bin_dir: Path, calls: Path, *, srun: bool) -> None:
+    """`sbatch` that records its calls and fails like a cluster refusing a job; `srun`
+    (only looked up, never run, at submission) when asked."""
     bin_dir.mkdir()
-    calls = tmp_path / "sbatch-calls"
-    script = bin_dir / "sbatch"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$@" >> {calls}\n'
+    scripts = {
+        "sbatch": f'echo "$@" >> {calls}\n'
         'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2\n'
         "exit 1\n"
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    }
+    if srun:
+        scripts["srun"] = "exit 0\n"
+    for name, body in scripts.items():
+        script = bin_dir / name
+        script.write_text("#!/bin/sh\n" + body)
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture()
+def fake_sbatch(tmp_path, monkeypatch) -> Path:
+    """Fake `sbatch` and `srun` first on PATH (see _fake_slurm_commands); sbatch's call log."""
+    calls = tmp_path / "sbatch-calls"
+    _fake_slurm_commands(tmp_path / "bin", calls, srun=True)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     return calls
 
 
@@ -198,6 +206,32 @@ def test_submit_when_sbatch_fails_is_one_line_with_its_message(base, tmp_path, f
         "sbatch refused the job: sbatch: error: Batch job submission failed: Invalid partition",
     )
     assert fake_sbatch.exists()  # it did run
+
+
+@pytest.mark.parametrize("command", ["submit", "study"])
+def test_without_srun_on_path_submission_is_one_line(base, store, tmp_path, monkeypatch, command):
+    """A PATH with sbatch but no srun (submitit would raise `Could not detect "srun"`)."""
+    calls = tmp_path / "sbatch-calls"
+    _fake_slurm_commands(tmp_path / "bin", calls, srun=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    config = _write(tmp_path / "c.yaml", base)
+    if command == "submit":
+        args = ["submit", str(config)]
+    else:
+        study = {
+            "dir": str(tmp_path / "study"),
+            "base": str(config),
+            "regimes": [{"name": "debug", "store": str(store)}],
+            "models": [{"model": {"dim": 16}}],
+            "data": [16],
+            "steps": {"steps": 2},
+            "lr": [1e-3],
+            "validation_sequences": 16,
+        }
+        args = ["study", "run", "--slurm", str(_write(tmp_path / "study.yaml", study))]
+    result = runner.invoke(app, args)
+    _one_error_line(result, "srun not found: submit from a Slurm login node, or add --local")
+    assert not calls.exists()  # sbatch never ran
 
 
 @pytest.mark.parametrize(

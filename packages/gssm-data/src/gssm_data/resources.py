@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
+MAX_THREADS_PER_CPU = 4
 _CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
@@ -96,12 +98,32 @@ def describe_threads(threads: int, processes: int = 1) -> str:
     return f"{threads} thread{'s' if threads != 1 else ''}{per} ({available_cpus()} CPUs{load})"
 
 
+def thread_limit() -> int:
+    """The most threads a process is given: MAX_THREADS_PER_CPU per CPU it may use.
+
+    More never helps, and OpenMP asked for 100,000 threads exhausts the
+    process's stacks and crashes (a segfault, not an error)."""
+    return MAX_THREADS_PER_CPU * available_cpus()
+
+
 def set_torch_threads(threads: int | None, processes: int = 1) -> int:
-    """Set torch's intra-op threads (None: :func:`default_threads`); return the count used."""
+    """Set torch's intra-op threads (None: :func:`default_threads`); return the count used.
+
+    A count above :func:`thread_limit` (an option or OMP_NUM_THREADS) is capped
+    there, with one line on stderr saying so."""
     import torch
 
     chosen = default_threads(processes) if threads is None else threads
     if chosen < 1:
         raise ValueError(f"threads must be at least 1, got {chosen}")
+    limit = thread_limit()
+    if chosen > limit:
+        print(
+            f"note: {chosen:,} threads capped at {limit} ({MAX_THREADS_PER_CPU} per CPU; "
+            f"this process may use {available_cpus()})",
+            file=sys.stderr,
+            flush=True,
+        )
+        chosen = limit
     torch.set_num_threads(chosen)
     return chosen

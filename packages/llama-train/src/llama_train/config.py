@@ -50,6 +50,9 @@ from llama_train.rundir import CONFIG_FILENAME, atomic_write
 
 # Sections of `llama-train submit`'s config that a training config does not take.
 LAUNCHER_SECTIONS = ("slurm", "sweep")
+# Micro-batches per optimizer step: preemption (SIGTERM, SIGUSR1) is acted on between
+# steps, so a step of a billion micro-batches would never see it.
+MAX_GRAD_ACCUM = 1024
 
 # Keys whose default changed when they were added: what a run directory's config.yaml
 # written before the key existed meant (its file lists every key of its time, so a
@@ -67,7 +70,9 @@ class TrainSection(BaseModel):
         1,
         ge=1,
         description="micro-batches per optimizer step; global batch = "
-        "data.batch_size x grad_accum x world size",
+        "data.batch_size x grad_accum x world size. At most 1024: a preemption signal "
+        "is acted on between optimizer steps, so one step must stay short; raise "
+        "data.batch_size or the ranks instead",
     )
     amp: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
@@ -117,6 +122,17 @@ class TrainSection(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("a branch is listed twice")
         return sorted(value)
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _bounded_step(cls, value: int) -> int:
+        if value > MAX_GRAD_ACCUM:
+            raise ValueError(
+                f"at most {MAX_GRAD_ACCUM} micro-batches per optimizer step (a preemption "
+                "signal is acted on between steps, so a step must stay short); raise "
+                "data.batch_size or the number of ranks instead"
+            )
+        return value
 
 
 class RunConfig(BaseModel):

@@ -68,8 +68,10 @@ def plot_runs(runs: list[RunData], out: str | Path, *, x: str = "tokens") -> Pat
     plt = _pyplot()
     figure = draw_runs(runs, x=x)
     target = Path(out)
+    from llama_train.scaling.plots import save_png
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=120)
+    save_png(figure, target, dpi=120)
     plt.close(figure)
     return target
 

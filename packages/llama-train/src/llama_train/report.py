@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llama_train.rundir import atomic_write
 from llama_train.runs import LN2, RunData, load_runs
 
 PALETTE = (
@@ -198,5 +199,5 @@ def write_report(paths: list[str | Path], out: str | Path, *, x: str = "tokens")
     figure = report_figure(load_runs(paths), x=x)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    figure.write_html(target, include_plotlyjs=True, full_html=True)
-    return target
+    html = figure.to_html(include_plotlyjs=True, full_html=True)
+    return atomic_write(target, html)  # a full disk leaves no half report

@@ -41,18 +41,26 @@ def atomic_write(path: str | Path, content: str | bytes) -> Path:
 
     The content goes to a temporary file in the same folder, is fsynced, and is
     renamed over `path`; the folder is then fsynced so the rename survives a crash.
+    A failure (a full disk, a path that is a folder) leaves the old file as it was and
+    raises an OSError that names `path`, not the temporary file.
     """
     path = Path(path)
     data = content.encode() if isinstance(content, str) else content
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    try:
+        descriptor, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -57,6 +57,27 @@ class RunData:
         return baselines[key] * LN2 if key in baselines else None
 
 
+def _numbers(record: dict[str, Any], *keys: str) -> list[float] | None:
+    """The values of `keys` as floats, or None when one is missing or not a number."""
+    values = [record.get(key) for key in keys]
+    if all(isinstance(value, int | float) and not isinstance(value, bool) for value in values):
+        return [float(value) for value in values]  # type: ignore[arg-type]
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a run directory; a damaged file is one line naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise LlamaTrainError(f"cannot read {path}: {error}") from None
+    except ValueError as error:
+        raise LlamaTrainError(f"{path} is damaged (not valid JSON: {error})") from None
+    if not isinstance(data, dict):
+        raise LlamaTrainError(f"{path} is damaged (not a JSON object)")
+    return data
+
+
 def find_runs(paths: list[str | Path]) -> list[Path]:
     """The run directories named, or found below the folders named, in a stable order.
 
@@ -95,34 +116,42 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
     run = RunData(name=name or run_dir.name, path=run_dir)
     records = read_metrics(run_dir)
     for record in records:
-        if record.get("loss") is not None and "tokens" in record:
+        train = _numbers(record, "tokens", "loss")
+        if train is not None:
             run.train_steps.append(record["step"])
-            run.train_tokens.append(float(record["tokens"]))
-            run.train_loss.append(float(record["loss"]))
+            run.train_tokens.append(train[0])
+            run.train_loss.append(train[1])
     per_step = run.tokens_per_step
     for record in records:
-        if record.get("eval/loss") is not None:
+        evaluation = _numbers(record, "eval/loss", "eval/excess", "eval/entropy")
+        if evaluation is not None:
             run.eval_steps.append(record["step"])
             run.eval_tokens.append(record["step"] * per_step if per_step else math.nan)
-            run.eval_loss.append(float(record["eval/loss"]))
-            run.eval_excess.append(float(record["eval/excess"]))
-            run.entropy = float(record["eval/entropy"])
+            run.eval_loss.append(evaluation[0])
+            run.eval_excess.append(evaluation[1])
+            run.entropy = evaluation[2]
     evaluations = sorted((run_dir / "eval").glob("step_*.json"))
     if evaluations:
-        latest = json.loads(evaluations[-1].read_text())
-        run.position_step = latest["step"]
-        run.position_excess = [
-            loss - floor
-            for loss, floor in zip(
-                latest["loss_per_position"], latest["entropy_per_position"], strict=True
-            )
-        ]
+        latest = _read_json(evaluations[-1])
+        try:
+            run.position_step = int(latest["step"])
+            run.position_excess = [
+                float(loss) - float(floor)
+                for loss, floor in zip(
+                    latest["loss_per_position"], latest["entropy_per_position"], strict=True
+                )
+            ]
+        except (KeyError, TypeError, ValueError):
+            raise LlamaTrainError(f"{evaluations[-1]} is not an evaluation record") from None
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        run.summary = json.loads(summary_path.read_text())
+        run.summary = _read_json(summary_path)
     profile_path = run_dir / "profile.csv"
     if profile_path.is_file():
-        run.profile = list(csv.DictReader(io.StringIO(profile_path.read_text())))
+        try:
+            run.profile = list(csv.DictReader(io.StringIO(profile_path.read_text())))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise LlamaTrainError(f"cannot read {profile_path}: {error}") from None
     if not run.train_loss and not run.eval_loss:
         raise LlamaTrainError(f"{run_dir / METRICS_FILENAME} has no loss to plot yet")
     return run

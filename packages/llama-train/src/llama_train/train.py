@@ -869,8 +869,10 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
         return None
     try:
         summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("test_loss"), int | float):
+        return None  # damaged: the run resumes from its last checkpoint and writes it again
     step = summary.get("step")
     if not isinstance(step, int) or step < config.train.steps:
         return None

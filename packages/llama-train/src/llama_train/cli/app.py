@@ -9,6 +9,7 @@ errors of either package (a bad config, a missing store, a NaN loss) print one
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -61,6 +62,41 @@ def user_errors() -> Iterator[None]:
         if not getattr(error, "reported_elsewhere", False):
             err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRORS:
+            raise  # not a fault of the disk or of a path the user gave: a bug to report
+        err_console.print(
+            f"[bold red]error:[/] {cannot_write(error)}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("interrupted; run the same command again to resume", highlight=False)
         raise typer.Exit(130) from None
+
+
+# A full disk or a path that cannot be written (an output option, a run directory): every
+# writer is atomic (a temporary file renamed into place), so nothing half-written is left
+# under the final name, and the same command resumes once the cause is gone.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+ENVIRONMENT_ERRORS = frozenset(
+    {
+        *DISK_FULL,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOENT,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+    }
+)
+
+
+def cannot_write(error: OSError) -> str:
+    """One line for an OSError of the environment: the file, the reason, what to do."""
+    where = f"{error.filename}: " if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno in DISK_FULL:
+        return f"{where}{reason}; free some space and run the same command again"
+    return f"{where}{reason}"

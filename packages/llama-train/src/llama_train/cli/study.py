@@ -214,11 +214,21 @@ def study_collect_command(
     with user_errors():
         ensure_validation(directory, log=_say)
         rows = collect(directory, every_lr=every_lr, parameters=parameters)
+        _say_missing(directory)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         path = write_csv(rows, out or Path(directory) / "points.csv")
     _print_table(_points_table(rows))
     console.print(f"wrote {path} ({len(rows)} rows)", highlight=False)
+
+
+def _say_missing(directory: Path) -> None:
+    """Name the points a table leaves out, so a partial table is never taken for a whole."""
+    from llama_train.launch.study import describe_missing, missing_from_table
+
+    missing = missing_from_table(directory)
+    if missing:
+        _say(describe_missing(missing, directory))
 
 
 def _points_table(rows: list[dict[str, Any]]) -> Table:
@@ -270,6 +280,7 @@ def study_plot_command(
     (test loss against epochs over the same unique data). Writes fits.json beside.
     """
     from llama_train.launch.study import ensure_validation
+    from llama_train.rundir import atomic_write
     from llama_train.scaling.plots import plot_lr_sweeps, plot_study
     from llama_train.scaling.points import collect
     from llama_train.scaling.report import fit_regimes
@@ -277,6 +288,7 @@ def study_plot_command(
     with user_errors():
         ensure_validation(directory, log=_say)
         rows = collect(directory, parameters=parameters)
+        _say_missing(directory)
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed, log=_say)
@@ -285,7 +297,7 @@ def study_plot_command(
         every_lr = collect(directory, every_lr=True, parameters=parameters)
         paths += plot_lr_sweeps(every_lr, rows, target)
         fits_path = target / "fits.json"
-        fits_path.write_text(json.dumps([fit.to_dict() for fit in fits], indent=1) + "\n")
+        atomic_write(fits_path, json.dumps([fit.to_dict() for fit in fits], indent=1) + "\n")
     for regime in fits:
         _print_table(_fits_table(regime))
     for path in [*paths, fits_path]:

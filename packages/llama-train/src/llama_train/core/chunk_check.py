@@ -1,4 +1,4 @@
-"""Check each training chunk against the store's recorded CRC-32 on its first read.
+"""Check each chunk read for training or evaluation against the store's recorded CRC-32.
 
 A store records the CRC-32 of every block (``<split>/block_crc32``: the tokens'
 bytes, continued over each latent array's). A chunk damaged after the store was
@@ -20,6 +20,35 @@ import numpy as np
 from gssm_data.errors import GssmDataError
 from gssm_data.store import Store, block_checksum, block_rows, open_store
 from llama_train.errors import LlamaTrainError
+
+
+def check_manifest(store: Store) -> None:
+    """The manifest's vocabulary and sequence length against what the store holds.
+
+    The model is built from the manifest (embedding rows, positions), so a manifest
+    edited after the store was written would fail deep inside the model, with a
+    traceback (an index out of range, a shape mismatch). The vocabulary must be the
+    graph's observed node's and every split's tokens must have the recorded shape;
+    the token values are checked against the vocabulary as each block is read.
+    """
+    manifest = store.manifest
+    damaged = f"the store is damaged or was edited: check it with `gssm-data verify {store.path}`"
+    if manifest.vocab_size != manifest.graph.vocab_size:
+        raise LlamaTrainError(
+            f"the manifest of {store.path} says vocab_size {manifest.vocab_size} but its graph's "
+            f"observed node has {manifest.graph.vocab_size} states; {damaged}"
+        )
+    for split, info in manifest.splits.items():
+        try:
+            shape = tuple(store.tokens(split).shape)
+        except GssmDataError as error:
+            raise LlamaTrainError(str(error)) from None
+        if shape != (info.n, manifest.seq_len):
+            raise LlamaTrainError(
+                f"the manifest of {store.path} says its {split} split holds {info.n} sequences of "
+                f"{manifest.seq_len} tokens but its tokens array is {shape[0]} x "
+                f"{'x'.join(str(size) for size in shape[1:])}; {damaged}"
+            )
 
 
 class ChunkChecker:
@@ -54,6 +83,7 @@ class ChunkChecker:
                     f"the store {self.path} has no {self.split}/block_crc32: it was not "
                     "finalised; regenerate it"
                 )
+            check_manifest(store)
             self._store, self._checksums = store, checksums
         return self._store, self._checksums
 
@@ -83,5 +113,22 @@ class ChunkChecker:
                 f"{where} fails its checksum (recorded {recorded:#010x}, read {read:#010x}): "
                 f"the store is damaged: check it with `gssm-data verify {self.path}`"
             )
+        vocab_size = store.manifest.vocab_size
+        if tokens.size and int(tokens.max()) >= vocab_size:
+            raise LlamaTrainError(
+                f"{where} holds token {int(tokens.max())}, outside the vocabulary of "
+                f"{vocab_size} in its manifest: the store is damaged: check it with "
+                f"`gssm-data verify {self.path}`"
+            )
         self._passed.add(block)
         return tokens
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the split, every block they touch checked (as :meth:`block`)."""
+        store, _ = self._open()
+        block_size = store.manifest.block_size
+        parts = []
+        for block in range(start // block_size, (max(stop, start + 1) - 1) // block_size + 1):
+            first = block * block_size
+            parts.append(self.block(block)[max(start - first, 0) : stop - first])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]

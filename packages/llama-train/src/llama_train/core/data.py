@@ -50,7 +50,7 @@ from gssm_data.manifest import fingerprint
 from gssm_data.presets import load_preset
 from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler
 from gssm_data.store import Store, open_store
-from llama_train.core.chunk_check import ChunkChecker
+from llama_train.core.chunk_check import ChunkChecker, check_manifest
 from llama_train.errors import LlamaTrainError
 
 if TYPE_CHECKING:
@@ -179,6 +179,7 @@ def resolve_data(cfg: DataConfig) -> DataSpec:
     """
     if cfg.path is not None:
         store = _open_store(cfg.path)
+        check_manifest(store)
         manifest = store.manifest
         n_train = None
         if cfg.source == "zarr":

@@ -42,6 +42,7 @@ from gssm_data.errors import GssmDataError
 from gssm_data.kernels import draw_kernels
 from gssm_data.sampler import BLOCK_SIZE, STREAMS
 from llama_train.core import distributed
+from llama_train.core.chunk_check import ChunkChecker
 from llama_train.core.data import DataSpec, online_sampler
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import EVAL_DIR, atomic_write
@@ -207,6 +208,9 @@ class EvalSet:
         self.start, self.stop = first + start, first + stop
         self._entropy: tuple[np.ndarray, str] | None = None
         self._online_tokens: np.ndarray | None = None
+        # Stored rows are read whole block by whole block (as zarr decodes them anyway),
+        # each checked against its recorded CRC-32 like the training stream's.
+        self._checker = None if spec.store is None else ChunkChecker(spec.store.path, split)
 
     # -- tokens --------------------------------------------------------------
 
@@ -225,8 +229,8 @@ class EvalSet:
         return self._tokens(0, 1)
 
     def _tokens(self, start: int, stop: int) -> np.ndarray:
-        if self.spec.store is not None:
-            return np.asarray(self.spec.store.tokens(self.split)[start:stop])
+        if self._checker is not None:
+            return self._checker.rows(start, stop)
         return self._online_rows()[start:stop]
 
     def _online_rows(self) -> np.ndarray:

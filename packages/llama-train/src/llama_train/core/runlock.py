@@ -30,23 +30,37 @@ LOCK_FILENAME = ".lock"
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path) -> Iterator[Path]:
     """Hold the run directory's lock for the block (creating the directory); yield its path."""
-    run_dir = Path(run_dir)
-    path = run_dir / LOCK_FILENAME
+    with directory_lock(
+        run_dir,
+        LOCK_FILENAME,
+        busy="is in use by another training run",
+        advice="wait for it to end or set another run.dir",
+    ) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def directory_lock(
+    directory: str | Path, filename: str, *, busy: str, advice: str
+) -> Iterator[Path]:
+    """Hold an exclusive flock on ``directory/filename`` for the block, or fail at once
+    with one line: ``<directory> <busy> (<holder>); <advice>``."""
+    directory = Path(directory)
+    path = directory / filename
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise LlamaTrainError(f"cannot lock {run_dir}: {error.strerror or error}") from None
+        raise LlamaTrainError(f"cannot lock {directory}: {error.strerror or error}") from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LlamaTrainError(f"cannot lock {run_dir}: {error.strerror or error}") from None
-            raise LlamaTrainError(
-                f"{run_dir} is in use by another training run ({_holder(descriptor)}); "
-                "wait for it to end or set another run.dir"
-            ) from None
+                raise LlamaTrainError(
+                    f"cannot lock {directory}: {error.strerror or error}"
+                ) from None
+            raise LlamaTrainError(f"{directory} {busy} ({_holder(descriptor)}); {advice}") from None
         os.ftruncate(descriptor, 0)
         holder = f"pid {os.getpid()} on {socket.gethostname()} since "
         holder += datetime.now(UTC).isoformat(timespec="seconds")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,13 @@ def write_weights(
         _FORMAT_KEY: _FORMAT_VERSION,
         _CONFIG_KEY: json.dumps(dict(model_config), sort_keys=True),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:  # an I/O failure (a full disk) is an OSError here
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     with open(path, "rb") as file:
         os.fsync(file.fileno())
     give_usual_permissions(path)

@@ -28,6 +28,7 @@ import io
 import math
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -153,6 +154,9 @@ def build_executor(
             setup=list(slurm.setup),
         )
         return executor
+    for command in ("sbatch", "srun"):  # submitit's own srun check is a bare RuntimeError
+        if shutil.which(command) is None:
+            raise LlamaTrainError(_not_found(command))
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=slurm.max_requeues)
     executor.update_parameters(**executor_parameters(slurm, job_name=job_name))
     return executor
@@ -396,9 +400,11 @@ def sbatch_errors() -> Iterator[None]:
     except FileNotFoundError as error:
         if "sbatch" not in str(error):
             raise
-        raise LlamaTrainError(
-            "sbatch not found: submit from a Slurm login node, or add --local to run here"
-        ) from None
+        raise LlamaTrainError(_not_found("sbatch")) from None
+
+
+def _not_found(command: str) -> str:
+    return f"{command} not found: submit from a Slurm login node, or add --local to run here"
 
 
 def _points_to_submit(sweep: Plan, *, check_queue: bool) -> tuple[list[Point], dict[str, str]]:

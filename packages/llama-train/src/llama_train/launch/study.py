@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import math
@@ -37,30 +38,36 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error, parse_count
+from gssm_data.yamlfile import load_yaml_file
 from llama_train.config import TrainConfig, link_to_data, raw_config
 from llama_train.core import configuration
 from llama_train.core.distributed import rank_info
 from llama_train.core.model import ModelConfig
+from llama_train.core.runlock import directory_lock
 from llama_train.errors import LlamaTrainError
 from llama_train.eval import evaluate_run
 from llama_train.launch.config import SubmitConfig, format_value
+from llama_train.launch.lifeline import die_with_parent
 from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, tasks_per_node
 from llama_train.launch.status import point_status
 from llama_train.launch.sweep import Plan, Point, write_manifest
+from llama_train.rundir import SUMMARY_FILENAME
 
 STUDY_FILENAME = "study.json"
 VALIDATION_FILENAME = "validation.json"
 WIDENED_FILENAME = "lr_widened.json"
 STUDY_VERSION = 1
+STUDY_LOCK_FILENAME = ".study.lock"
 
 Log = Callable[[str], None]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # ---------------------------------------------------------------------------
@@ -273,12 +280,10 @@ class StudyConfig(BaseModel):
 def load_study(path: str | Path) -> StudyConfig:
     """Read and validate a study file; every problem is a one-line user error."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise LlamaTrainError(f"study file not found: {path}") from None
-    except yaml.YAMLError:
-        raise LlamaTrainError(f"{path}: invalid YAML") from None
+    try:  # bounded: a regular file of at most 1 MB, UTF-8, nesting at most 64 deep
+        raw = load_yaml_file(path, what="study file")
+    except GssmDataError as error:
+        raise LlamaTrainError(str(error)) from None
     if not isinstance(raw, dict):
         raise LlamaTrainError(f"{path}: expected a mapping (base, regimes, models, data, ...)")
     try:
@@ -682,6 +687,43 @@ def read_study_record(directory: str | Path) -> dict[str, Any]:
     return data
 
 
+def missing_from_table(directory: str | Path) -> dict[str, str]:
+    """The points of a study with no row in its table (`study collect`), each with why:
+    its state and the one-line reason its run recorded (failed, pending, running), or
+    what is wrong with a result that is there but unusable."""
+    from llama_train.scaling.points import point_rows
+
+    directory = Path(directory)
+    record = read_study_record(directory)
+    finished = {Path(row["run_dir"]).name for row in point_rows(directory, record)}
+    missing = {}
+    for point in record["points"]:
+        name = point.get("name")
+        if not isinstance(name, str) or name in finished:
+            continue
+        status = point_status(directory / name)
+        if (directory / name / SUMMARY_FILENAME).is_file() and status.state in ("done", "failed"):
+            reason = (
+                f"its {SUMMARY_FILENAME} is damaged or of another step; `llama-train study run` "
+                "writes it again from the last checkpoint"
+            )
+        else:
+            reason = status.state + (f": {status.message}" if status.message else "")
+        missing[name] = reason
+    return missing
+
+
+def describe_missing(missing: Mapping[str, str], directory: str | Path, *, shown: int = 5) -> str:
+    """One line naming the points a table leaves out (the first `shown`, then a count)."""
+    named = [f"{name} ({reason})" for name, reason in itertools.islice(missing.items(), shown)]
+    more = len(missing) - len(named)
+    tail = f", and {more} more" if more else ""
+    return (
+        f"{len(missing)} point(s) not in the table: {', '.join(named)}{tail} "
+        f"(llama-train study status {directory})"
+    )
+
+
 # ---------------------------------------------------------------------------
 # Validation (the held-out slice)
 
@@ -782,6 +824,26 @@ class RunReport:
     seconds: float
 
 
+def _one_writer(
+    function: Callable[Concatenate[ExpandedStudy, P], R],
+) -> Callable[Concatenate[ExpandedStudy, P], R]:
+    """Hold the study directory's lock for the call: a second `study run` on the same
+    directory refuses in one line before writing anything, so no run directory ever
+    has two writers. The kernel drops the lock when its holder dies."""
+
+    @functools.wraps(function)
+    def locked(expanded: ExpandedStudy, *args: P.args, **kwargs: P.kwargs) -> R:
+        with directory_lock(
+            expanded.directory,
+            STUDY_LOCK_FILENAME,
+            busy="is in use by another llama-train study run",
+            advice="wait for it to end (llama-train study status shows its progress)",
+        ):
+            return function(expanded, *args, **kwargs)
+
+    return locked
+
+
 def points_to_run(expanded: ExpandedStudy) -> list[int]:
     """Indices of the points that are not done at their step count (a trunk is not done
     while one of its branches is not)."""
@@ -877,6 +939,7 @@ def widen_edges(expanded: ExpandedStudy, log: Log | None = None) -> int:
     return added
 
 
+@_one_writer
 def run_local(
     expanded: ExpandedStudy,
     *,
@@ -937,7 +1000,7 @@ def run_local(
             max_workers=parallel,
             mp_context=context,
             initializer=_start_worker,
-            initargs=(stop,),
+            initargs=(stop, os.getpid()),
         ) as pool,
         _stop_workers_on_interrupt(pool, stop, say),
     ):
@@ -964,11 +1027,13 @@ def run_local(
 _STOP: Any = None  # in a worker: the study's stop event
 
 
-def _start_worker(stop: Any) -> None:
+def _start_worker(stop: Any, parent_pid: int) -> None:
     """In each worker: Ctrl-C reaches the whole process group, but only the parent
     decides; it sets `stop` (no further point starts) and sends SIGTERM, on which the
-    trainer checkpoints and stops (its preemption path)."""
+    trainer checkpoints and stops (its preemption path). A parent killed outright
+    takes its workers with it (lifeline), so they never race the rerun."""
     global _STOP
+    die_with_parent(parent_pid)
     _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -1085,6 +1150,7 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
+@_one_writer
 def submit_slurm(expanded: ExpandedStudy, log: Log | None = None) -> Any:
     """Send the points that are neither done nor queued to Slurm as one array job."""
     write_study_record(expanded)

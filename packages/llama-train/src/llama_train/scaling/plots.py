@@ -20,6 +20,7 @@ instead of a single power of ten.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -28,10 +29,18 @@ from typing import Any
 import numpy as np
 
 from llama_train.errors import LlamaTrainError
+from llama_train.rundir import atomic_write
 from llama_train.scaling.fit import Fit
 from llama_train.scaling.report import RegimeFits
 
 LN2 = math.log(2.0)
+
+
+def save_png(figure: Any, path: Path, *, dpi: int) -> Path:
+    """A figure as a PNG, written atomically: a full disk leaves no half image."""
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=dpi)
+    return atomic_write(path, image.getvalue())
 
 
 def _pyplot() -> Any:
@@ -186,7 +195,7 @@ def _loss_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
         f"{_label_fit(regime.exact, 'E = exact')}",
         fontsize=11,
     )
-    figure.savefig(path, dpi=110)
+    save_png(figure, path, dpi=110)
     plt.close(figure)
     return path
 
@@ -278,7 +287,7 @@ def _excess_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     figure.suptitle(f"{regime.regime}: excess loss over the exact entropy", fontsize=11)
-    figure.savefig(path, dpi=110)
+    save_png(figure, path, dpi=110)
     plt.close(figure)
     return path
 
@@ -307,7 +316,7 @@ def _epochs_figure(plt: Any, regime: RegimeFits, path: Path) -> Path | None:
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=8)
     ax.set_title(f"{regime.regime}: data-constrained view, N={_si(largest)} (best lr)")
-    figure.savefig(path, dpi=110)
+    save_png(figure, path, dpi=110)
     plt.close(figure)
     return path
 

@@ -23,6 +23,7 @@ Reads JSON files only (study.json, summary.json, validation.json): no torch.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_train.errors import LlamaTrainError
+from llama_train.rundir import atomic_write
 
 LN2 = math.log(2.0)
 # What N counts: total parameters by default (the Chinchilla count; Pearce & Song 2024 and
@@ -91,8 +93,10 @@ def point_rows(
         summary = _read(run_dir / "summary.json")
         if summary is None or summary.get("step") != point["steps"]:
             continue
+        loss, entropy = summary.get("test_loss"), summary.get("test_entropy")
+        if not all(_is_number(value) for value in (loss, entropy)):
+            continue  # a damaged summary: not a result (study collect names the point)
         validation = _read(run_dir / "validation.json")
-        loss, entropy = summary["test_loss"], summary["test_entropy"]
         total = summary.get("parameters_total", summary.get("parameters"))
         # A cooldown branch read a part of its trunk's prefix once: D is what it read.
         unique, epochs = summary.get("unique_tokens"), summary.get("epochs")
@@ -129,6 +133,10 @@ def point_rows(
             }
         )
     return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def select_best_lr(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -228,13 +236,13 @@ def collect(
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _format(row.get(key)) for key in COLUMNS})
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _format(row.get(key)) for key in COLUMNS})
-    return path
+    return atomic_write(path, text.getvalue())  # never a half-written table (a full disk)
 
 
 def _format(value: Any) -> Any:
