@@ -43,7 +43,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from scipy.special import gammaincinv
 
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec, NodeSpec
@@ -66,6 +65,8 @@ KernelDraw = Literal["gamma-inverse-cdf", "numpy-dirichlet"]
 FIXED_KERNEL_DRAW: KernelDraw = "gamma-inverse-cdf"
 # Half a step of the 53-bit uniforms: moves them from [0, 1) into (0, 1).
 _HALF_ULP = 0.5 / (1 << 53)
+# The largest double below 1: 1 - 2^-53 plus half a step is a tie that rounds to 1.0.
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
 
 def check_seed(seed: int) -> int:
@@ -122,10 +123,21 @@ def _dirichlet_rows(
     if draw == "numpy-dirichlet":
         rows = rng.dirichlet(np.full(n_states, alpha), size=n_rows)
     elif draw == "gamma-inverse-cdf":
-        rows = smooth_dirichlet_rows(rng.random((2, n_rows, n_states)) + _HALF_ULP, alpha)
+        rows = smooth_dirichlet_rows(open_uniforms(rng, (2, n_rows, n_states)), alpha)
     else:
         raise ValueError(f"unknown kernel draw {draw!r}")
     return rows.reshape(*shape, n_states)
+
+
+def open_uniforms(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniforms in the open interval (0, 1): both ends would make a Gamma variate infinite.
+
+    ``rng.random`` gives k / 2^53 for k in 0 .. 2^53 - 1; half a step moves 0 off
+    zero, and the top value, which that half step rounds up to exactly 1.0, is
+    held at the largest double below 1 (the quantile at 1.0 is infinite and its
+    row NaN). Every other uniform is unchanged, so stores keep their bytes.
+    """
+    return np.minimum(rng.random(shape) + _HALF_ULP, _BELOW_ONE)
 
 
 def smooth_dirichlet_rows(uniforms: np.ndarray, alpha: float) -> np.ndarray:
@@ -135,6 +147,10 @@ def smooth_dirichlet_rows(uniforms: np.ndarray, alpha: float) -> np.ndarray:
     variate in logs (Gamma(alpha + 1) times U^(1/alpha)); rows are G normalised,
     computed as a softmax of log G so that no row underflows to zeros.
     """
+    # Imported here: only this draw needs scipy, and every reader of a store
+    # (each data-loader worker) imports gssm_data without drawing kernels.
+    from scipy.special import gammaincinv
+
     u, v = uniforms[0], uniforms[1]
     log_gamma = np.log(gammaincinv(alpha + 1.0, u)) + np.log(v) / alpha
     log_gamma -= log_gamma.max(axis=-1, keepdims=True)
