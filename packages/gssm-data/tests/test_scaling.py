@@ -154,3 +154,36 @@ def test_scaling_command_unknown_scale_is_a_one_line_error(tmp_path: Path) -> No
 def test_non_finite_recipe_numbers_are_refused_from_python_too() -> None:
     with pytest.raises(ValueError, match="finite"):
         Recipe.model_validate(TINY_RECIPE | {"tolerance_bits": float("inf")})
+
+
+def test_regimes_of_one_graph_share_calibration_evaluations_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gssm_data import calibrate as calibrate_module
+
+    recipe = TINY_RECIPE | {
+        "regimes": [
+            {"name": "two-bits", "preset": "debug", "target_bits": 2.0},
+            {"name": "two-and-a-bit", "preset": "debug", "target_bits": 2.2},
+        ],
+        "scales": {"small": {"train_sizes": [10], "n_test": 10}},
+    }
+    path = _write_recipe(tmp_path, recipe)
+    computed: list[float] = []
+    real = calibrate_module.entropy_bits
+
+    def counting(graph, **kwargs):  # type: ignore[no-untyped-def]
+        computed.append(graph.latents[0].alpha)
+        return real(graph, **kwargs)
+
+    monkeypatch.setattr(calibrate_module, "entropy_bits", counting)
+    first = materialise(path, scale="small", out_dir=tmp_path / "out")
+    assert len(computed) == len(set(computed))  # the second regime reused the first's scan
+    evaluations = tmp_path / "out" / "recipe" / scaling_module.EVALUATIONS_FILE
+    assert evaluations.exists()
+    # Calibrating again from scratch (no recorded alphas) evaluates nothing and agrees.
+    (tmp_path / "out" / "recipe" / scaling_module.CALIBRATIONS_FILE).unlink()
+    computed.clear()
+    again = list(scaling_module.plan_stores(path, scale="small", out_dir=tmp_path / "out"))
+    assert computed == []
+    assert [p.alpha for p in again] == [r.alpha for r in first]

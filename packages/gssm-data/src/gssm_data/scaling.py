@@ -13,11 +13,16 @@ split. It also writes ``index-<scale>.json`` beside the stores: the regimes,
 their alphas, store paths and entropies, for the sweep configs to read.
 Calibrated alphas are kept in ``calibrations.json`` there too: a regime whose
 definition is unchanged reuses its alpha instead of calibrating again, so
-running a recipe twice is cheap (its stores are already complete).
+running a recipe twice is cheap (its stores are already complete). Every
+entropy a calibration evaluates is kept in ``calibration-evaluations.json``,
+per (graph, tuned node, seed, seq_len): regimes that share a graph share its
+scan, and a calibration redone (another tolerance, a changed target) reuses
+every alpha already evaluated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +31,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gssm_data.calibrate import CALIBRATION_SEARCH, DEFAULT_TOLERANCE_BITS, calibrate
+from gssm_data.calibrate import (
+    CALIBRATION_SEARCH,
+    DEFAULT_TOLERANCE_BITS,
+    cache_key,
+    calibrate,
+)
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import (
     GenerateOptions,
@@ -43,6 +53,7 @@ from gssm_data.yamlfile import load_yaml_file
 
 INDEX_VERSION = 1
 CALIBRATIONS_FILE = "calibrations.json"
+EVALUATIONS_FILE = "calibration-evaluations.json"
 
 Log = Callable[[str], None]
 
@@ -301,14 +312,25 @@ def _resolve_alpha(
         alpha, bits = recorded["alpha"], recorded["calibrated_bits"]
         say(f"reusing calibrated {regime.target} alpha {alpha:.4g} ({bits:.4f} bits/token)")
         return graph.with_alpha(alpha, target=regime.target), alpha, bits
-    calibration = calibrate(
-        graph,
-        seed=recipe.seed,
-        seq_len=recipe.seq_len,
-        target_bits=regime.target_bits,
-        target=regime.target,
-        tolerance_bits=recipe.tolerance_bits,
+    evaluations_path = calibrations_path.with_name(EVALUATIONS_FILE)
+    evaluation_key = cache_key(
+        graph, target=regime.target, seed=recipe.seed, seq_len=recipe.seq_len
     )
+    cache = _read_evaluations(evaluations_path, evaluation_key)
+    known = len(cache)
+    try:
+        calibration = calibrate(
+            graph,
+            seed=recipe.seed,
+            seq_len=recipe.seq_len,
+            target_bits=regime.target_bits,
+            target=regime.target,
+            tolerance_bits=recipe.tolerance_bits,
+            cache=cache,
+        )
+    finally:  # a failed calibration keeps what it evaluated, too
+        if len(cache) > known:
+            _write_evaluations(evaluations_path, evaluation_key, cache)
     say(
         f"calibrated {regime.target} alpha {calibration.alpha:.4g}: "
         f"{calibration.achieved_bits:.4f} bits/token (target {regime.target_bits:g} "
@@ -335,6 +357,31 @@ def _calibration_key(regime: Regime, recipe: Recipe) -> dict:
         "format_version": FORMAT_VERSION,
         "search": CALIBRATION_SEARCH,
     }
+
+
+def _key_hash(key: dict) -> str:
+    payload = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _read_evaluations(path: Path, key: dict) -> dict[float, tuple[float, float]]:
+    """The recorded evaluations under `key`: alpha -> (bits, stderr); empty when none."""
+    entry = _read_json(path).get(_key_hash(key))
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return {}
+    try:
+        return {float(a): (float(b), float(e)) for a, b, e in entry["evaluations"]}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+def _write_evaluations(path: Path, key: dict, cache: dict[float, tuple[float, float]]) -> None:
+    records = _read_json(path)
+    records[_key_hash(key)] = {
+        "key": key,
+        "evaluations": [[alpha, bits, stderr] for alpha, (bits, stderr) in sorted(cache.items())],
+    }
+    _write_json(path, records)
 
 
 def _read_json(path: Path) -> dict:

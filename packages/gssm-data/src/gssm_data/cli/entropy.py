@@ -202,13 +202,13 @@ def calibrate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Find the Dirichlet alpha that gives a target entropy (log-grid scan, then refine).
+    """Find the Dirichlet alpha that gives a target entropy (coarse scan, then refine).
 
-    Scans alpha over 1e-4 .. 100, refines every bracket that straddles the
-    target (best first); an unreachable target names the lowest and highest
-    entropy seen. Reproducible: the same graph, seed, seq_len and target give
-    the same alpha. Then `gssm-data generate --target-bits B` (same options)
-    builds that dataset.
+    Scans alpha over 1e-4 .. 100 coarse first, refines brackets that straddle
+    the target (best first), then around the closest alphas; a target not
+    found names the closest alpha and the range seen. Reproducible: the same
+    graph, seed, seq_len and target give the same alpha. Then `gssm-data
+    generate --target-bits B` (same options) builds that dataset.
     """
     log = say(quiet)
     try:
