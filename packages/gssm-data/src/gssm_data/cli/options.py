@@ -103,6 +103,14 @@ TargetBitsOption = Annotated[
 TargetOption = Annotated[
     str, typer.Option(help="Which alphas --target-bits tunes: latent or observed.")
 ]
+EntropyStderrOption = Annotated[
+    float,
+    typer.Option(
+        help="Measure the test split's exact entropy on its first sequences until the "
+        "standard error of their mean is at most this many bits (the train split's: ten "
+        "times that); `gssm-data entropy --write` measures every sequence.",
+    ),
+]
 ThreadsOption = Annotated[
     int | None,
     typer.Option(
