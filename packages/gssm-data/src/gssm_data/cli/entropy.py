@@ -269,20 +269,43 @@ def scaling_command(
         int | None, typer.Option(help="Writer processes per store; default every CPU.")
     ] = None,
     threads: ThreadsOption = None,
+    regimes: Annotated[
+        str | None,
+        typer.Option(
+            help="Build only these regimes of the scale, comma-separated: hmm-low,hmm-high."
+        ),
+    ] = None,
+    regimes_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Build only the regimes named under the `regimes:` key of this YAML file "
+            "(a llama-train study)."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Materialise a recipe of entropy regimes x train sizes for data-scaling laws.
 
     One store per regime with the largest train size (smaller sizes are its
     prefixes: train with n_train) and the test split; then a table of the
-    regimes' exact entropies. Resumable and idempotent: run it again.
+    regimes' exact entropies. It first says which stores it builds and about
+    how long that takes. Resumable and idempotent: run it again.
     """
     try:
         if workers is not None and workers < 1:
             raise GssmDataError("--workers must be at least 1")
+        if regimes is not None and regimes_from is not None:
+            raise GssmDataError("give --regimes or --regimes-from, not both")
         _set_threads(threads)
-        from gssm_data.scaling import materialise
+        from gssm_data.scaling import materialise, regimes_named_in
 
+        names = None
+        if regimes is not None:
+            names = [name.strip() for name in regimes.split(",") if name.strip()]
+            if not names:
+                raise GssmDataError("--regimes: name at least one regime")
+        elif regimes_from is not None:
+            names = regimes_named_in(regimes_from)
         results = materialise(
             recipe,
             scale=scale,
@@ -290,6 +313,7 @@ def scaling_command(
             workers=workers,
             show_progress=progress_wanted(quiet),
             log=say(quiet),
+            regimes=names,
         )
     except GssmDataError as error:
         raise fail(str(error)) from None
