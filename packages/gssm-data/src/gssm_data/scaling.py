@@ -284,9 +284,9 @@ def regimes_named_in(path: str | Path) -> list[str]:
 
 # Rough costs on one idle core of a 2-core laptop, for the announcement only: the
 # forward algorithm costs about this many seconds per (joint latent state x summed
-# latent sizes) per predicted token (base: ~50 ms per 257-token sequence), and the
-# sampler writes about this many tokens per second per worker.
-_FORWARD_SECONDS_PER_UNIT = 1e-9
+# latent sizes) per predicted token (fitted to `make scaling-data`'s small grid: 2 min
+# of CPU), and the sampler writes about this many tokens per second per worker.
+_FORWARD_SECONDS_PER_UNIT = 4e-10
 _WRITE_TOKENS_PER_SECOND = 2e7
 # Sequences the entropy pass measures, for the estimate: the test split up to what
 # the default target standard error needs on the presets, and the train check.
