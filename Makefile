@@ -62,7 +62,8 @@ PARALLEL ?= 2
 
 scaling-laws: venv
 ifeq ($(SLURM),1)
-	@test -f datasets/scaling/index-$(SCALE).json || { $(MAKE) scaling-data SCALE=$(SCALE) && \
+	@test -f datasets/scaling/index-$(SCALE).json || { $(BIN)/gssm-data submit-scaling \
+		datasets/scaling.yaml --scale $(SCALE) --tasks $(TASKS) --regimes-from $(STUDY) && \
 		echo "Slurm is writing the stores: run this target again once they are done"; exit 1; }
 	$(BIN)/llama-train study run $(STUDY) --slurm
 	@echo "when every point is done (llama-train study status $(STUDY_DIR)):"

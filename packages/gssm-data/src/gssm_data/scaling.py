@@ -260,6 +260,20 @@ def chosen_regimes(
     return [regime for regime in of_scale if regime.name in regimes]
 
 
+def regime_names(regimes: str | None, regimes_from: Path | None) -> list[str] | None:
+    """The regimes a command's --regimes (comma-separated) or --regimes-from names; None: all."""
+    if regimes is not None and regimes_from is not None:
+        raise GssmDataError("give --regimes or --regimes-from, not both")
+    if regimes_from is not None:
+        return regimes_named_in(regimes_from)
+    if regimes is None:
+        return None
+    names = [name.strip() for name in regimes.split(",") if name.strip()]
+    if not names:
+        raise GssmDataError("--regimes: name at least one regime")
+    return names
+
+
 def regimes_named_in(path: str | Path) -> list[str]:
     """The regime names under the `regimes:` key of a YAML file (a study file).
 

@@ -294,18 +294,10 @@ def scaling_command(
     try:
         if workers is not None and workers < 1:
             raise GssmDataError("--workers must be at least 1")
-        if regimes is not None and regimes_from is not None:
-            raise GssmDataError("give --regimes or --regimes-from, not both")
         _set_threads(threads)
-        from gssm_data.scaling import materialise, regimes_named_in
+        from gssm_data.scaling import materialise, regime_names
 
-        names = None
-        if regimes is not None:
-            names = [name.strip() for name in regimes.split(",") if name.strip()]
-            if not names:
-                raise GssmDataError("--regimes: name at least one regime")
-        elif regimes_from is not None:
-            names = regimes_named_in(regimes_from)
+        names = regime_names(regimes, regimes_from)
         results = materialise(
             recipe,
             scale=scale,

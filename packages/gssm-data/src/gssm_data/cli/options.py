@@ -111,6 +111,17 @@ EntropyStderrOption = Annotated[
         "times that); `gssm-data entropy --write` measures every sequence.",
     ),
 ]
+RegimesOption = Annotated[
+    str | None,
+    typer.Option(help="Build only these regimes of the scale, comma-separated: hmm-low,hmm-high."),
+]
+RegimesFromOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Build only the regimes named under the `regimes:` key of this YAML file "
+        "(a llama-train study)."
+    ),
+]
 ThreadsOption = Annotated[
     int | None,
     typer.Option(
