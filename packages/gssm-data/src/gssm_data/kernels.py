@@ -29,8 +29,10 @@ manifest as ``kernel_draw``):
   (the inverse CDF of Gamma(alpha + 1), times Marsaglia and Tsang's boost,
   computed in logs so that tiny alpha cannot underflow); a row is G over its
   sum. That is an exact Dirichlet(alpha) draw, and a continuous function of
-  alpha for a fixed seed: tables, and so the entropy, move smoothly as alpha
-  changes, which lets `calibrate` search alpha reliably.
+  alpha for a fixed seed: the tables move continuously as alpha changes, and
+  the entropy of a fixed sample with them, up to small steps where a sampled
+  token changes (not necessarily monotonically: `calibrate` refines around
+  the closest alphas for that).
 - ``numpy-dirichlet`` (format version 1 stores, and the per-sequence kernels
   of ``transition`` nodes): ``Generator.dirichlet``. It is about 20x faster,
   but its rejection steps make a fixed seed's rows jump as alpha moves.

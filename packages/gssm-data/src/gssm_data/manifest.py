@@ -18,7 +18,7 @@ from gssm_data.graph import GraphSpec
 
 # Bump when the bytes produced for a given spec and seed change (sampler,
 # kernels, block size, layout). Part of the fingerprint.
-# 2: fixed kernels drawn by "gamma-inverse-cdf" (smooth in alpha), see kernels.py.
+# 2: fixed kernels drawn by "gamma-inverse-cdf" (continuous in alpha), see kernels.py.
 FORMAT_VERSION = 2
 
 
