@@ -52,22 +52,24 @@ else
 	$(BIN)/gssm-data scaling datasets/scaling.yaml --scale $(SCALE)
 endif
 
-# A scaling study from the scaling-data stores (written first where missing): train every
-# point (PARALLEL processes here, or SLURM=1: one array job), then the table, the fits
-# (E free and E = exact entropy, per regime) and the plots, in runs/studies/$(SCALE)/.
+# A scaling study from the scaling-data stores (only the regimes the study names, written
+# first where missing): train every point (PARALLEL processes here, or SLURM=1: one array
+# job), then the table, the fits (E free and E = exact entropy, per regime) and the plots,
+# in runs/studies/$(SCALE)/.
 STUDY ?= packages/llama-train/configs/studies/$(SCALE).yaml
 STUDY_DIR ?= runs/studies/$(SCALE)
 PARALLEL ?= 2
 
 scaling-laws: venv
 ifeq ($(SLURM),1)
-	@test -f datasets/scaling/index-$(SCALE).json || { $(MAKE) scaling-data SCALE=$(SCALE) && \
+	@test -f datasets/scaling/index-$(SCALE).json || { $(BIN)/gssm-data submit-scaling \
+		datasets/scaling.yaml --scale $(SCALE) --tasks $(TASKS) --regimes-from $(STUDY) && \
 		echo "Slurm is writing the stores: run this target again once they are done"; exit 1; }
 	$(BIN)/llama-train study run $(STUDY) --slurm
 	@echo "when every point is done (llama-train study status $(STUDY_DIR)):"
 	@echo "  llama-train study collect $(STUDY_DIR) && llama-train study plot $(STUDY_DIR)"
 else
-	$(MAKE) scaling-data SCALE=$(SCALE)   # writes only the stores that are missing
+	$(BIN)/gssm-data scaling datasets/scaling.yaml --scale $(SCALE) --regimes-from $(STUDY)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study run $(STUDY) --parallel $(PARALLEL)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study collect $(STUDY_DIR)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study plot $(STUDY_DIR)

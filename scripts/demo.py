@@ -1,6 +1,6 @@
 """`make demo`: make a small store, train a small model on it, compare with the exact entropy.
 
-    .venv/bin/python scripts/demo.py            # minutes on a 2-core CPU (2-3 idle, more when busy)
+    .venv/bin/python scripts/demo.py            # about 2 min of CPU (more wall when busy)
     .venv/bin/python scripts/demo.py --fresh    # retrain from scratch (the store is kept)
 
 Three commands of the repository, run as a user would run them:
@@ -28,6 +28,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -49,6 +50,8 @@ GENERATE = [
 ]  # fmt: skip
 
 console = Console()
+# Wall seconds of each command, in order (printed at the end: where the demo's time went).
+TIMINGS: list[tuple[str, float]] = []
 
 
 def command(name: str) -> str:
@@ -64,8 +67,10 @@ def run(arguments: list[str]) -> None:
     """Run one command from the repository root; stop the demo if it fails."""
     shown = " ".join([Path(arguments[0]).name, *arguments[1:]])
     console.print(f"[bold]$ {shown}[/]", highlight=False)
+    clock = time.perf_counter()
     if subprocess.run(arguments, cwd=ROOT).returncode != 0:
         sys.exit(1)
+    TIMINGS.append((" ".join([Path(arguments[0]).name, arguments[1]]), time.perf_counter() - clock))
 
 
 def store_lacks_latents() -> bool:
@@ -131,6 +136,13 @@ def main() -> None:
     console.print(
         f"trained {summary['tokens']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s "
         f"in {summary['train_seconds']:.0f} s; loss curves: {shown}",
+        highlight=False,
+    )
+    total = sum(seconds for _, seconds in TIMINGS)
+    console.print(
+        "time: "
+        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in TIMINGS)
+        + f" (total {total / 60:.1f} min)",
         highlight=False,
     )
     console.print(

@@ -17,6 +17,7 @@ from gssm_data.cli import data as data_cli
 from gssm_data.generate import GenerateOptions, GenerateResult, available_cpus
 from gssm_data.manifest import fingerprint
 from gssm_data.presets import load_preset, preset_names
+from gssm_data.store import open_store
 
 runner = CliRunner()
 SMALL = ["--preset", "debug", "--n", "200", "--n-test", "50", "--seq-len", "17", "--workers", "1"]
@@ -225,3 +226,28 @@ def test_the_console_script_prints_one_line_and_exits_1(tmp_path: Path) -> None:
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1 and fragment in done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-1"])
+def test_a_bad_entropy_standard_error_is_a_one_line_error(tmp_path: Path, value: str) -> None:
+    out = tmp_path / "x.zarr"
+    result = runner.invoke(
+        app, ["generate", *SMALL, "--out", str(out), "--entropy-stderr-bits", value, "-q"]
+    )
+    assert_one_line_error(result, "--entropy-stderr-bits")
+    assert not out.exists()
+
+
+def test_the_same_spec_measured_to_a_standard_error_gives_the_same_manifest(
+    tmp_path: Path,
+) -> None:
+    manifests = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.zarr"
+        args = ["generate", *SMALL, "--n-test", "400", "--out", str(out), "-q"]
+        result = runner.invoke(app, [*args, "--entropy-stderr-bits", "0.01"])
+        assert result.exit_code == 0, result.output
+        manifests.append(open_store(out).manifest.model_dump(exclude={"created_at"}))
+    assert manifests[0] == manifests[1]
+    test = manifests[0]["splits"]["test"]["entropy"]
+    assert test["target_stderr_bits"] == 0.01 and test["n_sequences"] <= 400

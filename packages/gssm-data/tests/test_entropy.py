@@ -11,6 +11,7 @@ import gzip
 import itertools
 import json
 import math
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from gssm_data.cli import app
 from gssm_data.entropy import (
+    MIN_MEASURED_SEQUENCES,
     TRANSITION_NOTE,
     baselines,
     bayes_transition_entropy,
@@ -32,9 +34,10 @@ from gssm_data.entropy import (
     write_split_entropy,
 )
 from gssm_data.errors import GssmDataError
-from gssm_data.generate import GenerateOptions, generate
+from gssm_data.generate import DEFAULT_ENTROPY_STDERR_BITS, GenerateOptions, generate
 from gssm_data.graph import GraphSpec, parse_graph
 from gssm_data.kernels import draw_kernels
+from gssm_data.manifest import EntropyStats
 from gssm_data.sampler import STREAMS, BlockSampler
 from gssm_data.store import open_store
 
@@ -393,8 +396,11 @@ def test_measure_split_is_the_mean_of_sequence_entropy_over_the_stored_tokens(
     assert math.isclose(stats.stderr, expected_stderr, rel_tol=1e-9)
     np.testing.assert_allclose(stats.per_position, nats.mean(axis=0), rtol=1e-12)
     assert split_baselines == baselines(tokens, vocab_size=store.graph.vocab_size)
-    # What generate recorded in the manifest is the same computation.
-    assert store.entropy("test") == stats
+    # What generate recorded in the manifest is the same computation (the split is
+    # smaller than the least count a target standard error measures: all of it).
+    recorded = store.entropy("test")
+    assert recorded is not None and recorded.target_stderr_bits == DEFAULT_ENTROPY_STDERR_BITS
+    assert recorded == stats.model_copy(update={"target_stderr_bits": recorded.target_stderr_bits})
 
 
 def test_max_sequences_measures_a_prefix_across_blocks(tiny_store: Path) -> None:
@@ -511,3 +517,78 @@ def test_entropy_command_rejects_zero_threads_and_unknown_devices(tiny_store: Pa
     assert threads.exit_code == 1 and "--threads" in threads.output
     device = CliRunner().invoke(app, ["entropy", str(tiny_store), "--device", "tpu"])
     assert device.exit_code == 1 and "--device" in device.output
+
+
+@pytest.fixture(scope="module")
+def larger_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store whose splits hold more than the least count a standard error target measures."""
+    out = tmp_path_factory.mktemp("store") / "larger.zarr"
+    options = GenerateOptions(
+        graph=_graph(GRAPHS["observed_two_parents"]),
+        name="larger",
+        out=out,
+        n_train=900,
+        n_test=700,
+        seq_len=STORE_SEQ_LEN,
+        seed=3,
+        workers=1,
+        block_size=BLOCK,
+        entropy_stderr_bits=0.004,
+    )
+    generate(options)
+    return out
+
+
+def _first_precise_count(sequence_bits: list[float], stderr_bits: float, least: int) -> int:
+    """The first n >= least whose first-n mean has a standard error <= stderr_bits (statistics)."""
+    for n in range(max(least, 2), len(sequence_bits) + 1):
+        if statistics.stdev(sequence_bits[:n]) / math.sqrt(n) <= stderr_bits:
+            return n
+    return len(sequence_bits)
+
+
+def test_a_target_standard_error_measures_the_first_sequences_that_reach_it(
+    larger_store: Path,
+) -> None:
+    store = open_store(larger_store)
+    tokens = np.asarray(store.tokens("test")[...])
+    nats = sequence_entropy(store.graph, store.conditionals(), tokens)
+    bits = (nats.mean(axis=1) / math.log(2)).tolist()
+    # A target reached between 256 sequences and the whole split.
+    target = statistics.stdev(bits[:450]) / math.sqrt(450) * (1 + 1e-6)  # no tie at 450
+    expected = _first_precise_count(bits, target, MIN_MEASURED_SEQUENCES)
+    assert MIN_MEASURED_SEQUENCES < expected < len(bits)
+    stats, split_baselines = measure_split(
+        store, "test", stderr_bits=target, quiet=True, device="cpu"
+    )
+    assert stats.n_sequences == expected and stats.target_stderr_bits == target
+    assert stats.stderr_bits <= target
+    assert math.isclose(stats.bits_per_token, math.fsum(bits[:expected]) / expected, rel_tol=1e-12)
+    np.testing.assert_allclose(stats.per_position, nats[:expected].mean(axis=0), rtol=1e-12)
+    assert split_baselines == baselines(tokens[:expected], vocab_size=store.graph.vocab_size)
+
+
+def test_generate_records_each_splits_standard_error_and_count(larger_store: Path) -> None:
+    store = open_store(larger_store)
+    for split, target in (("test", 0.004), ("train", 0.04)):
+        stats = store.entropy(split)
+        assert stats is not None and stats.target_stderr_bits == target
+        tokens = np.asarray(store.tokens(split)[...])
+        nats = sequence_entropy(store.graph, store.conditionals(), tokens)
+        bits = (nats.mean(axis=1) / math.log(2)).tolist()
+        assert stats.n_sequences == _first_precise_count(bits, target, MIN_MEASURED_SEQUENCES)
+    # The train split's check is coarser: fewer sequences than the test split's figure.
+    assert store.entropy("train").n_sequences < store.entropy("test").n_sequences
+
+
+def test_a_manifest_written_before_targets_is_still_read() -> None:
+    old = {
+        "method": "exact",
+        "nats_per_token": 1.0,
+        "bits_per_token": 1 / math.log(2),
+        "stderr": 0.01,
+        "n_sequences": 4096,
+        "per_position": [1.0],
+    }
+    stats = EntropyStats.model_validate(old)
+    assert stats.target_stderr_bits is None and stats.n_sequences == 4096

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -10,12 +13,14 @@ from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec, parse_graph
 from gssm_data.kernels import (
     MIN_PROBABILITY,
+    _dirichlet_rows,
     apply_mode,
     check_seed,
     draw_conditional,
     draw_kernels,
     floor_rows,
     kernel_rng,
+    open_uniforms,
     seed_sequence,
     smooth_dirichlet_rows,
 )
@@ -270,3 +275,44 @@ def test_tiny_alpha_gives_finite_one_hot_like_rows() -> None:
     assert np.isfinite(rows).all()
     np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-12)
     assert (rows.max(axis=1) > 0.999).mean() > 0.99
+
+
+class _EdgeUniforms:
+    """A generator stand-in whose `random` returns the two ends numpy can produce:
+    0.0 and 1 - 2^-53 (k / 2^53 for k = 0 and k = 2^53 - 1), alternating."""
+
+    def random(self, shape: tuple[int, ...]) -> np.ndarray:
+        edges = np.array([0.0, 1.0 - 2.0**-53])
+        return np.resize(edges, shape)
+
+
+def test_gamma_draw_keeps_uniforms_inside_the_open_interval_at_both_edges() -> None:
+    # The top uniform plus half a step is a tie that rounds to exactly 1.0, whose
+    # Gamma quantile is infinite: the row would be NaN.
+    assert (1.0 - 2.0**-53) + 0.5 / 2**53 == 1.0
+    assert np.isinf(stats.gamma(1.5).ppf(1.0))
+    uniforms = open_uniforms(_EdgeUniforms(), (2, 3, 4))
+    assert ((uniforms > 0.0) & (uniforms < 1.0)).all()
+    rows = _dirichlet_rows(_EdgeUniforms(), 0.5, 4, (3,), draw="gamma-inverse-cdf")
+    assert np.isfinite(rows).all()
+    np.testing.assert_allclose(rows.sum(axis=-1), 1.0)
+    # Every other uniform is unchanged: the same rows as the written-out reference.
+    rng_a, rng_b = np.random.default_rng(11), np.random.default_rng(11)
+    np.testing.assert_allclose(
+        _dirichlet_rows(rng_a, 0.3, 6, (50,), draw="gamma-inverse-cdf"),
+        reference_rows(rng_b, 0.3, 6, 50),
+        rtol=1e-9,
+    )
+
+
+def test_importing_the_package_does_not_import_scipy() -> None:
+    """Every store reader (each data-loader worker) imports gssm_data; only the kernel
+    draw needs scipy."""
+    code = (
+        "import sys, gssm_data, gssm_data.cli.app, gssm_data.generate, gssm_data.scaling\n"
+        "print(sorted(m for m in sys.modules if m == 'scipy' or m.startswith('scipy.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -154,3 +154,90 @@ def test_scaling_command_unknown_scale_is_a_one_line_error(tmp_path: Path) -> No
 def test_non_finite_recipe_numbers_are_refused_from_python_too() -> None:
     with pytest.raises(ValueError, match="finite"):
         Recipe.model_validate(TINY_RECIPE | {"tolerance_bits": float("inf")})
+
+
+def test_regimes_of_one_graph_share_calibration_evaluations_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gssm_data import calibrate as calibrate_module
+
+    recipe = TINY_RECIPE | {
+        "regimes": [
+            {"name": "two-bits", "preset": "debug", "target_bits": 2.0},
+            {"name": "two-and-a-bit", "preset": "debug", "target_bits": 2.2},
+        ],
+        "scales": {"small": {"train_sizes": [10], "n_test": 10}},
+    }
+    path = _write_recipe(tmp_path, recipe)
+    computed: list[float] = []
+    real = calibrate_module.entropy_bits
+
+    def counting(graph, **kwargs):  # type: ignore[no-untyped-def]
+        computed.append(graph.latents[0].alpha)
+        return real(graph, **kwargs)
+
+    monkeypatch.setattr(calibrate_module, "entropy_bits", counting)
+    first = materialise(path, scale="small", out_dir=tmp_path / "out")
+    assert len(computed) == len(set(computed))  # the second regime reused the first's scan
+    evaluations = tmp_path / "out" / "recipe" / scaling_module.EVALUATIONS_FILE
+    assert evaluations.exists()
+    # Calibrating again from scratch (no recorded alphas) evaluates nothing and agrees.
+    (tmp_path / "out" / "recipe" / scaling_module.CALIBRATIONS_FILE).unlink()
+    computed.clear()
+    again = list(scaling_module.plan_stores(path, scale="small", out_dir=tmp_path / "out"))
+    assert computed == []
+    assert [p.alpha for p in again] == [r.alpha for r in first]
+
+
+def test_named_regimes_are_built_alone_and_the_index_keeps_the_others(tmp_path: Path) -> None:
+    path = _write_recipe(tmp_path, TINY_RECIPE)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    first = materialise(path, out_dir=out, regimes=["file-dead"], log=lines.append)
+    assert [r.regime.name for r in first] == ["file-dead"]
+    assert "building 1 of 1 store(s) (file-dead)" in lines[0] and "about" in lines[0]
+    assert len(list((out / "recipe").glob("*.zarr"))) == 1
+    second = materialise(path, out_dir=out, regimes=["debug-alpha"])
+    assert [r.regime.name for r in second] == ["debug-alpha"]
+    index = json.loads((out / "recipe" / "index-small.json").read_text())
+    assert [item["name"] for item in index["regimes"]] == ["debug-alpha", "file-dead"]
+    lines.clear()
+    materialise(path, out_dir=out, regimes=["file-dead", "debug-alpha"], log=lines.append)
+    assert "building 0 of 2" in lines[0] and "already built: debug-alpha, file-dead" in lines[0]
+
+
+def test_unknown_named_regimes_are_a_one_line_error(tmp_path: Path) -> None:
+    path = _write_recipe(tmp_path, TINY_RECIPE)
+    with pytest.raises(GssmDataError, match=r"nope not in scale 'subset'.*it has debug-alpha"):
+        materialise(path, scale="subset", out_dir=tmp_path, regimes=["nope"])
+    result = CliRunner().invoke(
+        app, ["scaling", str(path), "--out-dir", str(tmp_path), "--regimes", "x,y", "-q"]
+    )
+    assert result.exit_code == 1 and "x, y not in scale" in result.output
+    assert not (tmp_path / "recipe").exists()
+
+
+def test_regimes_from_a_study_file_build_only_the_regimes_it_names(tmp_path: Path) -> None:
+    path = _write_recipe(tmp_path, TINY_RECIPE)
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "base: x.yaml\nregimes: [file-dead, {name: mine, store: elsewhere.zarr}]\nmodels: []\n"
+    )
+    assert scaling_module.regimes_named_in(study) == ["file-dead"]
+    result = CliRunner().invoke(
+        app, ["scaling", str(path), "--out-dir", str(tmp_path), "--regimes-from", str(study)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "building 1 of 1 store(s) (file-dead)" in result.output
+    index = json.loads((tmp_path / "recipe" / "index-small.json").read_text())
+    assert [item["name"] for item in index["regimes"]] == ["file-dead"]
+
+
+def test_the_shipped_small_study_names_regimes_of_the_small_scale() -> None:
+    study = REPO / "packages" / "llama-train" / "configs" / "studies" / "small.yaml"
+    names = scaling_module.regimes_named_in(study)
+    assert names == ["hmm-low", "hmm-high"]
+    chosen = scaling_module.chosen_regimes(
+        load_recipe(SHIPPED_RECIPE), SHIPPED_RECIPE, "small", names
+    )
+    assert [regime.name for regime in chosen] == names

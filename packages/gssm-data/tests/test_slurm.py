@@ -173,9 +173,8 @@ def test_submit_command_prints_the_job_and_the_store_path(tmp_path, sbatch_calls
     )
 
 
-def test_a_scaling_recipe_is_one_array_per_regime_then_an_index_job_after_them(
-    tmp_path, sbatch_calls
-):
+def _two_regime_recipe(folder: Path, *, train_sizes: list[int]) -> Path:
+    """A recipe of two debug regimes with explicit alphas (no calibration)."""
     recipe = {
         "seed": 1,
         "seq_len": 9,
@@ -183,10 +182,17 @@ def test_a_scaling_recipe_is_one_array_per_regime_then_an_index_job_after_them(
             {"name": "a", "preset": "debug", "alpha": 0.5},
             {"name": "b", "preset": "debug", "alpha": 2.0, "target": "observed"},
         ],
-        "scales": {"small": {"train_sizes": [30, 100], "n_test": 40}},
+        "scales": {"small": {"train_sizes": train_sizes, "n_test": 40}},
     }
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe))
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_scaling_recipe_is_one_array_per_regime_then_an_index_job_after_them(
+    tmp_path, sbatch_calls
+):
+    recipe_path = _two_regime_recipe(tmp_path, train_sizes=[30, 100])
     out = tmp_path / "out"
     submitted = submit_scaling(
         recipe_path, scale="small", out_dir=out, tasks=2, settings=SlurmSettings()
@@ -208,3 +214,18 @@ def test_a_scaling_recipe_is_one_array_per_regime_then_an_index_job_after_them(
     assert [item["store"] for item in index["regimes"]] == [
         str(store.path) for store in submitted.stores
     ]
+
+
+def test_named_regimes_alone_are_submitted_and_indexed(tmp_path, sbatch_calls):
+    recipe_path = _two_regime_recipe(tmp_path, train_sizes=[30])
+    out = tmp_path / "out"
+    submitted = submit_scaling(
+        recipe_path, scale="small", out_dir=out, tasks=1, settings=SlurmSettings(), regimes=["b"]
+    )
+    assert len(submitted.stores) == 1 and submitted.index_job_id == "102"
+    main(["shard", str(submitted.stores[0].job_dir / "options.json"), "--shard", "0/1"])
+    command = submitted.index_script.read_text().splitlines()[-1].split()
+    assert command[-2:] == ["--regimes", "b"]
+    assert main(command[4:]) == 0
+    index = json.loads((out / "recipe" / "index-small.json").read_text())
+    assert [item["name"] for item in index["regimes"]] == ["b"]

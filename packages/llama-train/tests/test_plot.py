@@ -128,3 +128,28 @@ def test_a_folder_without_losses_is_a_user_error(tmp_path: Path) -> None:
         load_runs([tmp_path])
     result = runner.invoke(app, ["plot", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "is not a directory" in result.stderr
+
+
+def test_saving_the_plot_renders_the_figure_once_and_keeps_every_label_inside(
+    sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layout engine left on the figure makes savefig render it twice (a third of the cost)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from llama_train.plot import plot_runs
+
+    runs = load_runs([sweep / "optim.lr=0.001"])
+    figure = draw_runs(runs)
+    assert figure.get_layout_engine() is None
+    renderer = figure.canvas.get_renderer()
+    box = figure.bbox
+    for axes in figure.axes:  # tick labels, axis labels and titles inside the image
+        extent = axes.get_tightbbox(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, axes.get_title()
+        assert box.y0 <= extent.y0 and extent.y1 <= box.y1, axes.get_title()
+    matplotlib.pyplot.close(figure)
+    draws = []
+    original = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda self: draws.append(1) or original(self))
+    plot_runs(runs, tmp_path / "loss.png")
+    assert len(draws) == 1 and (tmp_path / "loss.png").stat().st_size > 0

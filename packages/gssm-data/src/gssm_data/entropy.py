@@ -34,6 +34,7 @@ unknown-kernel loss itself on short prefixes by importance averaging.
 
 from __future__ import annotations
 
+import math
 import string
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -74,6 +75,10 @@ CHUNK_ELEMENTS = 1 << 20
 # Beyond this many joint latent states a single forward vector no longer fits
 # sensibly in memory: the exact method is out of reach.
 MAX_JOINT_STATES = 1 << 26
+
+# A split measured to a target standard error counts at least this many sequences
+# (or all it has): fewer give too rough an estimate of the standard error itself.
+MIN_MEASURED_SEQUENCES = 256
 
 # Floor of the normalised forward probabilities, applied after every step.
 # States the data rules out keep shrinking (by factors like 1e-10 a step) into
@@ -626,8 +631,15 @@ def _measure(
     quiet: bool,
     device: Device | None,
     write_to: zarr.Array | None = None,
+    stderr_bits: float | None = None,
+    minimum: int = MIN_MEASURED_SEQUENCES,
 ) -> tuple[EntropyStats, Baselines]:
-    """One pass over a split: entropy statistics, baselines, optionally the per-token array."""
+    """One pass over a split: entropy statistics, baselines, optionally the per-token array.
+
+    With `stderr_bits`, the pass stops at the first sequence count n (at least
+    `minimum`) whose mean has a standard error of at most that many bits; the
+    figures, baselines included, are those of the first n sequences.
+    """
     n = _split_size(store, split)
     stop = n if stop is None else min(stop, n)
     seq_len = store.manifest.seq_len
@@ -638,6 +650,7 @@ def _measure(
     accumulator = _BaselineAccumulator(store.graph.vocab_size)
     block_size = store.manifest.block_size
     pending: list[np.ndarray] = []  # pieces of the block being written: whole-chunk writes
+    measured = 0
     with _progress(f"entropy of {split}", stop, quiet) as progress:
         for row, tokens, nats in iter_split_entropy(store, split, stop=stop, device=device):
             end = row + len(nats)
@@ -647,13 +660,40 @@ def _measure(
                     rows = sum(len(part) for part in pending)
                     write_to[end - rows : end] = np.concatenate(pending)
                     pending = []
-            sequence_means.append(nats.mean(axis=1))
-            position_sums += nats.sum(axis=0)
-            accumulator.add(tokens)
+            means = nats.mean(axis=1)
+            enough = None
+            if stderr_bits is not None:
+                enough = _precise_count(sequence_means, means, stderr_bits, minimum)
+            take = len(nats) if enough is None else enough - row
+            sequence_means.append(means[:take])
+            position_sums += nats[:take].sum(axis=0)
+            accumulator.add(tokens[:take])
+            measured = row + take
             progress.advance(progress.task_ids[0], len(nats))
+            if enough is not None:
+                break
     transition = store.graph.has_transition
-    stats = _stats(np.concatenate(sequence_means), position_sums / stop, transition=transition)
+    stats = _stats(np.concatenate(sequence_means), position_sums / measured, transition=transition)
+    if stderr_bits is not None:
+        stats = stats.model_copy(update={"target_stderr_bits": stderr_bits})
     return stats, accumulator.result()
+
+
+def _precise_count(
+    earlier: list[np.ndarray], means: np.ndarray, stderr_bits: float, minimum: int
+) -> int | None:
+    """The first count n >= `minimum` of sequences (earlier pieces, then `means`) whose
+    mean's standard error is at most `stderr_bits`; None if none within these."""
+    values = np.concatenate([*earlier, means]) if earlier else means
+    first = len(values) - len(means)
+    counts = np.arange(1, len(values) + 1)
+    shifted = values - values[0]  # fewer cancellations in the running variance
+    sums, squares = np.cumsum(shifted), np.cumsum(shifted**2)
+    variance = (squares - sums**2 / counts) / np.maximum(counts - 1, 1)
+    stderr = np.sqrt(np.maximum(variance, 0.0) / counts) / math.log(2)
+    ok = (counts > max(first, minimum - 1)) & (counts >= 2) & (stderr <= stderr_bits)
+    hits = np.flatnonzero(ok)
+    return int(counts[hits[0]]) if hits.size else None
 
 
 def measure_split(
@@ -661,18 +701,25 @@ def measure_split(
     split: str,
     *,
     max_sequences: int | None = None,
+    stderr_bits: float | None = None,
     quiet: bool = False,
     device: Device | None = None,
 ) -> tuple[EntropyStats, Baselines]:
     """Entropy (exact, or the known-kernel Monte Carlo figure) and baselines of a split.
 
-    Over all sequences, or the first `max_sequences`: mean nats and bits per
-    predicted token, its standard error over sequences, the per-position mean
-    curve; and the unigram / zstd / gzip bits per token of the same tokens.
+    Over all sequences, or the first `max_sequences`, or, with `stderr_bits`,
+    the first ones (at least :data:`MIN_MEASURED_SEQUENCES`) whose mean has a
+    standard error of at most that many bits: mean nats and bits per predicted
+    token, its standard error over sequences, the per-position mean curve; and
+    the unigram / zstd / gzip bits per token of the same tokens.
     """
     if max_sequences is not None and max_sequences < 1:
         raise GssmDataError(f"max_sequences must be at least 1, got {max_sequences}")
-    return _measure(store, split, stop=max_sequences, quiet=quiet, device=device)
+    if stderr_bits is not None and not stderr_bits > 0:
+        raise GssmDataError(f"the target standard error must be positive, got {stderr_bits}")
+    return _measure(
+        store, split, stop=max_sequences, quiet=quiet, device=device, stderr_bits=stderr_bits
+    )
 
 
 def write_split_entropy(

@@ -17,7 +17,8 @@ touching the same chunk. The life of a store:
    which the next run of the same command rewrites.
 3. Whoever writes the last block takes `_progress/finalise.lock` (O_EXCL),
    rereads every block against its marker, records the checksums, measures
-   the entropy (all of test, the first 4096 train sequences), marks the
+   the entropy (test to a target standard error, train to ten times it; see
+   :data:`DEFAULT_ENTROPY_STDERR_BITS`), marks the
    manifest complete, drops `_progress` and renames `<out>.partial` to `<out>`,
    still under the lock: a store it did not write is never moved.
 
@@ -84,7 +85,13 @@ from gssm_data.store import (
 )
 from gssm_data.storelock import identity, refuse_foreign, store_lock
 
-# Train sequences whose entropy goes into the manifest (all of test is measured).
+# The manifest's entropy of a split is a mean over its first sequences, measured
+# until its standard error is at most this many bits (or the split ends): the
+# test split's is the floor losses are compared with; the train split's only
+# checks that both splits come from one process, so it is measured to ten
+# times that, on at most TRAIN_ENTROPY_SEQUENCES.
+DEFAULT_ENTROPY_STDERR_BITS = 1e-3
+TRAIN_STDERR_FACTOR = 10
 TRAIN_ENTROPY_SEQUENCES = 4096
 # Blocks submitted per worker ahead of completion: keeps workers busy, memory flat.
 _IN_FLIGHT_PER_WORKER = 2
@@ -141,6 +148,10 @@ class GenerateOptions(BaseModel):
     workers: int = Field(default=1, ge=1)
     # CPU threads of the entropy pass (run after the writers stop); None = free CPUs.
     threads: int | None = Field(default=None, ge=1)
+    # Target standard error of the test split's entropy (module constants).
+    entropy_stderr_bits: float = Field(
+        default=DEFAULT_ENTROPY_STDERR_BITS, gt=0, allow_inf_nan=False
+    )
     shard: Shard | None = None
     with_latents: bool = False
     force: bool = False
@@ -374,7 +385,15 @@ def _generate(
                 if not owned:
                     say(f"shard {options.shard}: done; another task is publishing {final}")
                     return result("shard-done", len(todo))
-                _finalise(store, done, pool, show_progress, phases, threads=options.threads)
+                _finalise(
+                    store,
+                    done,
+                    pool,
+                    show_progress,
+                    phases,
+                    threads=options.threads,
+                    stderr_bits=options.entropy_stderr_bits,
+                )
                 status = _publish(partial, final, manifest, replacing=replacing, log=say)
         return result(status, len(todo) if status == "complete" else 0)
 
@@ -804,6 +823,7 @@ def _finalise(
     phases: dict[str, float],
     *,
     threads: int | None = None,
+    stderr_bits: float = DEFAULT_ENTROPY_STDERR_BITS,
 ) -> None:
     """Check every block against its marker, then record checksums, entropy, completion."""
     m = store.manifest
@@ -841,22 +861,27 @@ def _finalise(
         write_checksums(store, split, checksums)
     clock = time.perf_counter()
     resources.set_torch_threads(threads)  # the writers are gone: the free CPUs are ours
-    splits = {split: _measured(store, split, progress) for split in m.splits}
+    splits = {split: _measured(store, split, progress, stderr_bits) for split in m.splits}
     phases["entropy"] = time.perf_counter() - clock
     _remove_temporary_files(store.path)
     store.write_manifest(m.model_copy(update={"splits": splits, "complete": True}))
     shutil.rmtree(store.path / PROGRESS_DIR, ignore_errors=True)
 
 
-def _measured(store: Store, split: str, progress: bool) -> SplitInfo:
-    """A split's info with its entropy and baselines (train: first sequences only)."""
+def _measured(store: Store, split: str, progress: bool, stderr_bits: float) -> SplitInfo:
+    """A split's info with its entropy and baselines, over its first sequences (module
+    constants)."""
     from gssm_data.entropy import measure_split  # imported when needed: it loads torch
 
     info = store.manifest.splits[split]
     if info.n == 0:
         return info
-    limit = TRAIN_ENTROPY_SEQUENCES if split == "train" else None
-    entropy, baselines = measure_split(store, split, max_sequences=limit, quiet=not progress)
+    limit, target = None, stderr_bits
+    if split == "train":
+        limit, target = TRAIN_ENTROPY_SEQUENCES, stderr_bits * TRAIN_STDERR_FACTOR
+    entropy, baselines = measure_split(
+        store, split, max_sequences=limit, stderr_bits=target, quiet=not progress
+    )
     return info.model_copy(update={"entropy": entropy, "baselines": baselines})
 
 

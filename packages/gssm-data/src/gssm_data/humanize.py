@@ -79,3 +79,12 @@ def _is_type_tag(part: object) -> bool:
     return isinstance(part, str) and (
         part in {"int", "float", "str", "bool", "none", "list", "dict"} or "[" in part
     )
+
+
+def format_duration(seconds: float) -> str:
+    """A rough duration for people: "40 s", "3 min", "1.5 h"."""
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -29,8 +29,10 @@ manifest as ``kernel_draw``):
   (the inverse CDF of Gamma(alpha + 1), times Marsaglia and Tsang's boost,
   computed in logs so that tiny alpha cannot underflow); a row is G over its
   sum. That is an exact Dirichlet(alpha) draw, and a continuous function of
-  alpha for a fixed seed: tables, and so the entropy, move smoothly as alpha
-  changes, which lets `calibrate` search alpha reliably.
+  alpha for a fixed seed: the tables move continuously as alpha changes, and
+  the entropy of a fixed sample with them, up to small steps where a sampled
+  token changes (not necessarily monotonically: `calibrate` refines around
+  the closest alphas for that).
 - ``numpy-dirichlet`` (format version 1 stores, and the per-sequence kernels
   of ``transition`` nodes): ``Generator.dirichlet``. It is about 20x faster,
   but its rejection steps make a fixed seed's rows jump as alpha moves.
@@ -43,7 +45,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from scipy.special import gammaincinv
 
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec, NodeSpec
@@ -66,6 +67,8 @@ KernelDraw = Literal["gamma-inverse-cdf", "numpy-dirichlet"]
 FIXED_KERNEL_DRAW: KernelDraw = "gamma-inverse-cdf"
 # Half a step of the 53-bit uniforms: moves them from [0, 1) into (0, 1).
 _HALF_ULP = 0.5 / (1 << 53)
+# The largest double below 1: 1 - 2^-53 plus half a step is a tie that rounds to 1.0.
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
 
 def check_seed(seed: int) -> int:
@@ -122,10 +125,21 @@ def _dirichlet_rows(
     if draw == "numpy-dirichlet":
         rows = rng.dirichlet(np.full(n_states, alpha), size=n_rows)
     elif draw == "gamma-inverse-cdf":
-        rows = smooth_dirichlet_rows(rng.random((2, n_rows, n_states)) + _HALF_ULP, alpha)
+        rows = smooth_dirichlet_rows(open_uniforms(rng, (2, n_rows, n_states)), alpha)
     else:
         raise ValueError(f"unknown kernel draw {draw!r}")
     return rows.reshape(*shape, n_states)
+
+
+def open_uniforms(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniforms in the open interval (0, 1): both ends would make a Gamma variate infinite.
+
+    ``rng.random`` gives k / 2^53 for k in 0 .. 2^53 - 1; half a step moves 0 off
+    zero, and the top value, which that half step rounds up to exactly 1.0, is
+    held at the largest double below 1 (the quantile at 1.0 is infinite and its
+    row NaN). Every other uniform is unchanged, so stores keep their bytes.
+    """
+    return np.minimum(rng.random(shape) + _HALF_ULP, _BELOW_ONE)
 
 
 def smooth_dirichlet_rows(uniforms: np.ndarray, alpha: float) -> np.ndarray:
@@ -135,6 +149,10 @@ def smooth_dirichlet_rows(uniforms: np.ndarray, alpha: float) -> np.ndarray:
     variate in logs (Gamma(alpha + 1) times U^(1/alpha)); rows are G normalised,
     computed as a softmax of log G so that no row underflows to zeros.
     """
+    # Imported here: only this draw needs scipy, and every reader of a store
+    # (each data-loader worker) imports gssm_data without drawing kernels.
+    from scipy.special import gammaincinv
+
     u, v = uniforms[0], uniforms[1]
     log_gamma = np.log(gammaincinv(alpha + 1.0, u)) + np.log(v) / alpha
     log_gamma -= log_gamma.max(axis=-1, keepdims=True)

@@ -18,7 +18,7 @@ from gssm_data.graph import GraphSpec
 
 # Bump when the bytes produced for a given spec and seed change (sampler,
 # kernels, block size, layout). Part of the fingerprint.
-# 2: fixed kernels drawn by "gamma-inverse-cdf" (smooth in alpha), see kernels.py.
+# 2: fixed kernels drawn by "gamma-inverse-cdf" (continuous in alpha), see kernels.py.
 FORMAT_VERSION = 2
 
 
@@ -40,6 +40,13 @@ class EntropyStats(BaseModel):
     n_sequences: int
     per_position: list[float] = Field(description="mean nats at positions 1 .. seq_len-1")
     note: str = ""
+    # The standard error (bits) the measurement stopped at: the first n_sequences
+    # sequences whose mean is that precise. None: a fixed number (older stores).
+    target_stderr_bits: float | None = None
+
+    @property
+    def stderr_bits(self) -> float:
+        return self.stderr / math.log(2)
 
     @classmethod
     def from_nats(

@@ -250,8 +250,10 @@ def submit_scaling(
     tasks: int,
     settings: SlurmSettings,
     log: Log | None = None,
+    regimes: Sequence[str] | None = None,
 ) -> SubmittedRecipe:
-    """Queue every store of a recipe's scale, then the index job (after all of them succeed).
+    """Queue every store of a recipe's scale (or of its named `regimes`), then the index job
+    (after all of them succeed).
 
     Calibration runs here, once per regime, and is recorded in the recipe's
     calibrations.json; the index job reruns the recipe, which finds the stores
@@ -261,10 +263,15 @@ def submit_scaling(
 
     say = log or (lambda message: None)
     settings.sbatch_options()  # every value checked before any job is queued
-    text = index_script(recipe_path, scale=scale, out_dir=out_dir, settings=settings)
+    text = index_script(
+        recipe_path, scale=scale, out_dir=out_dir, settings=settings, regimes=regimes
+    )
+    planned_stores = plan_stores(
+        recipe_path, scale=scale, out_dir=out_dir, log=say, regimes=regimes
+    )
     stores = [
         submit_generate(planned.options, tasks=tasks, settings=settings, log=say)
-        for planned in plan_stores(recipe_path, scale=scale, out_dir=out_dir, log=say)
+        for planned in planned_stores
     ]
     script = out_dir / recipe_path.stem / f"index-{scale}.sbatch"
     script.write_text(text)
@@ -274,9 +281,18 @@ def submit_scaling(
     return SubmittedRecipe(stores, index_job, script)
 
 
-def index_script(recipe_path: Path, *, scale: str, out_dir: Path, settings: SlurmSettings) -> str:
+def index_script(
+    recipe_path: Path,
+    *,
+    scale: str,
+    out_dir: Path,
+    settings: SlurmSettings,
+    regimes: Sequence[str] | None = None,
+) -> str:
     """The sbatch script of the job that writes a recipe's index once its stores exist."""
     check_script_value("recipe path", str(recipe_path.absolute()))
+    for name in regimes or ():
+        check_script_value("--regimes", name)
     check_script_value("--scale", scale)
     check_script_value("--out-dir", str(out_dir.absolute()))
     check_script_value("python executable", sys.executable)
@@ -293,6 +309,7 @@ def index_script(recipe_path: Path, *, scale: str, out_dir: Path, settings: Slur
         scale,
         "--out-dir",
         str(out_dir.absolute()),
+        *(["--regimes", ",".join(regimes)] if regimes is not None else []),
     ]
     folder = (out_dir / recipe_path.stem).absolute()
     return "\n".join(
@@ -337,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     index.add_argument("recipe", type=Path)
     index.add_argument("--scale", required=True)
     index.add_argument("--out-dir", type=Path, required=True)
+    index.add_argument("--regimes", default=None, help="comma-separated regime names")
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "shard":
@@ -347,8 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from gssm_data.scaling import materialise
 
+            names = arguments.regimes.split(",") if arguments.regimes is not None else None
             results = materialise(
-                arguments.recipe, scale=arguments.scale, out_dir=arguments.out_dir, log=print
+                arguments.recipe,
+                scale=arguments.scale,
+                out_dir=arguments.out_dir,
+                log=print,
+                regimes=names,
             )
             print(f"index of {len(results)} regime(s) written to {arguments.out_dir}")
     except GssmDataError as error:

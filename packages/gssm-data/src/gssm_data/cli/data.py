@@ -20,6 +20,7 @@ from rich.table import Table
 
 from gssm_data.cli.app import app, console, err_console, fail, progress_wanted, say
 from gssm_data.cli.options import (
+    EntropyStderrOption,
     GraphOption,
     ModeOption,
     NOption,
@@ -36,11 +37,13 @@ from gssm_data.cli.options import (
 )
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import (
+    DEFAULT_ENTROPY_STDERR_BITS,
     GenerateResult,
     available_cpus,
     generate,
 )
 from gssm_data.graph import GraphSpec
+from gssm_data.preflight import finite
 from gssm_data.presets import load_preset, preset_names
 from gssm_data.progress import progress_display, progress_mode
 from gssm_data.store import PROGRESS_DIR, Store, name_dimensions, open_store, verify_store
@@ -71,6 +74,7 @@ def generate_command(
     target_bits: TargetBitsOption = None,
     target: TargetOption = "latent",
     threads: ThreadsOption = None,
+    entropy_stderr_bits: EntropyStderrOption = DEFAULT_ENTROPY_STDERR_BITS,
 ) -> None:
     """Sample a train/test dataset into a Zarr store and print the store's path.
 
@@ -98,7 +102,12 @@ def generate_command(
         )
         if threads is not None and threads < 1:
             raise GssmDataError("--threads must be at least 1")
-        options = options.model_copy(update={"threads": threads})
+        finite(entropy_stderr_bits, "--entropy-stderr-bits")
+        if entropy_stderr_bits <= 0:
+            raise GssmDataError("--entropy-stderr-bits must be positive")
+        options = options.model_copy(
+            update={"threads": threads, "entropy_stderr_bits": entropy_stderr_bits}
+        )
         result = generate(options, show_progress=progress_wanted(quiet), log=log)
     except GssmDataError as error:
         raise fail(str(error)) from None

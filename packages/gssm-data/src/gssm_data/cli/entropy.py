@@ -202,13 +202,13 @@ def calibrate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Find the Dirichlet alpha that gives a target entropy (log-grid scan, then refine).
+    """Find the Dirichlet alpha that gives a target entropy (coarse scan, then refine).
 
-    Scans alpha over 1e-4 .. 100, refines every bracket that straddles the
-    target (best first); an unreachable target names the lowest and highest
-    entropy seen. Reproducible: the same graph, seed, seq_len and target give
-    the same alpha. Then `gssm-data generate --target-bits B` (same options)
-    builds that dataset.
+    Scans alpha over 1e-4 .. 100 coarse first, refines brackets that straddle
+    the target (best first), then around the closest alphas; a target not
+    found names the closest alpha and the range seen. Reproducible: the same
+    graph, seed, seq_len and target give the same alpha. Then `gssm-data
+    generate --target-bits B` (same options) builds that dataset.
     """
     log = say(quiet)
     try:
@@ -269,20 +269,35 @@ def scaling_command(
         int | None, typer.Option(help="Writer processes per store; default every CPU.")
     ] = None,
     threads: ThreadsOption = None,
+    regimes: Annotated[
+        str | None,
+        typer.Option(
+            help="Build only these regimes of the scale, comma-separated: hmm-low,hmm-high."
+        ),
+    ] = None,
+    regimes_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Build only the regimes named under the `regimes:` key of this YAML file "
+            "(a llama-train study)."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Materialise a recipe of entropy regimes x train sizes for data-scaling laws.
 
     One store per regime with the largest train size (smaller sizes are its
     prefixes: train with n_train) and the test split; then a table of the
-    regimes' exact entropies. Resumable and idempotent: run it again.
+    regimes' exact entropies. It first says which stores it builds and about
+    how long that takes. Resumable and idempotent: run it again.
     """
     try:
         if workers is not None and workers < 1:
             raise GssmDataError("--workers must be at least 1")
         _set_threads(threads)
-        from gssm_data.scaling import materialise
+        from gssm_data.scaling import materialise, regime_names
 
+        names = regime_names(regimes, regimes_from)
         results = materialise(
             recipe,
             scale=scale,
@@ -290,6 +305,7 @@ def scaling_command(
             workers=workers,
             show_progress=progress_wanted(quiet),
             log=say(quiet),
+            regimes=names,
         )
     except GssmDataError as error:
         raise fail(str(error)) from None

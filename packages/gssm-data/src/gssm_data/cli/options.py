@@ -103,6 +103,25 @@ TargetBitsOption = Annotated[
 TargetOption = Annotated[
     str, typer.Option(help="Which alphas --target-bits tunes: latent or observed.")
 ]
+EntropyStderrOption = Annotated[
+    float,
+    typer.Option(
+        help="Measure the test split's exact entropy on its first sequences until the "
+        "standard error of their mean is at most this many bits (the train split's: ten "
+        "times that); `gssm-data entropy --write` measures every sequence.",
+    ),
+]
+RegimesOption = Annotated[
+    str | None,
+    typer.Option(help="Build only these regimes of the scale, comma-separated: hmm-low,hmm-high."),
+]
+RegimesFromOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Build only the regimes named under the `regimes:` key of this YAML file "
+        "(a llama-train study)."
+    ),
+]
 ThreadsOption = Annotated[
     int | None,
     typer.Option(

@@ -21,6 +21,8 @@ from gssm_data.cli.options import (
     NTestOption,
     OutOption,
     PresetOption,
+    RegimesFromOption,
+    RegimesOption,
     SeedOption,
     SeqLenOption,
     TargetBitsOption,
@@ -133,6 +135,8 @@ def submit_scaling_command(
     cpus_per_task: CpusOption = 1,
     mem: MemOption = None,
     account: AccountOption = None,
+    regimes: RegimesOption = None,
+    regimes_from: RegimesFromOption = None,
 ) -> None:
     """`gssm-data scaling` on Slurm: one array per regime, then a job writing the index.
 
@@ -143,8 +147,16 @@ def submit_scaling_command(
         settings = SlurmSettings(
             partition=partition, time=time, cpus_per_task=cpus_per_task, mem=mem, account=account
         )
+        from gssm_data.scaling import regime_names
+
         submitted = submit_scaling(
-            recipe, scale=scale, out_dir=out_dir, tasks=tasks, settings=settings, log=_say
+            recipe,
+            scale=scale,
+            out_dir=out_dir,
+            tasks=tasks,
+            settings=settings,
+            log=_say,
+            regimes=regime_names(regimes, regimes_from),
         )
     except GssmDataError as error:
         raise fail(str(error)) from None

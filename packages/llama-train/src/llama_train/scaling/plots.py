@@ -37,9 +37,13 @@ LN2 = math.log(2.0)
 
 
 def save_png(figure: Any, path: Path, *, dpi: int) -> Path:
-    """A figure as a PNG, written atomically: a full disk leaves no half image."""
+    """A figure as a PNG, written atomically: a full disk leaves no half image.
+
+    zlib level 1: a third of the drawing went into level 6's compression, for a file
+    only about a fifth smaller; the pixels are the same.
+    """
     image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=dpi)
+    figure.savefig(image, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
     return atomic_write(path, image.getvalue())
 
 
