@@ -53,9 +53,9 @@ else
 endif
 
 # A scaling study from the scaling-data stores (only the regimes the study names, written
-# first where missing): train every point (PARALLEL processes here, or SLURM=1: one array
-# job), then the table, the fits (E free and E = exact entropy, per regime) and the plots,
-# in runs/studies/$(SCALE)/.
+# first where missing: by study run here, by submit-scaling with SLURM=1): train every
+# point (PARALLEL processes here, or SLURM=1: one array job), then the table, the fits
+# (E free and E = exact entropy, per regime) and the plots, in runs/studies/$(SCALE)/.
 STUDY ?= packages/llama-train/configs/studies/$(SCALE).yaml
 STUDY_DIR ?= runs/studies/$(SCALE)
 PARALLEL ?= 2
@@ -69,7 +69,6 @@ ifeq ($(SLURM),1)
 	@echo "when every point is done (llama-train study status $(STUDY_DIR)):"
 	@echo "  llama-train study collect $(STUDY_DIR) && llama-train study plot $(STUDY_DIR)"
 else
-	$(BIN)/gssm-data scaling datasets/scaling.yaml --scale $(SCALE) --regimes-from $(STUDY)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study run $(STUDY) --parallel $(PARALLEL)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study collect $(STUDY_DIR)
 	OMP_NUM_THREADS=1 $(BIN)/llama-train study plot $(STUDY_DIR)

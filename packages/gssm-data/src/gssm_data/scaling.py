@@ -336,7 +336,7 @@ def _announcement(
 ) -> str:
     """Which stores this run builds (finished ones, per the index, are skipped) and about
     how long that takes."""
-    built = _complete_stores(index_path)
+    built = complete_stores(index_path)
     todo = [regime for regime in chosen if regime.name not in built]
     sizes = recipe.scales[scale]
     seconds = sum(
@@ -362,7 +362,7 @@ def _announcement(
     return "; ".join(parts)
 
 
-def _complete_stores(index_path: Path) -> set[str]:
+def complete_stores(index_path: Path) -> set[str]:
     """Regimes the index lists whose store is complete."""
     built = set()
     for entry in _read_json(index_path).get("regimes", []):

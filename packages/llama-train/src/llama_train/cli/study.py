@@ -74,7 +74,9 @@ def study_run_command(
     Each point (regime x model x n_train x lr x seed) gets its own run directory under
     the study directory; after training it scores its final checkpoint on the
     held-out validation slice (validation.json), which `study collect` uses to keep
-    the best learning rate. Without --slurm, points run here, --parallel at a time.
+    the best learning rate. Without --slurm, points run here, --parallel at a time,
+    after the stores of the study's regimes are built where missing (its `stores`
+    recipe; only those regimes).
     """
     from llama_train.launch.study import (
         plan_study,
@@ -89,6 +91,10 @@ def study_run_command(
     with user_errors():
         if slurm and local:
             raise LlamaTrainError("choose --slurm or --local, not both")
+        if not (slurm or dry_run):
+            from llama_train.launch.study_stores import ensure_stores
+
+            ensure_stores(study, log=_say)
         expanded = plan_study(study)
         if widen_edges and widen(expanded, log=_say):
             expanded = plan_study(study)

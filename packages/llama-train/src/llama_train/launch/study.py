@@ -180,6 +180,21 @@ class ModelSize(BaseModel):
         return self
 
 
+class StoreRecipe(BaseModel):
+    """The scaling-data recipe that writes the regimes a study names (study run builds
+    the missing ones: :mod:`llama_train.launch.study_stores`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: Path = Field(description="gssm-data scaling recipe, e.g. datasets/scaling.yaml")
+    scale: str = Field("small", description="the recipe's scale (small or full)")
+
+    @property
+    def index(self) -> Path:
+        """Where ``gssm-data scaling RECIPE --out-dir <recipe's folder>`` writes its index."""
+        return self.recipe.parent / self.recipe.stem / f"index-{self.scale}.json"
+
+
 class StepsRule(BaseModel):
     """How long each point trains: exactly one of tokens, epochs or steps."""
 
@@ -220,6 +235,11 @@ class StudyConfig(BaseModel):
     base: Path = Field(description="the training config every point starts from")
     index: Path | None = Field(
         None, description="scaling-data index (datasets/scaling/index-small.json) for names"
+    )
+    stores: StoreRecipe | None = Field(
+        None,
+        description="the recipe that writes the named regimes' stores (into the recipe's "
+        "folder); study run builds the missing ones. index defaults to its index",
     )
     regimes: list[str | RegimeEntry] = Field(min_length=1)
     models: list[ModelSize] = Field(min_length=1, description="the ladder of model sizes")
@@ -274,6 +294,15 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"{label}: a value is listed twice")
         for key in self.overrides:
             configuration.check_key(key.split("."), SubmitConfig)
+        if self.stores is not None:
+            index = self.stores.index
+            if self.index is None:
+                self.index = index
+            elif self.index != index:
+                raise ValueError(
+                    f"index {self.index} is not where stores.recipe writes its index ({index}); "
+                    "drop index or make them agree"
+                )
         return self
 
 
