@@ -16,14 +16,12 @@ from gssm_data.graph import parse_graph
 from gssm_data.kernels import draw_kernels
 from gssm_data.store import open_store
 from llama_train.cli import app
-from llama_train.config import resolve_config
 from llama_train.core.data import DataSpec
 from llama_train.errors import LlamaTrainError
 from llama_train.generate import generate_run, read_prompts, true_nll
-from llama_train.train import train
 
 runner = CliRunner()
-SEQ_LEN = 12
+SEQ_LEN = 12  # the sequence length of the shared tiny run (conftest)
 
 
 def brute_force_nll(graph, tables, tokens: np.ndarray) -> np.ndarray:
@@ -66,23 +64,9 @@ def test_true_nll_equals_a_brute_force_sum_over_latent_paths():
 
 
 @pytest.fixture(scope="module")
-def run_dir(make_debug_store, tmp_path_factory) -> Path:
-    store = make_debug_store(n_train=64, n_test=16, seq_len=SEQ_LEN)
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    config = resolve_config(
-        None,
-        [
-            f"data.path={store}",
-            "data.batch_size=8",
-            "model.dim=16",
-            "model.n_layers=1",
-            "model.n_heads=2",
-            "train.steps=2",
-            f"run.dir={run}",
-        ],
-    )
-    train(config, progress=False)
-    return run
+def run_dir(tiny_run) -> Path:
+    """The session's finished 2-step run (conftest), on sequences of SEQ_LEN tokens."""
+    return tiny_run.run_dir
 
 
 def test_samples_are_scored_against_the_store_s_graph_and_entropy_curve(run_dir, tmp_path):

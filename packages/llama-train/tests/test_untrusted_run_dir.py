@@ -38,26 +38,9 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def trained(make_debug_store, tmp_path_factory) -> tuple[Path, Path]:
-    """A finished 2-step run: (config file, run directory)."""
-    store = make_debug_store(n_train=64, n_test=16, seq_len=9)
-    root = tmp_path_factory.mktemp("trained")
-    config = root / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data": {"path": str(store), "batch_size": 4},
-                "model": {"dim": 16, "n_layers": 1, "n_heads": 2},
-                "train": {"steps": 2, "progress": False, "threads": 1},
-                "eval": {"every": 2},
-                "checkpoint": {"every": 2},
-                "run": {"dir": str(root / "run")},
-            }
-        )
-    )
-    result = runner.invoke(app, ["run", str(config)])
-    assert result.exit_code == 0, result.output
-    return config, root / "run"
+def trained(tiny_run) -> tuple[Path, Path]:
+    """The session's finished 2-step run (conftest): (config file, run directory)."""
+    return tiny_run.config, tiny_run.run_dir
 
 
 def _reseal(folder: Path) -> None:
