@@ -173,6 +173,7 @@ def test_submit_command_prints_the_job_and_the_store_path(tmp_path, sbatch_calls
     )
 
 
+@pytest.mark.integration
 def test_a_scaling_recipe_is_one_array_per_regime_then_an_index_job_after_them(
     tmp_path, sbatch_calls
 ):

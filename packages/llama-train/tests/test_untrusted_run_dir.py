@@ -70,6 +70,7 @@ def forged(trained, tmp_path) -> tuple[Path, Path, Path]:
     return forged_config, copy, marker
 
 
+@pytest.mark.integration
 def test_the_plain_pickle_would_run_code(forged):
     # The test's own premise: unpickling the planted file with pickle does create the marker.
     _, run_dir, marker = forged
@@ -77,6 +78,7 @@ def test_the_plain_pickle_would_run_code(forged):
     assert marker.read_text() == "pwned"
 
 
+@pytest.mark.integration
 def test_eval_and_load_model_of_a_forged_run_never_unpickle(forged, trained):
     _, run_dir, marker = forged
     result = runner.invoke(app, ["eval", str(run_dir), "--json"])
@@ -88,6 +90,7 @@ def test_eval_and_load_model_of_a_forged_run_never_unpickle(forged, trained):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_export_of_a_forged_run_never_unpickles(forged, tmp_path):
     _, run_dir, marker = forged
     result = runner.invoke(
@@ -97,6 +100,7 @@ def test_export_of_a_forged_run_never_unpickles(forged, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_resuming_a_forged_run_refuses_in_one_line_without_running_code(forged):
     config, _, marker = forged
     result = runner.invoke(app, ["run", str(config)])
@@ -124,6 +128,7 @@ def test_a_non_tensor_dcp_entry_is_read_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_sound_metadata_still_loads(trained):
     _, run_dir = trained
     path = run_dir / "checkpoints/step_000002/dcp/.metadata"
@@ -132,6 +137,7 @@ def test_sound_metadata_still_loads(trained):
     assert "model.tok_embeddings.weight" in metadata.state_dict_metadata
 
 
+@pytest.mark.integration
 def test_a_checkpoint_without_safetensors_weights_is_refused_in_one_line(trained, tmp_path):
     _, run_dir = trained
     copy = tmp_path / "run"
