@@ -1,16 +1,17 @@
 """Against a real one-node Slurm cluster: an array sweep, a preempted run that requeues
 itself and finishes with the losses of an uninterrupted run, a store written by an array.
 
-Marked `integration`: they run where a cluster answers `sinfo` (SLURM_CONF names it), as
-the one-node cluster `tests/slurm/start-local-cluster.sh` starts for `.ci/run` does, and
-skip, saying why, elsewhere; pytest itself never starts or installs a cluster. Models are
-tiny and runs short: the file takes about a minute on a 2-core machine, most of it Python
-and torch starting inside jobs.
+The cluster tests are marked `integration`: they run where a cluster answers `sinfo`
+(SLURM_CONF names it), as the one-node cluster `tests/slurm/start-local-cluster.sh` starts
+for `.ci/run` does, and skip, saying why, elsewhere; pytest itself never starts or installs
+a cluster. Models are tiny and runs short: those tests take about a minute on a 2-core
+machine, most of it Python and torch starting inside jobs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -36,8 +37,6 @@ JOB_TIMEOUT_S = 180
 SINFO_TIMEOUT_S = 30
 # The partition every job here asks for (the local cluster's only one).
 PARTITION = "debug"
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
@@ -116,9 +115,47 @@ def _write(path: Path, config: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------
+# When these tests run: only where a cluster answers (never one started from here)
+
+
+def _fake_sinfo(folder: Path, script: str) -> str:
+    """A PATH whose only `sinfo` is `script` (and no other Slurm command)."""
+    folder.mkdir()
+    sinfo = folder / "sinfo"
+    sinfo.write_text(f"#!/bin/sh\n{script}\n")
+    sinfo.chmod(0o755)
+    return f"{folder}{os.pathsep}/usr/bin{os.pathsep}/bin"
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ('printf "debug\\ngpu\\n"', None),
+        ('echo "gpu"', "the cluster has no partition 'debug'"),
+        (
+            'echo "sinfo: error: Unable to contact slurm controller" >&2; exit 1',
+            "sinfo failed: sinfo: error: Unable to contact slurm controller",
+        ),
+    ],
+)
+def test_the_cluster_is_used_only_when_sinfo_answers_with_the_partition(
+    script, reason, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PATH", _fake_sinfo(tmp_path / "bin", script))
+    assert cluster_unreachable_reason() == reason
+
+
+def test_without_sinfo_the_tests_skip_saying_so(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cluster_unreachable_reason() == "sinfo is not installed"
+
+
+# ---------------------------------------------------------------------------
 # A sweep as one array job
 
 
+@pytest.mark.integration
 def test_a_sweep_runs_as_one_array_job_and_status_and_best_read_its_run_directories(
     slurm_cluster, store, cli, tmp_path
 ):
@@ -179,6 +216,7 @@ def test_a_sweep_runs_as_one_array_job_and_status_and_best_read_its_run_director
 # Preemption: SIGUSR1, checkpoint, requeue, resume
 
 
+@pytest.mark.integration
 def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted_losses(
     slurm_cluster, store, cli, tmp_path
 ):
@@ -231,6 +269,7 @@ def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted
     assert summary["test_loss"] == expected["test_loss"]
 
 
+@pytest.mark.integration
 def test_a_two_task_job_trains_as_two_ranks_and_resumes_them_after_preemption(
     slurm_cluster, store, cli, tmp_path
 ):
@@ -285,6 +324,7 @@ def _deterministic(directory: Path) -> list[dict]:
 # gssm-data on Slurm
 
 
+@pytest.mark.integration
 def test_gssm_data_submit_writes_with_two_array_tasks_the_bytes_of_a_local_generate(
     slurm_cluster, cli, tmp_path
 ):
