@@ -28,6 +28,7 @@ def _points(noise: float = 0.005, seed: int = 1) -> tuple[np.ndarray, np.ndarray
     return n, d, clean * np.exp(rng.normal(0.0, noise, clean.shape))
 
 
+@pytest.mark.integration
 def test_recovers_a_known_law_inside_its_bootstrap_intervals():
     n, d, loss = _points()
     fit = fit_law(n, d, loss, bootstrap=40, seed=0)
@@ -57,6 +58,7 @@ def test_noise_free_points_are_fitted_exactly_and_deterministically():
     assert first.rms_log_residual < 1e-6
 
 
+@pytest.mark.integration
 def test_one_variable_forms_ignore_the_other_column():
     rng = np.random.default_rng(2)
     n = np.geomspace(1e3, 1e6, 12)
@@ -74,6 +76,7 @@ def test_one_variable_forms_ignore_the_other_column():
     assert fit.parameters["E"] == pytest.approx(1.2, rel=1e-3)
 
 
+@pytest.mark.integration
 def test_fixed_e_is_kept_and_zero_fits_a_pure_power_law():
     n, d, loss = _points()
     fixed = fit_law(n, d, loss, fixed_e=0.9, bootstrap=20)
@@ -123,6 +126,7 @@ def table(tmp_path: Path) -> Path:
     return _write_csv(tmp_path / "runs.csv", ["run", "params", "tokens", "val", "floor"], rows)
 
 
+@pytest.mark.integration
 def test_fit_reads_any_csv_and_prints_json_with_intervals(table: Path):
     columns = ["--n-col", "params", "--d-col", "tokens", "--loss-col", "val"]
     result = runner.invoke(app, ["fit", str(table), *columns, "--bootstrap", "10", "--json"])
