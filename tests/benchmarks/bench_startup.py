@@ -82,6 +82,30 @@ def _bare_loop(store: Path, tokens_seen: int) -> float:
     return seconds
 
 
+IMPORT_CPU = """
+import json, time
+import torch
+clock, seconds = time.process_time(), {}
+for module in ("torch.distributed.checkpoint.state_dict", "torch._dynamo"):
+    __import__(module)
+    seconds[module], clock = time.process_time() - clock, time.process_time()
+print(json.dumps(seconds))
+"""
+
+
+def _import_cpu(env: dict[str, str]) -> dict[str, float]:
+    """CPU seconds of importing DCP's state_dict, then torch._dynamo, in a fresh process."""
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_CPU],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
 def test_a_study_points_start_up_share_and_tokens_per_cpu_second(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     store = tmp_path / "hmm.zarr"
@@ -143,9 +167,10 @@ def test_a_study_points_start_up_share_and_tokens_per_cpu_second(tmp_path: Path)
     )
     print(
         f"  other once-per-process costs after start-up {once:6.2f} s  "
-        f"{100 * once / own_cpu:5.1f} %  (mostly the first checkpoint's imports: "
-        "DCP, torch._dynamo)"
+        f"{100 * once / own_cpu:5.1f} %"
     )
+    for module, seconds in _import_cpu(env).items():
+        print(f"    of which importing {module} (first checkpoint) {seconds:5.2f} s")
     print("  tokens per CPU-second:")
     for way, rate in rates.items():
         print(f"    {way:<12} {rate:10,.0f}  {rate / rates['bare loop']:5.2f} x the bare loop")
