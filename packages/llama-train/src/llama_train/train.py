@@ -316,6 +316,7 @@ class Trainer:
     saved_step: int | None = None  # step of the checkpoint on disk that matches the state
     profiler: StepProfiler | None = None  # set by `run` for its session
     fork_steps: frozenset[int] = frozenset()  # a trunk's: checkpointed, kept (branches)
+    startup_cpu_seconds: float | None = None  # this process's CPU before its first step
 
     @functools.cached_property
     def optim(self) -> OptimConfig:
@@ -444,10 +445,10 @@ class Trainer:
         and optimizer. Building the templates initialises an empty optimizer's
         state, so it is done only when there is something to load.
         """
+        if not self.checkpoints.agreed_steps():
+            return None  # a fresh run: no DCP import (about 1 s of CPU) before its first step
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        if not self.checkpoints.agreed_steps():
-            return None
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         latest = self.checkpoints.load_latest(
             map_location="cpu", into={"model": model_state, "optimizer": optimizer_state}
@@ -552,6 +553,7 @@ class Trainer:
         assert profiler is not None, "run() starts the profiler"
         session_start = time.perf_counter()
         wall_before = state.wall_seconds
+        self.startup_cpu_seconds = time.process_time()  # interpreter, imports, set-up
 
         def elapsed() -> float:
             return wall_before + time.perf_counter() - session_start
@@ -675,6 +677,7 @@ class Trainer:
             "tokens_per_s": self.state.tokens / max(self.state.train_seconds, 1e-9),
             "data": str(self.config.data.path) if self.config.data.path else None,
             "profile_seconds": dict(self.profiler.totals) if self.profiler else None,
+            "startup_cpu_seconds": self.startup_cpu_seconds,
             "baselines": self._baselines(),
             **self.scale_figures(),
         }
