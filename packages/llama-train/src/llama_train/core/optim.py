@@ -27,8 +27,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from llama_train.core.adamw import AdamW
-
 Schedule = Literal["cosine", "linear", "constant", "wsd"]
 DecayShape = Literal["1-sqrt", "linear", "cosine"]
 
@@ -125,13 +123,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over `parameter_groups`; call it after moving the model to its device.
 
     The fused kernel is used when every parameter is on CUDA (one launch per step
-    instead of one per tensor); elsewhere PyTorch's default implementation. It is
-    PyTorch's AdamW, arithmetic and state dict alike, with its torch._dynamo import
-    left out while nothing compiles (llama_train.core.adamw): a short run's start-up.
+    instead of one per tensor); elsewhere PyTorch's default implementation.
     """
     groups = parameter_groups(model, cfg)
     on_cuda = all(p.is_cuda for group in groups for p in group["params"])
-    return AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True if on_cuda else None)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True if on_cuda else None
+    )
 
 
 def _cosine(progress: float, floor: float) -> float:
