@@ -99,8 +99,11 @@ def test_bad_inputs_are_one_line_errors():
         fit_law(n, d, loss - float(loss.min()), fixed_e=0.0)
     with pytest.raises(LlamaTrainError, match="finite and positive"):
         fit_law(n, d, np.where(np.arange(len(loss)) == 3, -1.0, loss))
+    pick = [0, 6, 12]  # three distinct N and D
     with pytest.raises(LlamaTrainError, match="free parameters"):
-        fit_law(n[:3], d[:3], loss[:3])
+        fit_law(n[pick], d[pick], loss[pick])
+    with pytest.raises(LlamaTrainError, match="every row has N = 1000"):
+        fit_law(n[:5], d[:5], loss[:5])
 
 
 # ---------------------------------------------------------------------------
