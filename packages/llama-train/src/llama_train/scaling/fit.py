@@ -542,7 +542,10 @@ class ComputeOptimal:
 def has_compute_optimal(fit: Fit) -> bool:
     """An ND fit whose exponents and coefficients are all positive (both terms present)."""
     p = fit.parameters
-    return fit.form == "ND" and all(p[name] for name in ("A", "B", "alpha", "beta"))
+    vanished = {"A", "B", "alpha", "beta"} & set(fit.at_bound) - {"alpha", "beta"}
+    return (
+        fit.form == "ND" and not vanished and all(p[name] for name in ("A", "B", "alpha", "beta"))
+    )
 
 
 def compute_optimal(fit: Fit) -> ComputeOptimal:
