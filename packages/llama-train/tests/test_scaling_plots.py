@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,35 @@ def test_regimes_without_enough_points_are_skipped_and_floor_points_leave_the_ex
     assert fits[0].excess.n_points == len(rows) - 1 and fits[0].free.n_points == len(rows)
     assert any("few: 3 finished point(s)" in line for line in said)
     assert any("1 point(s) at or below the floor" in line for line in said)
+
+
+def test_study_plot_prints_the_validation_and_writes_it(tmp_path: Path, monkeypatch):
+    """`study plot` on a study's table: the E = exact fit is validated by holdout,
+    leave-future-out and recovery, printed under its table and kept in fits.json."""
+    from typer.testing import CliRunner
+
+    from llama_train.cli import app
+    from llama_train.launch import study
+    from llama_train.scaling import points
+
+    rows = _rows(tmp_path)
+    rng = np.random.default_rng(0)
+    for row in rows:
+        row["loss"] = 0.8 + (row["loss"] - 0.8) * math.exp(rng.normal(0.0, 0.002))
+        row["group"] = row["run_dir"]
+    monkeypatch.setattr(study, "ensure_validation", lambda directory, log=None: 0)
+    monkeypatch.setattr(points, "collect", lambda directory: rows)
+    result = CliRunner().invoke(
+        app,
+        ["study", "plot", str(tmp_path), "--bootstrap", "5", "--recovery", "2"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "r, E = exact: holdout of the largest model (N = 100,000, 4 row(s))" in text
+    assert "r, E = exact: leave-future-out over compute" in text
+    assert "threshold 1% of the loss" in text and "recovery: 2 tables" in text
+    record = json.loads((tmp_path / "plots" / "fits.json").read_text())[0]
+    assert record["exact_E"]["method"] == "vpnls" and record["free_E"]["method"] == "lbfgs"
+    assert record["validation"]["holdout_largest"]["passed"] is True
+    assert record["validation"]["recovery"]["replicates"] == 2

@@ -137,4 +137,4 @@ def test_one_group_gives_no_interval_and_says_why():
     n, d, loss = study_table(0.005, seed=2)
     fit = fit_vpnls(n, d, loss, fixed_e=TRUTH["E"], bootstrap=5, groups=["one"] * 16)
     assert fit.intervals["alpha"] is None and fit.intervals["beta"] is None
-    assert any("same value" in flag for flag in fit.flags)
+    assert any("1 run group(s) for 4 free parameters" in flag for flag in fit.flags)

@@ -19,6 +19,7 @@ Following Hoffmann et al. (2022) and the replication by Besiroglu et al. (2024):
   from the full fit's optimum, except when that optimum sits on the search box: then
   every resample would stay pinned there and the interval would have zero width, so
   each resample is refitted from the best points of the initialisation grid too.
+  Intervals are widened for few runs (see :mod:`llama_train.scaling.bootstrap`).
 
 This is the diagnostic for a free E (:mod:`llama_train.scaling.vpnls` is the default
 method): its bias against the exact entropy is a measurement of its own.
@@ -45,7 +46,12 @@ import numpy as np
 from scipy.optimize import minimize
 
 from llama_train.errors import LlamaTrainError
-from llama_train.scaling.bootstrap import GroupResampler, group_codes, percentile_intervals
+from llama_train.scaling.bootstrap import (
+    GroupResampler,
+    group_codes,
+    percentile_intervals,
+    small_sample_factor,
+)
 
 Form = Literal["ND", "N", "D"]
 FORMS: tuple[Form, ...] = ("ND", "N", "D")
@@ -462,7 +468,8 @@ def fit_law(
 
 
 def add_intervals(fit: Fit, natural: list[dict[str, float | None]]) -> None:
-    """Percentile intervals of the fitted (not fixed, not absent) parameters."""
+    """Bootstrap intervals of the fitted (not fixed, not absent) parameters, widened for
+    the number of run groups (:func:`llama_train.scaling.bootstrap.small_sample_factor`)."""
     if not natural:
         return
     names = [
@@ -470,7 +477,15 @@ def add_intervals(fit: Fit, natural: list[dict[str, float | None]]) -> None:
         for name in NAMES
         if fit.parameters[name] is not None and not (name == "E" and fit.fixed_e is not None)
     ]
-    intervals, samples, flags = percentile_intervals(natural, names, fit.parameters, fit.level)
+    widen = small_sample_factor(fit.groups, len(names))
+    if widen is None:
+        fit.flags.append(
+            f"{fit.groups} run group(s) for {len(names)} free parameters: no bootstrap interval"
+        )
+        return
+    intervals, samples, flags = percentile_intervals(
+        natural, names, fit.parameters, fit.level, widen
+    )
     fit.intervals.update(intervals)
     fit.samples.update(samples)
     fit.flags.extend(flags)
@@ -563,10 +578,18 @@ def compute_optimal(fit: Fit) -> ComputeOptimal:
         alphas, betas = np.asarray(fit.samples["alpha"]), np.asarray(fit.samples["beta"])
         keep = (alphas + betas) > 0
         a_values = betas[keep] / (alphas[keep] + betas[keep])
-        tail = (1.0 - fit.level) / 2.0 * 100.0
-        low, high = np.percentile(a_values, [tail, 100.0 - tail])
-        a_interval = [float(low), float(high)]
-        b_interval = [float(1.0 - high), float(1.0 - low)]
+        a = beta / (alpha + beta)
+        widened = percentile_intervals(
+            [{"a": float(value)} for value in a_values],
+            ["a"],
+            {"a": a},
+            fit.level,
+            small_sample_factor(fit.groups, len(fit.samples)) or 1.0,
+        )[0].get("a")
+        if widened is not None:
+            low, high = widened[0], min(widened[1], 1.0)
+            a_interval = [low, high]
+            b_interval = [1.0 - high, 1.0 - low]
     return ComputeOptimal(
         a=beta / (alpha + beta),
         b=alpha / (alpha + beta),

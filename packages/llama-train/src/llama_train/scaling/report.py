@@ -1,9 +1,12 @@
 """The fits every study gets, per regime: E free, E fixed to the exact entropy, excess loss.
 
-E free is what any scaling-law tool can do; E fixed to the exact entropy of the test
-sequences uses what only a GSSM store knows; comparing the free E (with its bootstrap
-interval) to the exact entropy checks the fitted asymptote against the truth. The
-excess loss L - entropy is fitted as a pure power law A/N^alpha + B/D^beta.
+E free is what any scaling-law tool can do, fitted as Chinchilla's approach 3 (the
+diagnostic: comparing the free E, with its bootstrap interval, to the exact entropy
+checks the fitted asymptote against the truth); E fixed to the exact entropy of the
+test sequences uses what only a GSSM store knows, fitted by variable projection (only
+the exponents are searched); the excess loss L - entropy is fitted as a pure power law
+A/N^alpha + B/D^beta, also by variable projection. Bootstraps resample run groups (the
+``group`` column of the study's table).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from llama_train.errors import LlamaTrainError
 from llama_train.scaling.fit import Fit, fit_law
+from llama_train.scaling.vpnls import fit_vpnls
 
 
 @dataclass
@@ -89,15 +93,23 @@ def fit_regimes(
                 f"{regime}: {int((~above).sum())} point(s) at or below the floor are left "
                 "out of the excess fit"
             )
+        groups = np.asarray([str(row.get("group") or index) for index, row in enumerate(members)])
         common = {"bootstrap": bootstrap, "seed": seed}
         results.append(
             RegimeFits(
                 regime=regime,
                 entropy=entropy,
                 rows=members,
-                free=fit_law(n, d, loss, **common),
-                exact=fit_law(n, d, loss, fixed_e=entropy, **common),
-                excess=fit_law(n[above], d[above], loss[above] - entropy, fixed_e=0.0, **common),
+                free=fit_law(n, d, loss, groups=groups, **common),
+                exact=fit_vpnls(n, d, loss, fixed_e=entropy, groups=groups, **common),
+                excess=fit_vpnls(
+                    n[above],
+                    d[above],
+                    loss[above] - entropy,
+                    fixed_e=0.0,
+                    groups=groups[above],
+                    **common,
+                ),
             )
         )
     if not results:

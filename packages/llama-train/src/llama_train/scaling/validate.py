@@ -320,3 +320,28 @@ def design_of(fit: Fit, n: Any, d: Any, target: Any, **options: Any) -> Design:
         level=fit.level,
     )
     return replace(design, **options)
+
+
+def validate_table(
+    rows: list[dict[str, Any]],
+    fit: Fit,
+    *,
+    entropy: float | None = None,
+    recovery_replicates: int = 0,
+    bootstrap: int = 20,
+    seed: int = 0,
+) -> Validation:
+    """:func:`validate` for a fit of a study's rows (``N``, ``D``, ``loss``, ``group``).
+
+    What `llama-train study plot` prints under each regime. `fit` was made on these
+    rows' losses (E free or fixed); `entropy` is the exact floor the excess is measured
+    against.
+    """
+    n = np.asarray([float(row["N"]) for row in rows])
+    d = np.asarray([float(row["D"]) for row in rows])
+    loss = np.asarray([float(row["loss"]) for row in rows])
+    groups = np.asarray([str(row.get("group") or index) for index, row in enumerate(rows)])
+    design = design_of(fit, n, d, loss, groups=groups, floor=entropy)
+    return validate(
+        design, fit, recovery_replicates=recovery_replicates, bootstrap=bootstrap, seed=seed
+    )
