@@ -109,7 +109,9 @@ def test_study_plot_prints_the_validation_and_writes_it(tmp_path: Path, monkeypa
     assert "r, E = exact: holdout of the largest model (N = 100,000, 4 row(s))" in text
     assert "r, E = exact: leave-future-out over compute" in text
     assert "threshold 1% of the loss" in text and "recovery: 2 tables" in text
+    assert "3: vpnls fit" in text and "2: isoFLOP" in text
     record = json.loads((tmp_path / "plots" / "fits.json").read_text())[0]
     assert record["exact_E"]["method"] == "vpnls" and record["free_E"]["method"] == "lbfgs"
     assert record["validation"]["holdout_largest"]["passed"] is True
     assert record["validation"]["recovery"]["replicates"] == 2
+    assert [item["approach"] for item in record["approaches"]] == ["1: frontier", "2: isoFLOP"]

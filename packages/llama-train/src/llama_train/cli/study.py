@@ -251,16 +251,30 @@ def study_plot_command(
             )
             for regime in fits
         ]
+        approaches = [
+            _approaches(
+                regime.exact,
+                [row["N"] for row in regime.rows],
+                [row["D"] for row in regime.rows],
+                [row["loss"] for row in regime.rows],
+            )
+            for regime in fits
+        ]
         target = out_dir or Path(directory) / "plots"
         paths = plot_study(directory, fits, target)
         fits_path = target / "fits.json"
         records = [
-            {**fit.to_dict(), "validation": validation.to_dict()}
-            for fit, validation in zip(fits, validations, strict=True)
+            {
+                **fit.to_dict(),
+                "approaches": [allocation.to_dict() for allocation in allocations],
+                "validation": validation.to_dict(),
+            }
+            for fit, allocations, validation in zip(fits, approaches, validations, strict=True)
         ]
         fits_path.write_text(json.dumps(records, indent=1) + "\n")
-    for regime, validation in zip(fits, validations, strict=True):
+    for regime, allocations, validation in zip(fits, approaches, validations, strict=True):
         _print_table(_fits_table(regime))
+        _print_table(_approaches_table(regime.exact, allocations))
         for flag in regime.exact.flags:
             console.print(f"E = exact: unidentified: {flag}", highlight=False)
         for line in validation.lines():
@@ -276,9 +290,10 @@ def _fits_table(regime: Any) -> Table:
         title=f"{regime.regime}: {len(regime.rows)} points, exact entropy {regime.entropy:.4f} "
         f"nats ({regime.entropy / LN2:.4f} bits)",
         title_justify="left",
-        caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples); "
-        "(bound): the fit ended on the edge of its search box (exponents <= 4, log A/B in "
-        "[-20, 60], log E >= -20): the data do not determine that parameter",
+        caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples "
+        f"of {regime.exact.groups} run groups); (bound): the fit ended on the edge of its search "
+        "(exponents 0..4; approach 3: log A/B in [-20, 60], log E >= -20; vpnls: a coefficient "
+        "at 0): the data do not determine that parameter",
         caption_justify="left",
     )
     table.add_column("fit")

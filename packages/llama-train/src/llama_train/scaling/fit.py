@@ -285,7 +285,10 @@ class Fit:
             "level": self.level,
             "n_points": self.n_points,
             "bootstrap": self.bootstrap,
-            "huber_objective": self.objective,
+            # approach 3: summed Huber of log residuals; vpnls: summed squared relative ones
+            ("huber_objective" if self.method == "lbfgs" else "squared_relative_objective"): (
+                self.objective
+            ),
             "rms_log_residual": self.rms_log_residual,
             "at_bound": self.at_bound,
             "method": self.method,
