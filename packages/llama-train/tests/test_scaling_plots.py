@@ -115,3 +115,14 @@ def test_study_plot_prints_the_validation_and_writes_it(tmp_path: Path, monkeypa
     assert record["validation"]["holdout_largest"]["passed"] is True
     assert record["validation"]["recovery"]["replicates"] == 2
     assert [item["approach"] for item in record["approaches"]] == ["1: frontier", "2: isoFLOP"]
+
+
+def test_a_regime_that_cannot_be_fitted_is_named_and_the_others_are_fitted(tmp_path: Path):
+    rows = _rows(tmp_path)
+    single = [{**row, "regime": "one-size", "N": 1e4} for row in rows]
+    below = [{**row, "regime": "under", "loss": 0.5} for row in rows]
+    said: list[str] = []
+    fits = fit_regimes(rows + single + below, bootstrap=0, log=said.append)
+    assert [fit.regime for fit in fits] == ["r"]
+    assert any(line.startswith("one-size: not fitted: every row has N = 10000") for line in said)
+    assert any(line.startswith("under: not fitted:") for line in said), said

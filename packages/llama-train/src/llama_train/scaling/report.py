@@ -71,7 +71,8 @@ def fit_regimes(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> list[RegimeFits]:
-    """The three fits of every regime with enough points (others are named in `log`).
+    """The three fits of every regime with enough points (others are named in `log`, as
+    are regimes whose table cannot identify the law).
 
     A point whose loss is not above the exact entropy (possible by sampling noise on a
     small evaluation set, once a model is at the floor) has no log excess: it is left
@@ -95,8 +96,8 @@ def fit_regimes(
             )
         groups = np.asarray([str(row.get("group") or index) for index, row in enumerate(members)])
         common = {"bootstrap": bootstrap, "seed": seed}
-        results.append(
-            RegimeFits(
+        try:
+            fits = RegimeFits(
                 regime=regime,
                 entropy=entropy,
                 rows=members,
@@ -111,7 +112,11 @@ def fit_regimes(
                     **common,
                 ),
             )
-        )
+        except LlamaTrainError as error:
+            # A single N, every loss under the floor...: this regime says why, the others fit.
+            say(f"{regime}: not fitted: {error}")
+            continue
+        results.append(fits)
     if not results:
         raise LlamaTrainError(f"no regime has the {MIN_POINTS} finished points a fit needs yet")
     return results
