@@ -67,10 +67,8 @@ def _power_law(
         notes,
     )
     if len(np.unique(compute)) < 2:
-        notes.append(
-            f"{len(compute)} optimum(s) at {len(np.unique(compute))} compute value(s): "
-            "an exponent needs two"
-        )
+        if len(compute):
+            notes.append(f"{len(compute)} optima at one compute value: an exponent needs two")
         return allocation
     slope, intercept = np.polyfit(np.log(compute), np.log(n_opt), 1)
     allocation.a = float(slope)
