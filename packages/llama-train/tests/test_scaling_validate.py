@@ -123,16 +123,21 @@ def test_intervals_hold_the_truth_in_at_least_90_percent_of_replicates():
 
 
 def test_approach_three_at_a_bound_refits_resamples_from_the_grid():
-    """A free E pinned at its bound used to pin every resample: a zero-width interval."""
+    """A free E pinned at its bound (log E = -20: E = 2.06e-9, issue 21's case) used to pin
+    every resample there: a zero-width "95%" interval that excluded the truth."""
     n, d, _ = study_table(0.0, seed=0)
-    rng = np.random.default_rng(4)
-    loss = (0.05 + 4.0 / n**0.3 + 60.0 / d**0.5) * np.exp(rng.normal(0.0, 0.01, n.shape))
-    fit = fit_law(n, d, loss, bootstrap=30, seed=0)
-    for name, interval in fit.intervals.items():
-        if interval is not None:
-            assert interval[1] > interval[0], name
-    if "E" in fit.at_bound:
-        assert fit.intervals["E"] is None or fit.intervals["E"][1] > 1e-6
+    rng = np.random.default_rng(5)
+    true_e = 0.05
+    loss = (true_e + 4.0 / n**0.3 + 60.0 / d**0.5) * np.exp(rng.normal(0.0, 0.01, n.shape))
+    fit = fit_law(n, d, loss, bootstrap=40, seed=0)
+    assert "E" in fit.at_bound and fit.parameters["E"] == pytest.approx(math.exp(-20))
+    low, high = fit.intervals["E"]
+    assert low <= true_e <= high and high - low > 0.01
+    # Started only from the full fit's optimum, the resamples stay on the bound: the
+    # interval collapses, and is then not reported as certainty but flagged.
+    pinned = fit_law(n, d, loss, bootstrap=40, seed=0, resample_starts=0)
+    assert pinned.intervals["E"] is None
+    assert any(flag.startswith("E: every resample gave the same value") for flag in pinned.flags)
 
 
 # ---------------------------------------------------------------------------

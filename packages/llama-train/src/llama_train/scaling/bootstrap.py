@@ -80,7 +80,7 @@ def percentile_intervals(
 
     Each side is widened by `widen` about the estimate (every parameter of these laws is
     non-negative, so the lower end stops at 0). A parameter whose resamples all agree
-    (relative spread under 1e-9) gets no interval and a flag: identical resamples
+    (relative spread under 1e-6) gets no interval and a flag: identical resamples
     measure the design, not the uncertainty.
     """
     intervals: dict[str, list[float] | None] = {}
@@ -95,7 +95,7 @@ def percentile_intervals(
         kept[name] = [float(value) for value in array]
         low, high = np.percentile(array, [tail, 100.0 - tail])
         scale = max(abs(float(estimates.get(name) or 0.0)), abs(float(low)), abs(float(high)))
-        if high - low <= 1e-9 * max(scale, 1e-300):
+        if high - low <= 1e-6 * max(scale, 1e-300):
             intervals[name] = None
             flags.append(
                 f"{name}: every resample gave the same value, so no interval "
