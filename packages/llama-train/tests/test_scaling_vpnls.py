@@ -138,3 +138,30 @@ def test_one_group_gives_no_interval_and_says_why():
     fit = fit_vpnls(n, d, loss, fixed_e=TRUTH["E"], bootstrap=5, groups=["one"] * 16)
     assert fit.intervals["alpha"] is None and fit.intervals["beta"] is None
     assert any("1 run group(s) for 4 free parameters" in flag for flag in fit.flags)
+
+
+def test_collected_rows_carry_their_run_group(tmp_path):
+    """A point's record may name its group (a cooldown branch names its trunk); otherwise
+    the point is its own group. The column reaches points.csv, where `fit` reads it."""
+    import csv
+    import json
+
+    from llama_train.scaling.points import point_rows, write_csv
+
+    base = {"regime": "r", "model": "m", "n_train": 8, "lr": 0.01, "seed": 0, "steps": 4}
+    record = {
+        "points": [
+            {**base, "name": "trunk-a-b1", "group": "trunk-a"},
+            {**base, "name": "solo"},
+        ]
+    }
+    for point in record["points"]:
+        run_dir = tmp_path / point["name"]
+        run_dir.mkdir()
+        summary = {"step": 4, "test_loss": 2.5, "test_entropy": 2.0}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    rows = point_rows(tmp_path, record)
+    assert [row["group"] for row in rows] == ["trunk-a", "solo"]
+    path = write_csv(rows, tmp_path / "points.csv")
+    with path.open() as handle:
+        assert [row["group"] for row in csv.DictReader(handle)] == ["trunk-a", "solo"]
