@@ -102,8 +102,11 @@ def test_bad_inputs_are_one_line_errors():
         fit_law(n, d, loss - float(loss.min()), fixed_e=0.0)
     with pytest.raises(LlamaTrainError, match="finite and positive"):
         fit_law(n, d, np.where(np.arange(len(loss)) == 3, -1.0, loss))
+    pick = [0, 6, 12]  # three distinct N and D
     with pytest.raises(LlamaTrainError, match="free parameters"):
-        fit_law(n[:3], d[:3], loss[:3])
+        fit_law(n[pick], d[pick], loss[pick])
+    with pytest.raises(LlamaTrainError, match="every row has N = 1000"):
+        fit_law(n[:5], d[:5], loss[:5])
 
 
 # ---------------------------------------------------------------------------
@@ -140,15 +143,15 @@ def test_fit_reads_any_csv_and_prints_json_with_intervals(table: Path):
     assert data["compute_optimal"]["a"] == pytest.approx(
         data["beta"] / (data["alpha"] + data["beta"])
     )
+    few = ["--bootstrap", "10", "--json"]
     exact = runner.invoke(
-        app,
-        ["fit", str(table), *columns, "--entropy-col", "floor", "--fix-E", "exact", "--json"],
+        app, ["fit", str(table), *columns, "--entropy-col", "floor", "--fix-E", "exact", *few]
     )
     assert exact.exit_code == 0, exact.output
     assert json.loads(exact.output)["E"] == 0.9
-    value = runner.invoke(app, ["fit", str(table), *columns, "--fix-E", "0.85", "--json"])
+    value = runner.invoke(app, ["fit", str(table), *columns, "--fix-E", "0.85", *few])
     assert json.loads(value.output)["E"] == 0.85
-    one = runner.invoke(app, ["fit", str(table), *columns, "--form", "N", "--json"])
+    one = runner.invoke(app, ["fit", str(table), *columns, "--form", "N", *few])
     assert json.loads(one.output)["B"] is None
     shown = runner.invoke(app, ["fit", str(table), *columns, "--bootstrap", "5"])
     assert shown.exit_code == 0 and "alpha" in shown.output and "N_opt ~ C^" in shown.output
