@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ KS = (1, 4, 16) if QUICK else (1, 4, 16, 64)
 SHAPES = {16: (1, 1), 32: (1, 2), 64: (2, 4)}  # width: (layers, heads)
 WIDTHS = (16, 32) if QUICK else (16, 32, 64)
 BATCH, SEQ, VOCAB = 16, 256, 16
-STEPS, REPEATS = (2, 1) if QUICK else (3, 2)
+STEPS, REPEATS = (1, 3) if QUICK else (2, 5)
 RUNS = 4 if QUICK else 16
 RUN_ROWS = 512  # train sequences of a table-2 run: 2 epochs = 64 steps of 16
 
@@ -48,41 +49,50 @@ def _model_config(width: int) -> ModelConfig:
     )
 
 
-def _singles_seconds(config: ModelConfig, k: int, batches: list[torch.Tensor]) -> float:
-    """Seconds per round of K single-model steps (forward, backward, clip, AdamW)."""
+def _singles_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
+    """One round of K single-model steps (forward, backward, clip, AdamW), as train.py."""
     cfg = OptimConfig(lr=1e-3)
     models = [Llama(config, seed=seed) for seed in range(k)]
     optimizers = [build_optimizer(model, cfg) for model in models]
-    best = float("inf")
-    for _ in range(REPEATS):
-        for index, batch in enumerate(batches):
-            if index == 1:  # the first round warms up
-                started = time.perf_counter()
-            for model, optimizer in zip(models, optimizers, strict=True):
-                set_lr(optimizer, cfg.lr)
-                model(batch[:, :-1], batch[:, 1:]).loss.backward()
-                clip_gradients(model, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        best = min(best, (time.perf_counter() - started) / (len(batches) - 1))
-    return best
+
+    def step(batch: torch.Tensor) -> None:
+        for model, optimizer in zip(models, optimizers, strict=True):
+            set_lr(optimizer, cfg.lr)
+            model(batch[:, :-1], batch[:, 1:]).loss.backward()
+            clip_gradients(model, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
-def _stack_seconds(config: ModelConfig, k: int, batches: list[torch.Tensor]) -> float:
-    """Seconds per step of one stack of K members on the same batches."""
+def _stack_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
+    """One step of one stack of K members."""
     cfgs = [OptimConfig(lr=1e-3)] * k
     stack = StackedLlama.from_models([Llama(config, seed=seed) for seed in range(k)])
     optimizer = StackedAdamW(stack, cfgs)
-    best = float("inf")
+
+    def step(batch: torch.Tensor) -> None:
+        stack(batch[:, :-1], batch[:, 1:]).sum().backward()
+        clip_member_gradients(stack, [cfg.grad_clip for cfg in cfgs])
+        optimizer.step([cfg.lr for cfg in cfgs])
+        optimizer.zero_grad()
+
+    return step
+
+
+def _best_seconds(steps: list[Callable[[torch.Tensor], None]], batch: torch.Tensor) -> list[float]:
+    """Best seconds per step of each contender; repeats alternate between them, so a
+    burst of background load hits all alike. The first step of each is a warm-up."""
+    for step in steps:
+        step(batch)
+    best = [float("inf")] * len(steps)
     for _ in range(REPEATS):
-        for index, batch in enumerate(batches):
-            if index == 1:
-                started = time.perf_counter()
-            stack(batch[:, :-1], batch[:, 1:]).sum().backward()
-            clip_member_gradients(stack, [cfg.grad_clip for cfg in cfgs])
-            optimizer.step([cfg.lr for cfg in cfgs])
-            optimizer.zero_grad()
-        best = min(best, (time.perf_counter() - started) / (len(batches) - 1))
+        for index, step in enumerate(steps):
+            started = time.perf_counter()
+            for _ in range(STEPS):
+                step(batch)
+            best[index] = min(best[index], (time.perf_counter() - started) / STEPS)
     return best
 
 
@@ -91,13 +101,14 @@ def test_table_1_training_steps() -> None:
     torch.set_num_threads(1)
     try:
         generator = torch.Generator().manual_seed(0)
-        batches = [torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)] * (STEPS + 1)
+        batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
         rows = []
         for width in WIDTHS:
             config = _model_config(width)
             for k in KS:
-                singles = _singles_seconds(config, k, batches)
-                stacked = _stack_seconds(config, k, batches)
+                singles, stacked = _best_seconds(
+                    [_singles_step(config, k), _stack_step(config, k)], batch
+                )
                 rows.append((width, config.n_layers, k, singles, stacked))
     finally:
         torch.set_num_threads(threads)
@@ -120,55 +131,58 @@ def store(tmp_path_factory: pytest.TempPathFactory, write_preset_store) -> Path:
     return out
 
 
-def _overrides(store: Path, run_dir: Path, index: int) -> list[str]:
-    return [
-        f"data.path={store}",
-        f"run.dir={run_dir}",
-        f"run.name=lr{index}",
-        "model.dim=32",
-        "model.n_layers=1",
-        "model.n_heads=2",
-        "data.batch_size=16",
-        f"optim.lr={1e-3 * (1 + index)}",
-        "optim.warmup_steps=10",
-        f"train.steps={2 * RUN_ROWS // 16}",
-        "train.threads=1",
-        "train.log_every=20",
-        "train.progress=false",
-        "eval.every=1000000",
-        "eval.max_sequences=256",
-        "checkpoint.every=1000000",
-        "checkpoint.keep=1",
-    ]
+def _base_config(store: Path, tmp_path: Path) -> Path:
+    """The settings every table-2 run shares (the study's base-small.yaml, at a run length
+    of 2 epochs of RUN_ROWS sequences)."""
+    path = tmp_path / "base.yaml"
+    path.write_text(
+        f"""
+data: {{path: {store}, batch_size: 16}}
+model: {{dim: 32, n_layers: 1, n_heads: 2}}
+optim: {{warmup_steps: 10}}
+train: {{steps: {2 * RUN_ROWS // 16}, threads: 1, log_every: 20, progress: false}}
+eval: {{every: 1000000, max_sequences: 256}}
+checkpoint: {{every: 1000000, keep: 1}}
+"""
+    )
+    return path
+
+
+def _overrides(run_dir: Path, index: int) -> list[str]:
+    return [f"run.dir={run_dir}", f"run.name=lr{index}", f"optim.lr={1e-3 * (1 + index)}"]
 
 
 _STACK_SCRIPT = """
 import sys
 from llama_train.config import resolve_config
 from llama_train.train_stack import train_stack
-groups = [arg.split("\\x1f") for arg in sys.argv[1:]]
-result = train_stack([resolve_config(None, group) for group in groups], progress=False)
+base, *groups = sys.argv[1:]
+configs = [resolve_config(base, group.split("\x1f")) for group in groups]
+result = train_stack(configs, progress=False)
 assert not result.errors, result.errors
 """
 
 
-def test_table_2_whole_runs(store: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _timed(command: list[str]) -> float:
     started = time.perf_counter()
-    for index in range(RUNS):
-        command = [sys.executable, "-m", "llama_train", "run"]
-        command += _overrides(store, tmp_path / "alone" / f"lr{index}", index)
-        subprocess.run(command, check=True, env=env, capture_output=True)
-    separate = time.perf_counter() - started
-    groups = [
-        "\x1f".join(_overrides(store, tmp_path / "stack" / f"lr{index}", index))
-        for index in range(RUNS)
-    ]
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", _STACK_SCRIPT, *groups], check=True, env=env, capture_output=True
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
     )
-    stacked = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    return time.perf_counter() - started
+
+
+def test_table_2_whole_runs(store: Path, tmp_path: Path) -> None:
+    base = _base_config(store, tmp_path)
+    run = [sys.executable, "-m", "llama_train", "run", str(base)]
+    separate = sum(
+        _timed([*run, *_overrides(tmp_path / "alone" / f"lr{index}", index)])
+        for index in range(RUNS)
+    )
+    groups = [
+        "\x1f".join(_overrides(tmp_path / "stack" / f"lr{index}", index)) for index in range(RUNS)
+    ]
+    stacked = _timed([sys.executable, "-c", _STACK_SCRIPT, str(base), *groups])
     for index in range(RUNS):
         assert (tmp_path / "stack" / f"lr{index}" / "summary.json").is_file()
     print(

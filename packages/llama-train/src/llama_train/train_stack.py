@@ -85,9 +85,12 @@ def check_stack_configs(configs: Sequence[TrainConfig]) -> None:
                 f"differ in {', '.join(differing)} (members may differ only in "
                 f"{', '.join(k.rstrip('.') for k in MEMBER_KEYS)})"
             )
-    dirs = [str(c.run_dir) for c in configs]
-    if len(set(dirs)) != len(dirs):
-        raise LlamaTrainError("two members of a stack share a run directory")
+    for what, values in (
+        ("run directory", [str(c.run_dir) for c in configs]),
+        ("run name", [c.run.name for c in configs]),
+    ):
+        if len(set(values)) != len(values):
+            raise LlamaTrainError(f"two members of a stack share a {what}")
     config = configs[0]
     check_stackable(config.model)
     if config.train.amp == "fp16":

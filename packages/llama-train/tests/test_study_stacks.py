@@ -1,0 +1,120 @@
+"""Studies train through stacks by default: the same points, the same collect table."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from llama_train.cli import app
+from llama_train.config import resolve_config
+from llama_train.launch.stacks import stack_groups
+from llama_train.launch.study import plan_study
+
+runner = CliRunner()
+TRAIN_ROWS, SEQ_LEN = 192, 17
+# Columns that depend on the arithmetic only (not on time, host or directory).
+NUMERIC = ("loss", "entropy", "excess", "val_loss", "N", "D", "C", "epochs")
+
+
+@pytest.fixture(scope="module")
+def store(make_debug_store) -> Path:
+    return make_debug_store(n_train=TRAIN_ROWS, n_test=32, seq_len=SEQ_LEN, block_size=32)
+
+
+def _study(tmp_path: Path, store: Path, name: str) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(store), "batch_size": 8},
+                "model": {"dim": 8, "n_layers": 1, "n_heads": 2},
+                "optim": {"warmup_steps": 1, "grad_clip": 0.5},
+                "train": {"threads": 1, "log_every": 1, "progress": False},
+                "eval": {"batch_size": 16},
+            }
+        )
+    )
+    study = {
+        "dir": str(tmp_path / name),
+        "base": str(base),
+        "regimes": [{"name": "debug", "store": str(store)}],
+        "models": [
+            {"name": "small", "model": {"dim": 8, "n_heads": 2}},
+            {"name": "large", "model": {"dim": 16, "n_heads": 2}},
+        ],
+        "data": [32, 64],
+        "steps": {"steps": 4},
+        "lr": [1e-2, 3e-2],
+        "seeds": [0, 1],
+        "validation_sequences": 64,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def _collect(directory: Path) -> list[dict[str, str]]:
+    result = runner.invoke(app, ["study", "collect", str(directory), "--every-lr"])
+    assert result.exit_code == 0, result.output
+    with (directory / "points.csv").open() as handle:
+        return sorted(csv.DictReader(handle), key=lambda row: sorted(row.items()))
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_points_that_differ_in_lr_and_seed_share_a_stack(tmp_path, store):
+    points = plan_study(_study(tmp_path, store, "study")).plan.points
+    groups = stack_groups([p.config.train_config() for p in points])
+    assert sorted(len(group) for group in groups) == [4, 4, 4, 4]  # 2 lr x 2 seeds each
+    for group in groups:
+        shapes = {(points[i].config.model.dim, points[i].config.data.n_train) for i in group}
+        assert len(shapes) == 1
+    assert len(stack_groups([p.config.train_config() for p in points], enabled=False)) == 16
+
+
+def test_a_study_trained_in_stacks_collects_the_table_of_one_by_one(tmp_path, store):
+    stacked = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "stacked"))])
+    assert stacked.exit_code == 0, stacked.output
+    assert "in 4 stacks" in _flat(stacked.output) and "16 trained" in _flat(stacked.output)
+    alone = runner.invoke(
+        app, ["study", "run", str(_study(tmp_path, store, "alone")), "--no-stack"]
+    )
+    assert alone.exit_code == 0, alone.output
+    assert "in 4 stacks" not in _flat(alone.output)
+    rows_stacked, rows_alone = _collect(tmp_path / "stacked"), _collect(tmp_path / "alone")
+    assert len(rows_stacked) == len(rows_alone) == 16
+    for one, other in zip(rows_stacked, rows_alone, strict=True):
+        for column in NUMERIC:
+            if column in one:
+                assert float(one[column]) == pytest.approx(float(other[column]), rel=1e-6), column
+    status = runner.invoke(app, ["study", "status", str(tmp_path / "stacked"), "--json"])
+    assert {point["state"] for point in json.loads(status.output)} == {"done"}
+    again = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "stacked"))])
+    assert "all 16 points are done" in _flat(again.output)
+
+
+def test_a_point_that_cannot_stack_trains_alone(tmp_path, store):
+    config = resolve_config(None, [f"data.path={store}", "model.dropout=0.1"])
+    other = resolve_config(None, [f"data.path={store}", "model.dropout=0.1", "optim.lr=1e-2"])
+    assert stack_groups([config, other]) == [[0], [1]]
+
+
+@pytest.mark.slow
+def test_parallel_stacks_train_the_same_points(tmp_path, store):
+    one = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "one"))])
+    assert one.exit_code == 0, one.output
+    two = runner.invoke(
+        app, ["study", "run", str(_study(tmp_path, store, "two")), "--parallel", "2"]
+    )
+    assert two.exit_code == 0, two.output
+    for row_one, row_two in zip(
+        _collect(tmp_path / "one"), _collect(tmp_path / "two"), strict=True
+    ):
+        assert [row_one.get(c) for c in NUMERIC] == [row_two.get(c) for c in NUMERIC]
