@@ -14,6 +14,7 @@ from llama_train.cli import app
 from llama_train.config import resolve_config
 from llama_train.launch.stacks import stack_groups
 from llama_train.launch.study import plan_study
+from llama_train.rundir import read_state
 
 runner = CliRunner()
 TRAIN_ROWS, SEQ_LEN = 192, 17
@@ -118,3 +119,37 @@ def test_parallel_stacks_train_the_same_points(tmp_path, store):
         _collect(tmp_path / "one"), _collect(tmp_path / "two"), strict=True
     ):
         assert [row_one.get(c) for c in NUMERIC] == [row_two.get(c) for c in NUMERIC]
+
+
+@pytest.mark.slow
+def test_a_sweep_submitted_here_trains_each_stack_as_one_job(tmp_path, store):
+    """`llama-train submit` groups a sweep's lr x seed points into one job (array task)
+    per stack; each point ends as it does with --no-stack."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "data": {"path": str(store), "batch_size": 4},
+                "model": {"dim": 16, "n_layers": 1, "n_heads": 2},
+                "train": {"steps": 4, "log_every": 2, "threads": 1, "progress": False},
+                "eval": {"every": 4},
+                "checkpoint": {"every": 4},
+                "sweep": {"optim.lr": [1e-3, 1e-2], "run.seed": [0, 1]},
+            }
+        )
+    )
+    losses = {}
+    for mode, extra in (("stacked", []), ("alone", ["--no-stack"])):
+        root = tmp_path / mode
+        result = runner.invoke(app, ["submit", str(config), f"run.dir={root}", "--local", *extra])
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((root / "sweep.json").read_text())
+        names = [point["name"] for point in manifest["points"]]
+        assert len(names) == 4
+        jobs = {read_state(root / name)["job_id"] for name in names}
+        assert len(jobs) == (1 if mode == "stacked" else 4)
+        losses[mode] = {
+            name: json.loads((root / name / "summary.json").read_text())["test_loss"]
+            for name in names
+        }
+    assert losses["stacked"] == losses["alone"]

@@ -91,14 +91,16 @@ def study_run_command(
             _print_plan(expanded)
             return
         if slurm:
-            submission = submit_slurm(expanded, log=_say)
+            submission = submit_slurm(expanded, log=_say, stack=not no_stack)
             if not submission.jobs:
                 console.print(
                     f"nothing to submit in {expanded.directory}: every point is done or queued"
                 )
             else:
+                tasks = len({id(job) for job in submission.jobs.values()})
                 console.print(
-                    f"submitted Slurm array job {submission.job_id}: {len(submission.jobs)} points",
+                    f"submitted Slurm array job {submission.job_id}: {len(submission.jobs)} "
+                    f"points in {tasks} tasks",
                     highlight=False,
                 )
             console.print(f"status: llama-train study status {expanded.directory}", highlight=False)

@@ -12,7 +12,7 @@ job's after-training work (a study's validation).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,9 @@ from llama_train import train as recipe
 from llama_train.config import TrainConfig
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE
 from llama_train.errors import LlamaTrainError
+from llama_train.launch.config import SubmitConfig
 from llama_train.launch.slurm import TrainJob, describe_error
+from llama_train.launch.sweep import Point
 from llama_train.rundir import read_state, write_state
 from llama_train.train_stack import check_stack_configs, stack_key, train_stack
 
@@ -89,3 +91,16 @@ class StackJob:
             if after is not None:
                 after()
         return problems
+
+
+def stack_units(
+    points: list[Point], make_job: Callable[[SubmitConfig], TrainJob]
+) -> list[tuple[list[Point], Callable[[], Any]]]:
+    """`slurm.submit_plan`'s units with stacking: one job (array task) per stack."""
+    groups = stack_groups([point.config.train_config() for point in points])
+    units: list[tuple[list[Point], Callable[[], Any]]] = []
+    for group in groups:
+        members = [points[i] for i in group]
+        jobs = [make_job(point.config) for point in members]
+        units.append((members, jobs[0] if len(jobs) == 1 else StackJob(jobs)))
+    return units

@@ -52,7 +52,7 @@ from llama_train.errors import LlamaTrainError
 from llama_train.eval import evaluate_run
 from llama_train.launch.config import SubmitConfig, format_value
 from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, tasks_per_node
-from llama_train.launch.stacks import StackJob, stack_groups
+from llama_train.launch.stacks import StackJob, stack_groups, stack_units
 from llama_train.launch.status import point_status
 from llama_train.launch.sweep import Plan, Point, write_manifest
 
@@ -892,11 +892,16 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
-def submit_slurm(expanded: ExpandedStudy, log: Log | None = None) -> Any:
-    """Send the points that are neither done nor queued to Slurm as one array job."""
+def submit_slurm(expanded: ExpandedStudy, log: Log | None = None, *, stack: bool = True) -> Any:
+    """Send the points that are neither done nor queued to Slurm as one array job: one
+    task per stack (`stack`, the default) or per point."""
     write_study_record(expanded)
     return submit_plan(
-        expanded.plan, config_path=expanded.path, job=_job_factory(expanded), log=log
+        expanded.plan,
+        config_path=expanded.path,
+        job=_job_factory(expanded),
+        log=log,
+        units=stack_units if stack else None,
     )
 
 
