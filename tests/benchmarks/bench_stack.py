@@ -30,7 +30,12 @@ import torch
 
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.core.optim import OptimConfig, build_optimizer, clip_gradients, set_lr
-from llama_train.core.stack import StackedAdamW, StackedLlama, clip_member_gradients
+from llama_train.core.stack import (
+    StackedAdamW,
+    StackedLlama,
+    chunk_members,
+    clip_member_gradients,
+)
 
 QUICK = os.environ.get("BENCH_STACK_QUICK") == "1"
 KS = (1, 4, 16) if QUICK else (1, 4, 16, 64)
@@ -72,8 +77,10 @@ def _stack_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
     stack = StackedLlama.from_models([Llama(config, seed=seed) for seed in range(k)])
     optimizer = StackedAdamW(stack, cfgs)
 
+    stack.chunk = chunk_members(config, BATCH * SEQ, torch.device("cpu"))
+
     def step(batch: torch.Tensor) -> None:
-        stack(batch[:, :-1], batch[:, 1:]).sum().backward()
+        stack.backward_losses(batch[:, :-1], batch[:, 1:])
         clip_member_gradients(stack, [cfg.grad_clip for cfg in cfgs])
         optimizer.step([cfg.lr for cfg in cfgs])
         optimizer.zero_grad()

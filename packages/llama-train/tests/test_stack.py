@@ -65,13 +65,15 @@ def _train_stacked(
     members: list[tuple[int, OptimConfig]],
     batches: list[torch.Tensor],
     poison: dict[int, int] | None = None,
+    chunk: int | None = None,
 ) -> tuple[list[list[float]], list[list[float]], StackedLlama, StackedAdamW]:
     """The members trained as one stack; a member whose loss or norm is not finite stops.
 
     poison {step: member} sets that member's weights to inf before that step, as a
-    divergence would.
+    divergence would. chunk: members per forward/backward group (None: all at once).
     """
     stack = StackedLlama.from_models([Llama(CONFIG, seed=seed) for seed, _ in members])
+    stack.chunk = chunk
     configs = [cfg for _, cfg in members]
     optimizer = StackedAdamW(stack, configs)
     losses: list[list[float]] = [[] for _ in members]
@@ -80,8 +82,7 @@ def _train_stacked(
         if poison and step in poison:
             with torch.no_grad():
                 stack.weight("layers.0.mlp.down.weight")[poison[step]].fill_(math.inf)
-        step_losses = stack(batch[..., :-1], batch[..., 1:])
-        step_losses.sum().backward()
+        step_losses = stack.backward_losses(batch[..., :-1], batch[..., 1:])
         step_norms = clip_member_gradients(stack, [cfg.grad_clip for cfg in configs])
         for m, (loss, norm) in enumerate(
             zip(step_losses.tolist(), step_norms.tolist(), strict=True)
@@ -144,16 +145,18 @@ def test_stacked_adamw_is_torch_adamw_member_by_member() -> None:
 
 
 @pytest.mark.parametrize(
-    ("members", "shared"), [(MEMBERS[:1], True), (MEMBERS, True), (MEMBERS, False)]
+    ("members", "shared", "chunk"),
+    [(MEMBERS[:1], True, None), (MEMBERS, True, None), (MEMBERS, False, None), (MEMBERS, True, 2)],
 )
 def test_each_member_trains_exactly_as_alone(
-    members: list[tuple[int, OptimConfig]], shared: bool
+    members: list[tuple[int, OptimConfig]], shared: bool, chunk: int | None
 ) -> None:
     """The contract: 200 steps, losses and gradient norms of every step equal (bit-equal
-    on CPU), the final weights too; one batch for all members or one per member."""
+    on CPU), the final weights too; one batch for all members or one per member; all
+    members in one forward/backward pass or in groups."""
     steps = 200
     batches = _batches(steps, len(members), shared)
-    losses, norms, stack, _ = _train_stacked(members, batches)
+    losses, norms, stack, _ = _train_stacked(members, batches, chunk=chunk)
     for m, (seed, cfg) in enumerate(members):
         own = [b if shared else b[m] for b in batches]
         alone_losses, alone_norms, model = _train_alone(seed, cfg, own)

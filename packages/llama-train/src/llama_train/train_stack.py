@@ -45,6 +45,7 @@ from llama_train.core.stack import (
     StackedAdamW,
     StackedLlama,
     check_stackable,
+    chunk_members,
     clip_member_gradients,
 )
 from llama_train.errors import LlamaTrainError
@@ -164,9 +165,8 @@ class StackTrainer:
         for _ in range(accum):
             batch = next(batches).to(self.device, non_blocking=True)
             with _autocast(self.device, self.amp_dtype):
-                losses = self.stack(batch[..., :-1], batch[..., 1:]) / accum
-            losses.sum().backward()
-            total += losses.detach()
+                losses = self.stack.backward_losses(batch[..., :-1], batch[..., 1:], 1 / accum)
+            total += losses / accum
         clips = [member.trainer.config.optim.grad_clip for member in self.members]
         norms = clip_member_gradients(self.stack, clips)
         self.optimizer.step(lrs)
@@ -324,6 +324,9 @@ def build_stack(configs: Sequence[TrainConfig]) -> StackTrainer:
         raise LlamaTrainError(f"the members of a stack must resume from one step ({where})")
     lead = trainers[0]
     stack = StackedLlama.from_models([t.model for t in trainers]).to(lead.device)
+    stack.chunk = chunk_members(
+        lead.config.model, lead.config.data.batch_size * (lead.spec.seq_len - 1), lead.device
+    )
     optimizer = StackedAdamW(stack, [t.config.optim for t in trainers])
     for m, trainer in enumerate(trainers):
         entries = {}
