@@ -42,7 +42,7 @@ KS = (1, 4, 16) if QUICK else (1, 4, 16, 64)
 SHAPES = {16: (1, 1), 32: (1, 2), 64: (2, 4)}  # width: (layers, heads)
 WIDTHS = (16, 32) if QUICK else (16, 32, 64)
 BATCH, SEQ, VOCAB = 16, 256, 16
-STEPS, REPEATS = (1, 3) if QUICK else (2, 5)
+STEPS, REPEATS = (1, 3) if QUICK else (2, 3)
 RUNS = 4 if QUICK else 16
 RUN_ROWS = 512  # train sequences of a table-2 run: 2 epochs = 64 steps of 16
 

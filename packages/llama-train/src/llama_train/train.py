@@ -209,6 +209,17 @@ def _nonfinite_message(what: str, step: int) -> str:
 # Building blocks
 
 
+def due_work(step: int, config: TrainConfig) -> tuple[bool, bool, bool]:
+    """Whether a metrics line, an evaluation and a checkpoint are due after optimizer
+    step `step` (1-based count of steps done); all three at the last step."""
+    last = step == config.train.steps
+    return (
+        step % config.train.log_every == 0 or last,
+        step % config.eval.every == 0 or last,
+        step % config.checkpoint.every == 0 or last,
+    )
+
+
 def seed_everything(seed: int) -> None:
     """Seed every global RNG the loop may draw from (dropout, workers)."""
     random.seed(seed)
@@ -570,9 +581,7 @@ class Trainer:
             window.add(loss, grad_norm, self.tokens_per_step, seconds)
             bar.update(task, completed=state.step)
             last = state.step == steps
-            due_log = state.step % config.train.log_every == 0 or last
-            due_eval = state.step % config.eval.every == 0 or last
-            due_checkpoint = state.step % config.checkpoint.every == 0 or last
+            due_log, due_eval, due_checkpoint = due_work(state.step, config)
             if not (due_log or due_eval or due_checkpoint):
                 continue
             window.sync()

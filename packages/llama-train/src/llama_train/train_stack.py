@@ -57,6 +57,7 @@ from llama_train.train import (
     Trainer,
     build_trainer,
     console,
+    due_work,
     finished_summary,
     flatten_keys,
     progress_bar,
@@ -264,10 +265,7 @@ class StackTrainer:
                 if member.error is None:
                     member.window.add(losses[m], norms[m], tokens, seconds)
             bar.update(task, completed=self.step)
-            last = self.step == steps
-            due_log = self.step % config.train.log_every == 0 or last
-            due_eval = self.step % config.eval.every == 0 or last
-            due_checkpoint = self.step % config.checkpoint.every == 0 or last
+            due_log, due_eval, due_checkpoint = due_work(self.step, config)
             if not (due_log or due_eval or due_checkpoint):
                 continue
             self._sync_windows(elapsed())
