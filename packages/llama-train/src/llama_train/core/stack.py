@@ -276,14 +276,18 @@ class _BatchedLinear(torch.autograd.Function):
 # Optimizer
 
 
-def _per_member(values: Sequence[float], like: Tensor) -> Tensor:
-    """Python floats (one per member) as float32 (M, 1, ..., 1) against `like`.
+def _per_member(values: Sequence[float], device: torch.device) -> Tensor:
+    """Python floats (one per member) as a float32 (M,) tensor on `device`.
 
     float64 -> float32 is the rounding PyTorch applies to a Python scalar in a
     float32 kernel, so each member sees the factor its single run sees.
     """
-    shape = (len(values),) + (1,) * (like.ndim - 1)
-    return torch.tensor(values, dtype=torch.float64).to(like.device, torch.float32).view(shape)
+    return torch.tensor(values, dtype=torch.float64).to(device, torch.float32)
+
+
+def _against(factor: Tensor, like: Tensor) -> Tensor:
+    """(M,) as (M, 1, ..., 1), broadcasting over one member's slice of `like`."""
+    return factor.view((factor.size(0),) + (1,) * (like.ndim - 1))
 
 
 class StackedAdamW:
@@ -342,6 +346,16 @@ class StackedAdamW:
         # The single run's Python-float arithmetic, member by member (torch.optim.adam).
         step_size = [-lr / (1 - b1**s) for lr, b1, s in zip(lrs, beta1, self.steps, strict=True)]
         bc2_sqrt = [(1 - b2**s) ** 0.5 for b2, s in zip(beta2, self.steps, strict=True)]
+        device = self.stack.rope_cos.device
+        # The per-member factors of this step, made once (one host-to-device copy each).
+        factors = {
+            "keep1": _per_member([1 - b for b in beta1], device),
+            "beta2": _per_member(beta2, device),
+            "keep2": _per_member([1 - b for b in beta2], device),
+            "bc2_sqrt": _per_member(bc2_sqrt, device),
+            "eps": _per_member([cfg.eps for cfg in self.configs], device),
+            "step_size": _per_member(step_size, device),
+        }
         for name in self.stack.names:
             key = _key(name)
             param = self.stack.weights[key]
@@ -355,17 +369,16 @@ class StackedAdamW:
                     "exp_avg_sq": torch.zeros_like(param),
                 }
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            f = {k: _against(v, param) for k, v in factors.items()}
             decay = [1 - lr * wd for lr, wd in zip(lrs, self.decays[name], strict=True)]
-            param.mul_(_per_member(decay, param))  # a factor of exactly 1 where wd = 0
-            exp_avg.lerp_(grad, _per_member([1 - b for b in beta1], param))
-            exp_avg_sq.mul_(_per_member(beta2, param))
+            param.mul_(_against(_per_member(decay, device), param))  # exactly 1 where wd = 0
+            exp_avg.lerp_(grad, f["keep1"])
+            exp_avg_sq.mul_(f["beta2"])
             # addcmul_(g, g, value=c) computes self + (c * g) * g: the same roundings.
-            exp_avg_sq.addcmul_(grad * _per_member([1 - b for b in beta2], param), grad)
-            denom = (exp_avg_sq.sqrt() / _per_member(bc2_sqrt, param)).add_(
-                _per_member([cfg.eps for cfg in self.configs], param)
-            )
+            exp_avg_sq.addcmul_(grad * f["keep2"], grad)
+            denom = (exp_avg_sq.sqrt() / f["bc2_sqrt"]).add_(f["eps"])
             # addcdiv_(a, d, value=s) computes self + (s * a) / d: the same roundings.
-            param.addcdiv_(exp_avg * _per_member(step_size, param), denom)
+            param.addcdiv_(exp_avg * f["step_size"], denom)
 
     def state_dict(self, member: int) -> dict[str, dict[str, Tensor | float]]:
         """Member `member`'s moments and step, keyed by `Llama` parameter name."""
