@@ -164,3 +164,39 @@ def test_members_that_differ_in_shape_or_data_cannot_share_a_stack(store, tmp_pa
     configs = _configs(store, tmp_path, [["model.dim=32"], []])
     with pytest.raises(LlamaTrainError, match=r"differ in model\.dim"):
         train_stack(configs, progress=False)
+
+
+def test_a_stack_larger_than_the_memory_allows_splits_itself(store, tmp_path, monkeypatch):
+    from llama_train import train_stack as recipe
+    from llama_train.core import budget
+    from llama_train.core.model import ModelConfig
+
+    config = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=8, max_seq_len=17)
+    per_member = budget.parameter_count(config) * 28 + budget.activation_bytes(
+        config, 8, 16, bytes_per_value=4, backward=True
+    )
+    evaluation = budget.activation_bytes(config, 8, 16, bytes_per_value=4, backward=False)
+    room = evaluation + 2 * per_member + per_member // 2  # room for two and a half members
+    with monkeypatch.context() as patch:
+        patch.setattr(budget, "available_memory", lambda device: budget.Memory(room, "test"))
+        capacity = budget.stack_capacity(
+            config, batch_size=8, eval_batch_size=8, seq_len=16, device=torch.device("cpu")
+        )
+    assert capacity == 2
+    sizes = []
+    build = recipe.build_stack
+
+    def recording(configs):
+        sizes.append(len(configs))
+        return build(configs)
+
+    monkeypatch.setattr(recipe, "build_stack", recording)
+    monkeypatch.setattr(recipe, "stack_capacity", lambda *args, **kwargs: 2)
+    result = train_stack(_configs(store, tmp_path / "split"), progress=False)
+    assert sizes == [2, 1]
+    reference = _configs(store, tmp_path / "whole")
+    monkeypatch.undo()
+    whole = train_stack(reference, progress=False)
+    for config in reference:
+        name = config.run.name
+        assert result.summaries[name]["test_loss"] == whole.summaries[name]["test_loss"]
