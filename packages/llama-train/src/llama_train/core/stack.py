@@ -11,20 +11,27 @@ member m's loss depends only on member m's weights, so the gradient of the sum o
 the members' losses is each member's own gradient.
 
 Exactness (the contract, `tests/test_stack.py`): member m equals `Llama` built
-with its seed and trained alone.
+with its seed and trained alone, bit for bit on CPU (torch 2.13, float32):
 
-- Initialisation is bit-equal: the stack is built from the single models' weights
+- Initialisation: the stack is built from the single models' weights
   (:meth:`StackedLlama.from_models`), and :meth:`StackedLlama.copy_member_to` writes
   a member back into a `Llama` for checkpoints, evaluation and export.
-- :class:`StackedAdamW` is bit-equal to `torch.optim.AdamW` as the single run uses
-  it on CPU (its single-tensor algorithm, `foreach` off off CUDA) given the same
-  gradients: each op of that algorithm runs once over the stack with per-member
-  factors, rounded to float32 exactly as the Python scalars of the single run are.
-- The forward pass, gradients and gradient norms agree to float tolerance: a batched
-  matmul, a gather over the stacked tables and a per-member reduction sum in another
-  order than their single-model kernels, so the last bits can differ (observed
-  relative differences ~1e-7 per step, growing to ~1e-5 in losses over hundreds of
-  steps on CPU).
+- Forward and backward: each batched matmul is the single model's gemm per member
+  (:class:`_BatchedLinear` computes the weight gradient as `F.linear`'s backward
+  does, grad^T @ x); the embedding gather, RMSNorm, rotary, SDPA and SwiGLU work row
+  by row; the loss is one log-softmax and then each member's own `nll_loss` mean,
+  the reduction the single run's `F.cross_entropy` performs.
+- Clipping (:func:`clip_member_gradients`): per member, the kernels and parameter
+  order of `clip_grad_norm_`, including its reciprocal-times-max_norm coefficient.
+- :class:`StackedAdamW` is `torch.optim.AdamW`'s single-tensor algorithm (what the
+  single run gets on CPU: no foreach, no fused kernel) with each op run once over the
+  stack and per-member factors rounded to float32 exactly as the single run's Python
+  scalars are.
+
+A reduction over the member axis (one norm over the stack, one mean of all losses)
+would sum in another order and differ in the last bit, which grows to ~1e-3 in the
+loss over a few hundred steps; each such place above is per member for that reason.
+On a GPU (cuBLAS batched kernels, bf16 autocast) expect equality to float tolerance.
 """
 
 from __future__ import annotations
