@@ -21,6 +21,7 @@ from llama_train.config import TrainConfig, resolve_config
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.metrics import read_metrics
 from llama_train.errors import LlamaTrainError
+from llama_train.eval import evaluate_run
 from llama_train.rundir import CHECKPOINT_DIR
 from llama_train.train import Preempted, train
 from llama_train.train_stack import StackTrainer, train_stack
@@ -90,11 +91,15 @@ def test_each_member_writes_the_run_its_config_writes_alone(store, tmp_path):
 
 
 def test_a_member_resumes_alone_from_a_stack_checkpoint(store, tmp_path):
-    """The stack's checkpoints are single-run checkpoints: `run` continues a member."""
+    """The stack's checkpoints are single-run checkpoints: `eval` reads them and `run`
+    continues a member."""
     short = _configs(store, tmp_path / "stack", [MEMBERS[0], MEMBERS[1]])
     for config in short:
         config.train.steps = 8
     train_stack(short, progress=False)
+    for config in short:  # `llama-train eval` reads a member's weights as a run's
+        summary = json.loads((config.run_dir / "summary.json").read_text())
+        assert evaluate_run(config.run_dir).loss == pytest.approx(summary["test_loss"], rel=1e-6)
     longer = short[1].model_copy(deep=True)
     longer.train.steps = 12
     reference = longer.model_copy(deep=True)
