@@ -101,10 +101,20 @@ def test_a_study_trained_in_stacks_collects_the_table_of_one_by_one(tmp_path, st
     assert "all 16 points are done" in _flat(again.output)
 
 
-def test_a_point_that_cannot_stack_trains_alone(tmp_path, store):
-    config = resolve_config(None, [f"data.path={store}", "model.dropout=0.1"])
-    other = resolve_config(None, [f"data.path={store}", "model.dropout=0.1", "optim.lr=1e-2"])
+@pytest.mark.parametrize("setting", ["model.dropout=0.1", "logging.wandb.mode=offline"])
+def test_a_point_that_cannot_stack_trains_alone(store, setting):
+    config = resolve_config(None, [f"data.path={store}", setting])
+    other = resolve_config(None, [f"data.path={store}", setting, "optim.lr=1e-2"])
     assert stack_groups([config, other]) == [[0], [1]]
+    plain = resolve_config(None, [f"data.path={store}", "optim.lr=1e-2"])
+    assert stack_groups(
+        [
+            plain,
+            plain.model_copy(
+                update={"run": plain.run.model_copy(update={"name": "b", "dir": Path("runs/b")})}
+            ),
+        ]
+    ) == [[0, 1]]
 
 
 @pytest.mark.slow

@@ -99,6 +99,12 @@ def check_stack_configs(configs: Sequence[TrainConfig]) -> None:
         raise LlamaTrainError(
             "train.amp=fp16 needs a gradient scaler per member; stacks train in fp32 or bf16"
         )
+    if any(c.logging.wandb.effective_mode != "disabled" for c in configs):
+        raise LlamaTrainError(
+            "logging.wandb: one process holds one wandb run, so stack members log to "
+            "metrics.jsonl only; set logging.wandb.mode=disabled and mirror the members with "
+            "`llama-train wandb-sync` afterwards, or train them one by one (--no-stack)"
+        )
     if config.distributed.strategy == "fsdp" or rank_info().distributed:
         raise LlamaTrainError("a stack trains in one process; launch it without torchrun/srun")
 
