@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from llama_train.config import TrainConfig
+from llama_train.core import distributed
 from llama_train.core.budget import stack_capacity
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.distributed import PreemptionWatch, rank_info, resolve_amp, resolve_device
@@ -171,7 +172,7 @@ class StackTrainer:
         total = torch.zeros(len(self.members), device=self.device)
         for _ in range(accum):
             batch = next(batches).to(self.device, non_blocking=True)
-            with _autocast(self.device, self.amp_dtype):
+            with distributed.autocast(self.device, self.amp_dtype):
                 losses = self.stack.backward_losses(batch[..., :-1], batch[..., 1:], 1 / accum)
             total += losses / accum
         clips = [member.trainer.config.optim.grad_clip for member in self.members]
@@ -304,15 +305,6 @@ class StackTrainer:
             self.save_checkpoints()
         folder = self.lead.checkpoints.folder(step) if self.saved_step == step else None
         raise Preempted(step, folder)
-
-
-@contextlib.contextmanager
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(device.type, dtype=dtype):
-        yield
 
 
 def build_stack(configs: Sequence[TrainConfig]) -> StackTrainer:
