@@ -229,11 +229,13 @@ def _gain(weight: Tensor) -> Tensor:
     return weight[:, None, None, :]  # (M, D) as (M, 1, 1, D) against (M, B, T, D)
 
 
-# Largest activation of one chunk of members on a CPU: about the size of a core's share
-# of the last-level cache. Measured on a 2-core CPU (width 32, K = 16, batch 16 x 256):
-# one group of 16 members ran 1.3x slower than 16 single models, groups of 2 (8 MB)
-# slightly faster; the working set of a whole stack falls out of the cache.
-CPU_CHUNK_BYTES = 8 * 2**20
+# Largest activation of one group of members on a CPU. Measured on the 2-core development
+# CPU (K = 16, batch 16 x 256, best of 3, alternating): at width 16 groups of 1, 2 and 4
+# members (2, 4 and 8 MB) ran at 1.01x, 0.80x and 0.71x the speed of 16 single models, at
+# width 32 (4, 8 and 16 MB) at 0.98x, 0.98x and 0.87x: the bigger the group's working set,
+# the more of it falls out of the cache. So the study's shapes go one member at a time and
+# only members with small activations (short or narrow batches) share a pass.
+CPU_CHUNK_BYTES = 2**20
 
 
 def chunk_members(config: ModelConfig, tokens: int, device: torch.device) -> int | None:
