@@ -68,13 +68,22 @@ def study_run_command(
             "multiplier beyond that edge (lr rule only), then train what is missing.",
         ),
     ] = False,
+    no_stack: Annotated[
+        bool,
+        typer.Option(
+            "--no-stack",
+            help="One point per process. By default, points that differ only in lr or seed "
+            "train together as one stack in one process (the same results).",
+        ),
+    ] = False,
 ) -> None:
     """Train every point of a study that is not done yet (the same command resumes).
 
     Each point (regime x model x n_train x lr x seed) gets its own run directory under
     the study directory; after training it scores its final checkpoint on the
     held-out validation slice (validation.json), which `study collect` uses to keep
-    the best learning rate. Without --slurm, points run here, --parallel at a time.
+    the best learning rate. Without --slurm, points run here, --parallel at a time;
+    points that share regime, model and data train as one stack (--no-stack: alone).
     """
     from llama_train.launch.study import (
         plan_study,
@@ -100,19 +109,21 @@ def study_run_command(
             _print_plan(expanded)
             return
         if slurm:
-            submission = submit_slurm(expanded, log=_say)
+            submission = submit_slurm(expanded, log=_say, stack=not no_stack)
             if not submission.jobs:
                 console.print(
                     f"nothing to submit in {expanded.directory}: every point is done or queued"
                 )
             else:
+                tasks = len({id(job) for job in submission.jobs.values()})
                 console.print(
-                    f"submitted Slurm array job {submission.job_id}: {len(submission.jobs)} points",
+                    f"submitted Slurm array job {submission.job_id}: {len(submission.jobs)} "
+                    f"points in {tasks} tasks",
                     highlight=False,
                 )
             console.print(f"status: llama-train study status {expanded.directory}", highlight=False)
             return
-        report = run_local(expanded, parallel=parallel, log=_say)
+        report = run_local(expanded, parallel=parallel, log=_say, stack=not no_stack)
     console.print(
         f"{expanded.directory}: {len(report.trained)} trained, {report.skipped} already done, "
         f"{len(report.failed)} failed, in {report.seconds:.0f} s",
