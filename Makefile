@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 SCALE ?= small
 TASKS ?= 4
 
-.PHONY: venv demo test test-all lint format bench scaling-data scaling-laws clean
+.PHONY: venv demo test test-fast test-all lint format bench scaling-data scaling-laws clean
 
 venv: $(STAMP)
 
@@ -30,9 +30,16 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Fast suite (slow tests excluded); `make test-all` runs everything.
+# `make test`: what .ci/run runs, everything but tests marked slow. `make test-fast`: the
+# inner loop, also without tests marked integration (real Slurm, torchrun, trained-model
+# fixtures, bootstrap fits, notebook, end to end). `make test-all` runs everything.
+# None of them installs anything or starts a daemon: the Slurm tests skip unless a cluster
+# answers (.ci/run starts a local one with tests/slurm/start-local-cluster.sh).
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 test-all: lint
 	$(BIN)/python -m pytest -q

@@ -18,6 +18,9 @@ import yaml
 from gssm_data.store import open_store
 from llama_train.core.metrics import read_metrics
 
+# The installed commands end to end, as a user runs them: excluded from `make test-fast`.
+pytestmark = pytest.mark.integration
+
 
 def test_generate_train_and_evaluate_against_the_exact_entropy(cli, tmp_path):
     cli(

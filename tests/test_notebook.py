@@ -11,6 +11,9 @@ from nbclient import NotebookClient
 from llama_train.config import resolve_config
 from llama_train.train import train
 
+# A real kernel running the notebook on a trained run: excluded from `make test-fast`.
+pytestmark = pytest.mark.integration
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "runs.ipynb"
 
 

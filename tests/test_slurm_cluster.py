@@ -1,10 +1,11 @@
 """Against a real one-node Slurm cluster: an array sweep, a preempted run that requeues
 itself and finishes with the losses of an uninterrupted run, a store written by an array.
 
-The cluster is the one `tests/slurm/start-local-cluster.sh` starts (idempotent; `.ci/run`
-starts it first). Where it cannot start (not root, no slurm-wlm and no way to install
-it), every test here skips, saying why. Models are tiny and runs short: the file takes
-about a minute on a 2-core machine, most of it Python and torch starting inside jobs.
+The cluster tests are marked `integration`: they run where a cluster answers `sinfo`
+(SLURM_CONF names it), as the one-node cluster `tests/slurm/start-local-cluster.sh` starts
+for `.ci/run` does, and skip, saying why, elsewhere; pytest itself never starts or installs
+a cluster. Models are tiny and runs short: those tests take about a minute on a 2-core
+machine, most of it Python and torch starting inside jobs.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,33 +29,48 @@ from llama_train.launch.status import sweep_status
 from llama_train.rundir import read_state
 from llama_train.train import train
 
-START_SCRIPT = Path(__file__).parent / "slurm" / "start-local-cluster.sh"
+# What starts a local cluster (as root); named in the skip message, never run from here.
+START_SCRIPT = "tests/slurm/start-local-cluster.sh"
 # What depends on the arithmetic only (not on time or the machine): compared exactly.
 DETERMINISTIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "epoch", "eval/loss")
 JOB_TIMEOUT_S = 180
+SINFO_TIMEOUT_S = 30
+# The partition every job here asks for (the local cluster's only one).
+PARTITION = "debug"
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[str]:
-    """A running local cluster, with SLURM_CONF exported for this session; else a skip."""
+def slurm_cluster() -> None:
+    """A reachable cluster; else a skip saying why.
+
+    Never starts or installs anything: a cluster is used when `sinfo` answers (SLURM_CONF
+    names its configuration, or the system's default does), as it does once `.ci/run` has
+    started the local one with `tests/slurm/start-local-cluster.sh`.
+    """
+    reason = cluster_unreachable_reason()
+    if reason is not None:
+        pytest.skip(f"no Slurm cluster: {reason} ({START_SCRIPT} starts a local one, as root)")
+
+
+def cluster_unreachable_reason() -> str | None:
+    """Why no Slurm cluster with the partition these tests submit to answers; None if one does."""
+    if shutil.which("sinfo") is None:
+        return "sinfo is not installed"
     try:
-        started = subprocess.run([str(START_SCRIPT)], capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"no local Slurm cluster: {START_SCRIPT.name} did not run ({error})")
-    if started.returncode != 0:
-        reason = (started.stderr.strip().splitlines() or ["no message"])[-1]
-        pytest.skip(f"no local Slurm cluster: {reason}")
-    printed = subprocess.run(
-        [str(START_SCRIPT), "env"], capture_output=True, text=True, check=True
-    ).stdout
-    conf = printed.strip().removeprefix("export SLURM_CONF=")
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
+        answer = subprocess.run(
+            ["sinfo", "--noheader", "--format=%R"],
+            capture_output=True,
+            text=True,
+            timeout=SINFO_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return f"sinfo did not answer within {SINFO_TIMEOUT_S} s"
+    if answer.returncode != 0:
+        said = (answer.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"sinfo failed: {said}"
+    if PARTITION not in answer.stdout.split():
+        return f"the cluster has no partition {PARTITION!r}"
+    return None
 
 
 def _wait_for(condition: Callable[[], object], what: str, timeout: float = JOB_TIMEOUT_S):
@@ -98,9 +115,47 @@ def _write(path: Path, config: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------
+# When these tests run: only where a cluster answers (never one started from here)
+
+
+def _fake_sinfo(folder: Path, script: str) -> str:
+    """A PATH whose only `sinfo` is `script` (and no other Slurm command)."""
+    folder.mkdir()
+    sinfo = folder / "sinfo"
+    sinfo.write_text(f"#!/bin/sh\n{script}\n")
+    sinfo.chmod(0o755)
+    return f"{folder}{os.pathsep}/usr/bin{os.pathsep}/bin"
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ('printf "debug\\ngpu\\n"', None),
+        ('echo "gpu"', "the cluster has no partition 'debug'"),
+        (
+            'echo "sinfo: error: Unable to contact slurm controller" >&2; exit 1',
+            "sinfo failed: sinfo: error: Unable to contact slurm controller",
+        ),
+    ],
+)
+def test_the_cluster_is_used_only_when_sinfo_answers_with_the_partition(
+    script, reason, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PATH", _fake_sinfo(tmp_path / "bin", script))
+    assert cluster_unreachable_reason() == reason
+
+
+def test_without_sinfo_the_tests_skip_saying_so(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cluster_unreachable_reason() == "sinfo is not installed"
+
+
+# ---------------------------------------------------------------------------
 # A sweep as one array job
 
 
+@pytest.mark.integration
 def test_a_sweep_runs_as_one_array_job_and_status_and_best_read_its_run_directories(
     slurm_cluster, store, cli, tmp_path
 ):
@@ -114,7 +169,7 @@ def test_a_sweep_runs_as_one_array_job_and_status_and_best_read_its_run_director
             "eval": {"every": 20},
             "checkpoint": {"every": 20},
             "run": {"dir": "runs/lr"},
-            "slurm": {"partition": "debug", "timeout_min": 10},
+            "slurm": {"partition": PARTITION, "timeout_min": 10},
             "sweep": {"optim.lr": [1e-3, 3e-3, 1e-2]},
         },
     )
@@ -161,6 +216,7 @@ def test_a_sweep_runs_as_one_array_job_and_status_and_best_read_its_run_director
 # Preemption: SIGUSR1, checkpoint, requeue, resume
 
 
+@pytest.mark.integration
 def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted_losses(
     slurm_cluster, store, cli, tmp_path
 ):
@@ -213,6 +269,7 @@ def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted
     assert summary["test_loss"] == expected["test_loss"]
 
 
+@pytest.mark.integration
 def test_a_two_task_job_trains_as_two_ranks_and_resumes_them_after_preemption(
     slurm_cluster, store, cli, tmp_path
 ):
@@ -267,6 +324,7 @@ def _deterministic(directory: Path) -> list[dict]:
 # gssm-data on Slurm
 
 
+@pytest.mark.integration
 def test_gssm_data_submit_writes_with_two_array_tasks_the_bytes_of_a_local_generate(
     slurm_cluster, cli, tmp_path
 ):

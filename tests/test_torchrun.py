@@ -41,6 +41,9 @@ from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE
 from llama_train.core.metrics import read_metrics
 
+# Real launchers, ranks and signals: excluded from `make test-fast`.
+pytestmark = pytest.mark.integration
+
 STEPS = 12
 # What depends on the arithmetic only (not on time or the machine).
 CURVE_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "epoch", "eval/loss")

@@ -3,12 +3,15 @@
 #
 #   tests/slurm/start-local-cluster.sh          # install if needed, start, wait until idle
 #   tests/slurm/start-local-cluster.sh stop     # stop what this script started (by PID)
+#   tests/slurm/start-local-cluster.sh status   # exit 0 when its daemons all run
 #   tests/slurm/start-local-cluster.sh env      # print `export SLURM_CONF=...`
 #
 # Idempotent: a running cluster started by this script is left alone. Needs root
 # (Debian's slurm-wlm and munge run as root here). Everything lives under
 # $GSSM_SLURM_DIR (default /tmp/gssm-slurm): config, spool, logs, PID files.
-# Exits non-zero, with a message, when the cluster cannot start; tests then skip.
+# Exits non-zero, with a message, when the cluster cannot start, having stopped the
+# daemons it started; tests then skip. CI calls it (.ci/run, which stops the cluster on
+# exit); pytest never does.
 set -euo pipefail
 
 STATE_DIR=${GSSM_SLURM_DIR:-/tmp/gssm-slurm}
@@ -35,11 +38,14 @@ stop_cluster() {
     log "stopped"
 }
 
+running() { [[ -f "$STATE_DIR/$1.pid" ]] && kill -0 "$(cat "$STATE_DIR/$1.pid")" 2>/dev/null; }
+
 case "${1:-start}" in
     stop) stop_cluster; exit 0 ;;
+    status) running munged && running slurmctld && running slurmd; exit ;;
     env) echo "export SLURM_CONF=$CONF"; exit 0 ;;
     start) ;;
-    *) echo "usage: $0 [start|stop|env]" >&2; exit 2 ;;
+    *) echo "usage: $0 [start|stop|status|env]" >&2; exit 2 ;;
 esac
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -54,8 +60,6 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
         log "could not install slurm (see /tmp/gssm-slurm-apt.log)"; exit 1
     fi
 fi
-
-running() { [[ -f "$STATE_DIR/$1.pid" ]] && kill -0 "$(cat "$STATE_DIR/$1.pid")" 2>/dev/null; }
 
 mkdir -p "$STATE_DIR"/{spool/ctld,spool/d,log}
 
@@ -117,7 +121,7 @@ if ! running slurmd; then
     slurmd -f "$CONF"
 fi
 
-# Wait until the node accepts work.
+# Wait until the node accepts work; a cluster that never does is stopped again.
 for _ in $(seq 100); do
     state=$(sinfo -h -N -o '%T' 2>/dev/null | head -n1 || true)
     case "$state" in
@@ -127,4 +131,5 @@ for _ in $(seq 100); do
     sleep 0.2
 done
 log "the node did not become idle (state: ${state:-unknown}); logs in $STATE_DIR/log"
+stop_cluster
 exit 1

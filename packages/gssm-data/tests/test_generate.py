@@ -124,6 +124,7 @@ def test_train_of_n_is_a_prefix_of_train_of_10n_and_test_does_not_depend_on_n(
     assert small.manifest.fingerprint == large.manifest.fingerprint
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_gives_the_bytes_of_an_uninterrupted_run(tmp_path: Path) -> None:
     big = {"n_train": 40 * 512, "n_test": 64, "seq_len": 129, "block_size": 512}
     out = tmp_path / "killed.zarr"

@@ -89,6 +89,7 @@ def materialised(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     return recipe_path, out, materialise(recipe_path, scale="small", out_dir=out)
 
 
+@pytest.mark.integration
 def test_materialise_writes_one_store_per_regime_with_the_largest_train_size(
     materialised: tuple[Path, Path, list],
 ) -> None:
@@ -114,6 +115,7 @@ def test_materialise_writes_one_store_per_regime_with_the_largest_train_size(
     )
 
 
+@pytest.mark.integration
 def test_a_second_run_reuses_calibrations_and_complete_stores(
     materialised: tuple[Path, Path, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -189,6 +189,7 @@ def _two_regime_recipe(folder: Path, *, train_sizes: list[int]) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_a_scaling_recipe_is_one_array_per_regime_then_an_index_job_after_them(
     tmp_path, sbatch_calls
 ):

@@ -88,6 +88,7 @@ def test_config_schema_prints_the_json_schema():
     assert "optim" in schema["properties"] and "TrainSection" in schema["$defs"]
 
 
+@pytest.mark.integration
 def test_python_dash_m_runs_the_same_command_line():
     result = subprocess.run(
         [sys.executable, "-m", "llama_train", "config-schema"],

@@ -160,6 +160,7 @@ def trained_run(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.integration
 def test_a_saved_checkpoint_evaluates_to_the_runs_own_figures(trained_run):
     import json
 
@@ -172,6 +173,7 @@ def test_a_saved_checkpoint_evaluates_to_the_runs_own_figures(trained_run):
     assert (earlier.step, earlier.n_sequences) == (2, 8)
 
 
+@pytest.mark.integration
 def test_evaluating_on_another_compatible_store_works_and_an_incompatible_one_is_refused(
     trained_run, tmp_path
 ):

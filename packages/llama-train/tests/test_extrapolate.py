@@ -81,6 +81,7 @@ def _eval(*arguments: str):
     return runner.invoke(app, ["eval", *arguments])
 
 
+@pytest.mark.integration
 def test_every_method_end_to_end_json_table_and_plot(run_dir, long_store, folder):
     plot = folder / "extrapolation.png"
     data_option = ["--data", str(long_store)]
@@ -103,6 +104,7 @@ def test_every_method_end_to_end_json_table_and_plot(run_dir, long_store, folder
     assert "yarn x8" in table.stdout and (run_dir / "extrapolation.png").is_file()
 
 
+@pytest.mark.integration
 def test_the_entropy_is_the_exact_entropy_of_the_long_sequences(run_dir, long_store):
     result = extrapolate_run(run_dir, long_store, ["none"])
     store = open_store(long_store)
@@ -111,6 +113,7 @@ def test_the_entropy_is_the_exact_entropy_of_the_long_sequences(run_dir, long_st
     np.testing.assert_allclose(result.entropy_per_position, nats.mean(axis=0), rtol=1e-12)
 
 
+@pytest.mark.integration
 def test_model_loss_per_position_matches_an_independent_computation(run_dir, long_store):
     """Rebuild the model by hand with linear x8 tables; log-softmax in float64, row by row."""
     result = extrapolate_run(run_dir, long_store, ["linear"])
@@ -134,6 +137,7 @@ def test_model_loss_per_position_matches_an_independent_computation(run_dir, lon
     np.testing.assert_allclose(result.curves[0].loss_per_position, expected, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_without_scaling_the_trained_positions_score_as_on_the_runs_own_store(run_dir, long_store):
     """The long rows begin with the parent's test rows and the model is causal, so with
     method none the first SEQ_LEN - 1 positions give the plain evaluation's curve."""
@@ -147,6 +151,7 @@ def test_without_scaling_the_trained_positions_score_as_on_the_runs_own_store(ru
     )
 
 
+@pytest.mark.integration
 def test_factor_one_gives_every_method_the_same_curve(run_dir, long_store):
     result = extrapolate_run(run_dir, long_store, ["none", "ntk", "llama3"], factor=1.0)
     for curve in result.curves[1:]:
@@ -161,6 +166,7 @@ def _one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.integration
 def test_a_store_of_another_process_is_refused_in_one_line(run_dir, folder):
     other_seed = _store(folder / "seed4.zarr", seed=SEED + 1, seq_len=LONG)
     _one_line_error(
@@ -177,6 +183,7 @@ def test_a_store_of_another_process_is_refused_in_one_line(run_dir, folder):
     )
 
 
+@pytest.mark.integration
 def test_option_errors_are_one_line(run_dir, long_store, folder):
     run, data = str(run_dir), str(long_store)
     _one_line_error(_eval(run, "--data", data), "longer than the model's context", "--rope-scaling")

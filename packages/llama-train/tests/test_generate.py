@@ -16,14 +16,12 @@ from gssm_data.graph import parse_graph
 from gssm_data.kernels import draw_kernels
 from gssm_data.store import open_store
 from llama_train.cli import app
-from llama_train.config import resolve_config
 from llama_train.core.data import DataSpec
 from llama_train.errors import LlamaTrainError
 from llama_train.generate import generate_run, read_prompts, true_nll
-from llama_train.train import train
 
 runner = CliRunner()
-SEQ_LEN = 12
+SEQ_LEN = 12  # the sequence length of the shared tiny run (conftest)
 
 
 def brute_force_nll(graph, tables, tokens: np.ndarray) -> np.ndarray:
@@ -66,25 +64,12 @@ def test_true_nll_equals_a_brute_force_sum_over_latent_paths():
 
 
 @pytest.fixture(scope="module")
-def run_dir(make_debug_store, tmp_path_factory) -> Path:
-    store = make_debug_store(n_train=64, n_test=16, seq_len=SEQ_LEN)
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    config = resolve_config(
-        None,
-        [
-            f"data.path={store}",
-            "data.batch_size=8",
-            "model.dim=16",
-            "model.n_layers=1",
-            "model.n_heads=2",
-            "train.steps=2",
-            f"run.dir={run}",
-        ],
-    )
-    train(config, progress=False)
-    return run
+def run_dir(tiny_run) -> Path:
+    """The session's finished 2-step run (conftest), on sequences of SEQ_LEN tokens."""
+    return tiny_run.run_dir
 
 
+@pytest.mark.integration
 def test_samples_are_scored_against_the_store_s_graph_and_entropy_curve(run_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\n0\n\n0 3 5 1\n")
@@ -109,6 +94,7 @@ def resolve_config_path(run_dir: Path) -> Path:
     return read_run_config(run_dir).data.path
 
 
+@pytest.mark.integration
 def test_samples_depend_on_the_seed_not_on_the_batch_size(run_dir):
     small = generate_run(run_dir, n=6, max_new_tokens=5, seed=3, batch_size=4)
     large = generate_run(run_dir, n=6, max_new_tokens=5, seed=3, batch_size=64)
@@ -117,6 +103,7 @@ def test_samples_depend_on_the_seed_not_on_the_batch_size(run_dir):
     assert [s.tokens for s in other.samples] != [s.tokens for s in small.samples]
 
 
+@pytest.mark.integration
 def test_from_test_continues_the_test_sequences_up_to_the_data_s_length(run_dir):
     result = generate_run(run_dir, n=3, from_test=4, temperature=0)
     test_rows = np.asarray(open_store(resolve_config_path(run_dir)).tokens("test")[:3])
@@ -146,6 +133,7 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, text, message):
         read_prompts(path, vocab_size=8)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -180,6 +168,7 @@ def test_a_prompt_file_is_read_with_bounded_memory(tmp_path, monkeypatch):
         read_prompts(tmp_path / "bad.txt", vocab_size=8)
 
 
+@pytest.mark.integration
 def test_cli_prints_the_table_json_and_writes_samples_in_the_prompt_format(run_dir, tmp_path):
     out = tmp_path / "samples.txt"
     shown = runner.invoke(app, ["generate", str(run_dir), "--n", "3", "--out", str(out)])
@@ -236,6 +225,7 @@ def _full_logits(run_dir: Path, sequences: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(sequences)).logits.double().numpy()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("temperature", "top_k"), [(1.0, None), (0.6, None), (0.8, 3), (0.0, None)]
 )
@@ -259,6 +249,7 @@ def test_each_sample_is_scored_under_the_law_that_drew_it(run_dir, temperature, 
         assert sample.sampler_nll == pytest.approx(row.mean(), abs=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("temperature", "top_k"), [(0.5, 2), (0.05, None), (1.0, 3)])
 def test_the_printed_kl_is_the_exact_kl_of_the_sampler_from_the_process(
     run_dir, temperature, top_k

@@ -123,6 +123,7 @@ def report(run_dir: Path) -> dict:
     return probe_run(run_dir, ProbeOptions(sequences=48, positions=6, device="cpu"))
 
 
+@pytest.mark.integration
 def test_probe_of_a_trained_model_beats_shuffled_labels_and_stays_under_the_bayes_filter(
     report: dict,
 ) -> None:
@@ -148,6 +149,7 @@ def test_probe_of_a_trained_model_beats_shuffled_labels_and_stays_under_the_baye
     assert saved["train_sequences"] + saved["test_sequences"] == 48
 
 
+@pytest.mark.integration
 def test_the_bayes_ceiling_is_the_posteriors_own_accuracy(report: dict, stores) -> None:
     """Independently: argmax of p(z_t | x_<=t) against the stored latents, same rows."""
     from gssm_data.posterior import split_posterior
@@ -163,6 +165,7 @@ def test_the_bayes_ceiling_is_the_posteriors_own_accuracy(report: dict, stores) 
     assert report["nodes"]["Z1"]["bayes"]["accuracy"] == pytest.approx(hits.mean())
 
 
+@pytest.mark.integration
 def test_the_table_shows_every_layer_with_the_ceiling_and_floor(report: dict) -> None:
     from rich.console import Console
 
@@ -178,6 +181,7 @@ def _cli(*arguments: str) -> object:
     return CliRunner().invoke(app, ["probe", *arguments, "--device", "cpu"])
 
 
+@pytest.mark.integration
 def test_cli_prints_the_report_as_json(run_dir: Path) -> None:
     result = _cli(str(run_dir), "--sequences", "24", "--positions", "4", "--layers", "1", "--json")
     assert result.exit_code == 0, result.output
@@ -186,6 +190,7 @@ def test_cli_prints_the_report_as_json(run_dir: Path) -> None:
     assert report["positions"] == 4 and report["sequences"] == 24
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -203,6 +208,7 @@ def test_bad_options_are_one_line_errors(run_dir: Path, arguments: list[str], me
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_a_store_without_latents_is_a_one_line_error(run_dir: Path, stores) -> None:
     result = _cli(str(run_dir), "--data", str(stores["plain"]))
     assert result.exit_code == 1
@@ -215,6 +221,7 @@ def test_layer_lists() -> None:
     assert parse_layers("3, 0,0", 2) == [0, 3]
 
 
+@pytest.mark.integration
 def test_probe_uses_training_s_threads_and_announces_every_fit_before_it_starts(
     run_dir: Path, monkeypatch
 ) -> None:
@@ -263,6 +270,7 @@ def test_the_time_estimate_scales_the_timed_evaluation_by_rows_and_iterations(mo
     assert estimate_seconds(fits, torch.device("cpu")) == pytest.approx(expected)
 
 
+@pytest.mark.integration
 def test_the_cli_says_how_long_probing_takes_and_refuses_absurd_threads(run_dir: Path) -> None:
     result = _cli(str(run_dir), "--sequences", "24", "--positions", "4", "--layers", "1")
     assert result.exit_code == 0, result.output

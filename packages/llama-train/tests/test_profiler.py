@@ -107,6 +107,7 @@ train(resolve_config(sys.argv[1], sys.argv[2:]), progress=False)
 """
 
 
+@pytest.mark.integration
 def test_a_run_killed_with_sigkill_resumes_its_profile_without_duplicate_rows(
     store, tmp_path
 ) -> None:

@@ -28,6 +28,7 @@ def _points(noise: float = 0.005, seed: int = 1) -> tuple[np.ndarray, np.ndarray
     return n, d, clean * np.exp(rng.normal(0.0, noise, clean.shape))
 
 
+@pytest.mark.integration
 def test_recovers_a_known_law_inside_its_bootstrap_intervals():
     n, d, loss = _points()
     fit = fit_law(n, d, loss, bootstrap=40, seed=0)
@@ -57,6 +58,7 @@ def test_noise_free_points_are_fitted_exactly_and_deterministically():
     assert first.rms_log_residual < 1e-6
 
 
+@pytest.mark.integration
 def test_one_variable_forms_ignore_the_other_column():
     rng = np.random.default_rng(2)
     n = np.geomspace(1e3, 1e6, 12)
@@ -74,6 +76,7 @@ def test_one_variable_forms_ignore_the_other_column():
     assert fit.parameters["E"] == pytest.approx(1.2, rel=1e-3)
 
 
+@pytest.mark.integration
 def test_fixed_e_is_kept_and_zero_fits_a_pure_power_law():
     n, d, loss = _points()
     fixed = fit_law(n, d, loss, fixed_e=0.9, bootstrap=20)
@@ -99,8 +102,11 @@ def test_bad_inputs_are_one_line_errors():
         fit_law(n, d, loss - float(loss.min()), fixed_e=0.0)
     with pytest.raises(LlamaTrainError, match="finite and positive"):
         fit_law(n, d, np.where(np.arange(len(loss)) == 3, -1.0, loss))
+    pick = [0, 6, 12]  # three distinct N and D
     with pytest.raises(LlamaTrainError, match="free parameters"):
-        fit_law(n[:3], d[:3], loss[:3])
+        fit_law(n[pick], d[pick], loss[pick])
+    with pytest.raises(LlamaTrainError, match="every row has N = 1000"):
+        fit_law(n[:5], d[:5], loss[:5])
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +129,7 @@ def table(tmp_path: Path) -> Path:
     return _write_csv(tmp_path / "runs.csv", ["run", "params", "tokens", "val", "floor"], rows)
 
 
+@pytest.mark.integration
 def test_fit_reads_any_csv_and_prints_json_with_intervals(table: Path):
     columns = ["--n-col", "params", "--d-col", "tokens", "--loss-col", "val"]
     result = runner.invoke(app, ["fit", str(table), *columns, "--bootstrap", "10", "--json"])
@@ -136,15 +143,15 @@ def test_fit_reads_any_csv_and_prints_json_with_intervals(table: Path):
     assert data["compute_optimal"]["a"] == pytest.approx(
         data["beta"] / (data["alpha"] + data["beta"])
     )
+    few = ["--bootstrap", "10", "--json"]
     exact = runner.invoke(
-        app,
-        ["fit", str(table), *columns, "--entropy-col", "floor", "--fix-E", "exact", "--json"],
+        app, ["fit", str(table), *columns, "--entropy-col", "floor", "--fix-E", "exact", *few]
     )
     assert exact.exit_code == 0, exact.output
     assert json.loads(exact.output)["E"] == 0.9
-    value = runner.invoke(app, ["fit", str(table), *columns, "--fix-E", "0.85", "--json"])
+    value = runner.invoke(app, ["fit", str(table), *columns, "--fix-E", "0.85", *few])
     assert json.loads(value.output)["E"] == 0.85
-    one = runner.invoke(app, ["fit", str(table), *columns, "--form", "N", "--json"])
+    one = runner.invoke(app, ["fit", str(table), *columns, "--form", "N", *few])
     assert json.loads(one.output)["B"] is None
     shown = runner.invoke(app, ["fit", str(table), *columns, "--bootstrap", "5"])
     assert shown.exit_code == 0 and "alpha" in shown.output and "N_opt ~ C^" in shown.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,51 @@ def test_regimes_without_enough_points_are_skipped_and_floor_points_leave_the_ex
     assert fits[0].excess.n_points == len(rows) - 1 and fits[0].free.n_points == len(rows)
     assert any("few: 3 finished point(s)" in line for line in said)
     assert any("1 point(s) at or below the floor" in line for line in said)
+
+
+def test_study_plot_prints_the_validation_and_writes_it(tmp_path: Path, monkeypatch):
+    """`study plot` on a study's table: the E = exact fit is validated by holdout,
+    leave-future-out and recovery, printed under its table and kept in fits.json."""
+    from typer.testing import CliRunner
+
+    from llama_train.cli import app
+    from llama_train.cli import study as cli_study
+    from llama_train.launch import study
+    from llama_train.scaling import points
+
+    rows = _rows(tmp_path)
+    rng = np.random.default_rng(0)
+    for row in rows:
+        row["loss"] = 0.8 + (row["loss"] - 0.8) * math.exp(rng.normal(0.0, 0.002))
+        row["group"] = row["run_dir"]
+        row["lr"] = 0.01  # one lr: no sweep figure
+    monkeypatch.setattr(study, "ensure_validation", lambda directory, log=None: 0)
+    monkeypatch.setattr(points, "collect", lambda directory, **_: rows)
+    monkeypatch.setattr(cli_study, "_say_missing", lambda directory: None)  # no study.json here
+    result = CliRunner().invoke(
+        app,
+        ["study", "plot", str(tmp_path), "--bootstrap", "5", "--recovery", "2"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "r, E = exact: holdout of the largest model (N = 100,000, 4 row(s))" in text
+    assert "r, E = exact: leave-future-out over compute" in text
+    assert "threshold 1% of the loss" in text and "recovery: 2 tables" in text
+    assert "3: vpnls fit" in text and "2: isoFLOP" in text
+    record = json.loads((tmp_path / "plots" / "fits.json").read_text())[0]
+    assert record["exact_E"]["method"] == "vpnls" and record["free_E"]["method"] == "lbfgs"
+    assert record["validation"]["holdout_largest"]["passed"] is True
+    assert record["validation"]["recovery"]["replicates"] == 2
+    assert [item["approach"] for item in record["approaches"]] == ["1: frontier", "2: isoFLOP"]
+
+
+def test_a_regime_that_cannot_be_fitted_is_named_and_the_others_are_fitted(tmp_path: Path):
+    rows = _rows(tmp_path)
+    single = [{**row, "regime": "one-size", "N": 1e4} for row in rows]
+    below = [{**row, "regime": "under", "loss": 0.5} for row in rows]
+    said: list[str] = []
+    fits = fit_regimes(rows + single + below, bootstrap=0, log=said.append)
+    assert [fit.regime for fit in fits] == ["r"]
+    assert any(line.startswith("one-size: not fitted: every row has N = 10000") for line in said)
+    assert any(line.startswith("under: not fitted:") for line in said), said

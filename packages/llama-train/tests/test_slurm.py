@@ -231,6 +231,7 @@ def store(make_debug_store) -> Path:
     return make_debug_store(n_train=64, n_test=16, seq_len=9)
 
 
+@pytest.mark.integration
 def test_submit_local_trains_records_done_and_a_second_submit_skips_the_run(store, tmp_path):
     config = tmp_path / "tiny.yaml"
     run_dir = tmp_path / "runs" / "tiny"

@@ -241,6 +241,9 @@ def test_a_branched_study_trains_one_trunk_per_lr_and_seed_and_collects_every_si
     assert "/branches/d512" in branch["run_dir"] and branch["steps"] == 4
     summary = json.loads((Path(branch["run_dir"]) / "summary.json").read_text())
     assert summary["step"] == 4 and branch["loss"] == summary["test_loss"]
+    # The bootstrap resamples a trunk with its branches: both rows carry the trunk's group.
+    trunk = next(row for row in rows if row["n_train"] == 64)
+    assert branch["group"] == trunk["group"] == Path(trunk["run_dir"]).name
     # Make the largest lr the best everywhere: status flags it, --widen-edges extends the sweep.
     for point in expanded.all_points:
         validation = directory / point.name / "validation.json"

@@ -226,6 +226,7 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_a_run_killed_with_sigkill_resumes_to_the_same_losses_step_for_step(store, tmp_path):
     config_path = tmp_path / "resume.yaml"
     config_path.write_text(

@@ -38,26 +38,9 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def trained(make_debug_store, tmp_path_factory) -> tuple[Path, Path]:
-    """A finished 2-step run: (config file, run directory)."""
-    store = make_debug_store(n_train=64, n_test=16, seq_len=9)
-    root = tmp_path_factory.mktemp("trained")
-    config = root / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data": {"path": str(store), "batch_size": 4},
-                "model": {"dim": 16, "n_layers": 1, "n_heads": 2},
-                "train": {"steps": 2, "progress": False, "threads": 1},
-                "eval": {"every": 2},
-                "checkpoint": {"every": 2},
-                "run": {"dir": str(root / "run")},
-            }
-        )
-    )
-    result = runner.invoke(app, ["run", str(config)])
-    assert result.exit_code == 0, result.output
-    return config, root / "run"
+def trained(tiny_run) -> tuple[Path, Path]:
+    """The session's finished 2-step run (conftest): (config file, run directory)."""
+    return tiny_run.config, tiny_run.run_dir
 
 
 def _reseal(folder: Path) -> None:
@@ -87,6 +70,7 @@ def forged(trained, tmp_path) -> tuple[Path, Path, Path]:
     return forged_config, copy, marker
 
 
+@pytest.mark.integration
 def test_the_plain_pickle_would_run_code(forged):
     # The test's own premise: unpickling the planted file with pickle does create the marker.
     _, run_dir, marker = forged
@@ -94,6 +78,7 @@ def test_the_plain_pickle_would_run_code(forged):
     assert marker.read_text() == "pwned"
 
 
+@pytest.mark.integration
 def test_eval_and_load_model_of_a_forged_run_never_unpickle(forged, trained):
     _, run_dir, marker = forged
     result = runner.invoke(app, ["eval", str(run_dir), "--json"])
@@ -105,6 +90,7 @@ def test_eval_and_load_model_of_a_forged_run_never_unpickle(forged, trained):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_export_of_a_forged_run_never_unpickles(forged, tmp_path):
     _, run_dir, marker = forged
     result = runner.invoke(
@@ -114,6 +100,7 @@ def test_export_of_a_forged_run_never_unpickles(forged, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_resuming_a_forged_run_refuses_in_one_line_without_running_code(forged):
     config, _, marker = forged
     result = runner.invoke(app, ["run", str(config)])
@@ -141,6 +128,7 @@ def test_a_non_tensor_dcp_entry_is_read_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_sound_metadata_still_loads(trained):
     _, run_dir = trained
     path = run_dir / "checkpoints/step_000002/dcp/.metadata"
@@ -149,6 +137,7 @@ def test_sound_metadata_still_loads(trained):
     assert "model.tok_embeddings.weight" in metadata.state_dict_metadata
 
 
+@pytest.mark.integration
 def test_a_checkpoint_without_safetensors_weights_is_refused_in_one_line(trained, tmp_path):
     _, run_dir = trained
     copy = tmp_path / "run"

@@ -12,32 +12,40 @@ The reading API the trainer uses::
 Writing is `gssm_data.generate.generate(GenerateOptions(...))` or `gssm-data generate`.
 """
 
-from gssm_data.errors import GssmDataError
-from gssm_data.graph import GraphSpec, NodeSpec, load_graph, parse_graph
-from gssm_data.kernels import draw_kernels
-from gssm_data.manifest import Baselines, EntropyStats, Manifest, SplitInfo
-from gssm_data.presets import load_preset, preset_names
-from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler, SampledBlock
-from gssm_data.store import Store, open_store, verify_store
+from __future__ import annotations
 
-__all__ = [
-    "BLOCK_SIZE",
-    "STREAMS",
-    "Baselines",
-    "BlockSampler",
-    "EntropyStats",
-    "GraphSpec",
-    "GssmDataError",
-    "Manifest",
-    "NodeSpec",
-    "SampledBlock",
-    "SplitInfo",
-    "Store",
-    "draw_kernels",
-    "load_graph",
-    "load_preset",
-    "open_store",
-    "parse_graph",
-    "preset_names",
-    "verify_store",
-]
+from importlib import import_module
+from typing import Any
+
+# Names are imported on first use, so `import gssm_data` (and with it both command
+# lines' `--help`, and every module that only needs the errors) does not load numpy
+# and zarr.
+_EXPORTS = {
+    "BLOCK_SIZE": "gssm_data.sampler",
+    "Baselines": "gssm_data.manifest",
+    "BlockSampler": "gssm_data.sampler",
+    "EntropyStats": "gssm_data.manifest",
+    "GraphSpec": "gssm_data.graph",
+    "GssmDataError": "gssm_data.errors",
+    "Manifest": "gssm_data.manifest",
+    "NodeSpec": "gssm_data.graph",
+    "STREAMS": "gssm_data.sampler",
+    "SampledBlock": "gssm_data.sampler",
+    "SplitInfo": "gssm_data.manifest",
+    "Store": "gssm_data.store",
+    "draw_kernels": "gssm_data.kernels",
+    "load_graph": "gssm_data.graph",
+    "load_preset": "gssm_data.presets",
+    "open_store": "gssm_data.store",
+    "parse_graph": "gssm_data.graph",
+    "preset_names": "gssm_data.presets",
+    "verify_store": "gssm_data.store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gssm_data' has no attribute {name!r}")

@@ -84,6 +84,7 @@ from gssm_data.store import (
     write_checksums,
 )
 from gssm_data.storelock import identity, refuse_foreign, store_lock
+from gssm_data.version import package_version
 
 # The manifest's entropy of a split is a mean over its first sequences, measured
 # until its standard error is at most this many bits (or the split ends): the
@@ -225,7 +226,7 @@ def build_manifest(options: GenerateOptions) -> Manifest:
     """The manifest of a store not yet written (`complete: false`, no entropy)."""
     sizes = {"train": options.n_train, "test": options.n_test}
     return Manifest(
-        package_version=_package_version(),
+        package_version=package_version("gssm-data"),
         name=options.name,
         fingerprint=options.fingerprint,
         graph=options.graph,
@@ -242,15 +243,6 @@ def build_manifest(options: GenerateOptions) -> Manifest:
         },
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gssm-data")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def available_cpus() -> int:

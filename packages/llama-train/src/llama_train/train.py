@@ -224,6 +224,20 @@ def _nonfinite_message(what: str, step: int) -> str:
 # Building blocks
 
 
+def due_work(
+    step: int, config: TrainConfig, fork_steps: frozenset[int] = frozenset()
+) -> tuple[bool, bool, bool]:
+    """Whether a metrics line, an evaluation and a checkpoint are due after optimizer
+    step `step` (1-based count of steps done); all three at the last step, and a
+    checkpoint at each of a trunk's fork steps (its cooldown branches start there)."""
+    last = step == config.train.steps
+    return (
+        step % config.train.log_every == 0 or last,
+        step % config.eval.every == 0 or last,
+        step % config.checkpoint.every == 0 or last or step in fork_steps,
+    )
+
+
 def seed_everything(seed: int) -> None:
     """Seed every global RNG the loop may draw from (dropout, workers)."""
     random.seed(seed)
@@ -246,11 +260,11 @@ def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) ->
     old_path = run_dir / CONFIG_FILENAME
     if not has_checkpoint or not old_path.is_file():
         return []
-    new = _flatten(config.model_dump(mode="json"))
+    new = flatten_keys(config.model_dump(mode="json"))
     # A key the old file lacks (written before the key existed) had its default then.
-    defaults = _flatten(type(config).model_construct().model_dump(mode="json", warnings=False))
+    defaults = flatten_keys(type(config).model_construct().model_dump(mode="json", warnings=False))
     stored = with_legacy_defaults(load_yaml(old_path))
-    old = {key: defaults[key] for key in new if key in defaults} | _flatten(stored)
+    old = {key: defaults[key] for key in new if key in defaults} | flatten_keys(stored)
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     model_changes = [
         key for key in changed if key.startswith("model.") and key not in WEIGHT_NEUTRAL_KEYS
@@ -264,18 +278,18 @@ def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) ->
     return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in changed]
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten_keys(value, name + "."))
         else:
             flat[name] = value
     return flat
 
 
-def _progress_bar(enabled: bool, every: float) -> Progress:
+def progress_bar(enabled: bool, every: float) -> Progress:
     """A bar on a terminal; a line every `every` seconds in a log (Slurm, CI); or nothing."""
     return progress_display(
         TextColumn("step {task.completed}/{task.total}"),
@@ -316,6 +330,7 @@ class Trainer:
     saved_step: int | None = None  # step of the checkpoint on disk that matches the state
     profiler: StepProfiler | None = None  # set by `run` for its session
     fork_steps: frozenset[int] = frozenset()  # a trunk's: checkpointed, kept (branches)
+    startup_cpu_seconds: float | None = None  # this process's CPU before its first step
 
     @functools.cached_property
     def optim(self) -> OptimConfig:
@@ -444,10 +459,10 @@ class Trainer:
         and optimizer. Building the templates initialises an empty optimizer's
         state, so it is done only when there is something to load.
         """
+        if not self.checkpoints.agreed_steps():
+            return None  # a fresh run: no DCP import (about 1 s of CPU) before its first step
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        if not self.checkpoints.agreed_steps():
-            return None
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         latest = self.checkpoints.load_latest(
             map_location="cpu", into={"model": model_state, "optimizer": optimizer_state}
@@ -484,23 +499,7 @@ class Trainer:
         """
         config = self.config
         show = (config.train.progress if progress is None else progress) and self.ranks.is_main
-        wandb = config.logging.wandb
-        name, group = wandb_name_and_group(config.run.name, wandb.name)
-        logger = MetricLogger(
-            self.run_dir,
-            enabled=self.ranks.is_main,
-            resume_step=self.state.step if self.resumed else None,
-            wandb_mode=wandb.effective_mode,
-            wandb_project=wandb.project,
-            wandb_entity=wandb.entity,
-            run_name=name,
-            group=group,
-            config={
-                **config.model_dump(mode="json"),
-                "parameters": self.parameter_counts(),
-                "data_fingerprint": data_fingerprint(self.spec),
-            },
-        )
+        logger = self.open_logger()
         self.profiler = StepProfiler(
             self.run_dir,
             config.profile,
@@ -518,7 +517,7 @@ class Trainer:
             rank=self.ranks.rank,
             on_file=logger.upload,
         )
-        with logger, trace, _progress_bar(show, config.train.progress_every) as bar:
+        with logger, trace, progress_bar(show, config.train.progress_every) as bar:
             task = bar.add_task(
                 "train",
                 total=config.train.steps,
@@ -530,11 +529,50 @@ class Trainer:
             try:
                 self._loop(logger, bar, task, preemption or PreemptionWatch(signals=()), trace)
             except NonFiniteLoss as error:
-                raise NonFiniteLoss(f"{error}. {self._last_good()}") from None
-            if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
-                self._evaluate_and_log(logger)
-            logger.summarize(self.scale_figures())
+                raise NonFiniteLoss(f"{error}. {self.last_good()}") from None
+            self.finish(logger)
         return self.write_summary()
+
+    def open_logger(self) -> MetricLogger:
+        """The run's metrics.jsonl (and wandb run), continued after a resume."""
+        config = self.config
+        wandb = config.logging.wandb
+        name, group = wandb_name_and_group(config.run.name, wandb.name)
+        return MetricLogger(
+            self.run_dir,
+            enabled=self.ranks.is_main,
+            resume_step=self.state.step if self.resumed else None,
+            wandb_mode=wandb.effective_mode,
+            wandb_project=wandb.project,
+            wandb_entity=wandb.entity,
+            run_name=name,
+            group=group,
+            config={
+                **config.model_dump(mode="json"),
+                "parameters": self.parameter_counts(),
+                "data_fingerprint": data_fingerprint(self.spec),
+            },
+        )
+
+    def finish(self, logger: MetricLogger) -> None:
+        """After the last step: evaluate it unless done, and hand the logger the totals."""
+        if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
+            self.evaluate_and_log(logger)
+        logger.summarize(self.scale_figures())
+
+    def metrics_line(self, figures: dict[str, float], elapsed: float) -> dict[str, Any]:
+        """The metrics.jsonl line of the step just done, from a LossWindow's figures."""
+        state, steps = self.state, self.config.train.steps
+        return {
+            "step": state.step,
+            **figures,
+            "lr": lr_at(state.step - 1, steps, self.optim),
+            "tokens": state.tokens,
+            "epoch": self.loader.epoch,
+            "elapsed": elapsed,
+            "train_seconds": state.train_seconds,
+            **system_metrics(self.device),
+        }
 
     def _loop(
         self,
@@ -552,6 +590,7 @@ class Trainer:
         assert profiler is not None, "run() starts the profiler"
         session_start = time.perf_counter()
         wall_before = state.wall_seconds
+        self.startup_cpu_seconds = time.process_time()  # interpreter, imports, set-up
 
         def elapsed() -> float:
             return wall_before + time.perf_counter() - session_start
@@ -573,34 +612,19 @@ class Trainer:
             window.add(loss, grad_norm, self.tokens_per_step, seconds)
             bar.update(task, completed=state.step)
             last = state.step == steps
-            due_log = state.step % config.train.log_every == 0 or last
-            due_eval = state.step % config.eval.every == 0 or last
-            due_checkpoint = (
-                state.step % config.checkpoint.every == 0 or last or state.step in self.fork_steps
-            )
+            due_log, due_eval, due_checkpoint = due_work(state.step, config, self.fork_steps)
             if not (due_log or due_eval or due_checkpoint):
                 continue
             window.sync()
             if due_log:
                 figures = window.flush()
-                logger.log(
-                    {
-                        "step": state.step,
-                        **figures,
-                        "lr": lr_at(state.step - 1, steps, self.optim),
-                        "tokens": state.tokens,
-                        "epoch": self.loader.epoch,
-                        "elapsed": elapsed(),
-                        "train_seconds": state.train_seconds,
-                        **system_metrics(self.device),
-                    }
-                )
+                logger.log(self.metrics_line(figures, elapsed()))
                 bar.update(
                     task, loss=f"{figures['loss']:.4f}", speed=format_si(figures["tokens_per_s"])
                 )
             if due_eval:
                 with self._phase("eval"):
-                    result = self._evaluate_and_log(logger)
+                    result = self.evaluate_and_log(logger)
                 bar.update(task, excess=f"{result.excess:.4f}")
             # The profiler's row of a step comes before its checkpoint (which then holds
             # the profiler's state up to that row); the last checkpoint goes in the last row.
@@ -628,7 +652,8 @@ class Trainer:
         preemption.settle()
         raise Preempted(step, folder)
 
-    def _last_good(self) -> str:
+    def last_good(self) -> str:
+        """Where the run can resume from after a non-finite loss, and what to change."""
         steps = self.checkpoints.steps()
         where = (
             f"The last good checkpoint (step {steps[-1]}) is kept in {self.checkpoints.directory}"
@@ -640,7 +665,7 @@ class Trainer:
             "then run the same command to resume"
         )
 
-    def _evaluate_and_log(self, logger: MetricLogger) -> EvalResult:
+    def evaluate_and_log(self, logger: MetricLogger) -> EvalResult:
         result = self.evaluate()
         self.state.last_eval = result.to_dict()
         if self.ranks.is_main:
@@ -675,6 +700,7 @@ class Trainer:
             "tokens_per_s": self.state.tokens / max(self.state.train_seconds, 1e-9),
             "data": str(self.config.data.path) if self.config.data.path else None,
             "profile_seconds": dict(self.profiler.totals) if self.profiler else None,
+            "startup_cpu_seconds": self.startup_cpu_seconds,
             "baselines": self._baselines(),
             **self.scale_figures(),
         }

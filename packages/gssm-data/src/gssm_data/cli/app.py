@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from gssm_data.version import package_version
+
 app = typer.Typer(
     name="gssm-data",
     help="Materialise, inspect and verify datasets of graph-structured sequential models.",
@@ -21,16 +23,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-
-
-def package_version(distribution: str) -> str:
-    """The installed version of a distribution (0+unknown when run from a bare source tree)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _print_version(value: bool) -> None:

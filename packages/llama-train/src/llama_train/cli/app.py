@@ -31,7 +31,7 @@ err_console = Console(stderr=True)
 
 def _print_version(value: bool) -> None:
     if value:
-        from gssm_data.cli.app import package_version
+        from gssm_data.version import package_version
 
         typer.echo(
             f"llama-train {package_version('llama-train')} "

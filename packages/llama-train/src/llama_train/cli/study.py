@@ -68,6 +68,14 @@ def study_run_command(
             "multiplier beyond that edge (lr rule only), then train what is missing.",
         ),
     ] = False,
+    no_stack: Annotated[
+        bool,
+        typer.Option(
+            "--no-stack",
+            help="One point per process. By default, points that differ only in lr or seed "
+            "train together as one stack in one process (the same results).",
+        ),
+    ] = False,
 ) -> None:
     """Train every point of a study that is not done yet (the same command resumes).
 
@@ -76,7 +84,8 @@ def study_run_command(
     held-out validation slice (validation.json), which `study collect` uses to keep
     the best learning rate. Without --slurm, points run here, --parallel at a time,
     after the stores of the study's regimes are built where missing (its `stores`
-    recipe; only those regimes).
+    recipe; only those regimes); points that share regime, model and data train as
+    one stack (--no-stack: alone).
     """
     from llama_train.launch.study import (
         plan_study,
@@ -106,19 +115,21 @@ def study_run_command(
             _print_plan(expanded)
             return
         if slurm:
-            submission = submit_slurm(expanded, log=_say)
+            submission = submit_slurm(expanded, log=_say, stack=not no_stack)
             if not submission.jobs:
                 console.print(
                     f"nothing to submit in {expanded.directory}: every point is done or queued"
                 )
             else:
+                tasks = len({id(job) for job in submission.jobs.values()})
                 console.print(
-                    f"submitted Slurm array job {submission.job_id}: {len(submission.jobs)} points",
+                    f"submitted Slurm array job {submission.job_id}: {len(submission.jobs)} "
+                    f"points in {tasks} tasks",
                     highlight=False,
                 )
             console.print(f"status: llama-train study status {expanded.directory}", highlight=False)
             return
-        report = run_local(expanded, parallel=parallel, log=_say)
+        report = run_local(expanded, parallel=parallel, log=_say, stack=not no_stack)
     console.print(
         f"{expanded.directory}: {len(report.trained)} trained, {report.skipped} already done, "
         f"{len(report.failed)} failed, in {report.seconds:.0f} s",
@@ -277,19 +288,33 @@ def study_plot_command(
     parameters: Annotated[
         str, typer.Option(help="What N counts: total (embeddings and head) or non-embedding.")
     ] = "total",
+    recovery: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Tables simulated from the E = exact fit on the study's own grid and refitted "
+            "(bias and interval coverage of alpha and beta); 0 = skip.",
+        ),
+    ] = 10,
+    recovery_bootstrap: Annotated[
+        int, typer.Option(min=2, help="Bootstrap resamples per recovery refit.")
+    ] = 20,
 ) -> None:
-    """Fit every regime (E free, E = exact entropy, excess) and draw the figures.
+    """Fit every regime (E free, E = exact entropy, excess), validate, draw the figures.
 
     Per regime: loss against N (one curve per D) and against D (one per N), loss
     against compute with the frontier, each with the fitted law and the exact-entropy
     floor; excess loss on log-log axes; residuals. Also the data-constrained view
-    (test loss against epochs over the same unique data). Writes fits.json beside.
+    (test loss against epochs over the same unique data). Under each table: the E = exact
+    fit predicting the largest model and the largest compute from the rest (pass within
+    1% of the loss) and its recovery on the study's own grid. Writes fits.json beside.
     """
     from llama_train.launch.study import ensure_validation
     from llama_train.rundir import atomic_write
     from llama_train.scaling.plots import plot_lr_sweeps, plot_study
     from llama_train.scaling.points import collect
     from llama_train.scaling.report import fit_regimes
+    from llama_train.scaling.validate import validate_table
 
     with user_errors():
         ensure_validation(directory, log=_say)
@@ -298,14 +323,47 @@ def study_plot_command(
         if not rows:
             raise LlamaTrainError(f"{directory}: no finished point yet (llama-train study status)")
         fits = fit_regimes(rows, bootstrap=bootstrap, seed=seed, log=_say)
+        validations = [
+            validate_table(
+                regime.rows,
+                regime.exact,
+                entropy=regime.entropy,
+                recovery_replicates=recovery,
+                bootstrap=recovery_bootstrap,
+                seed=seed,
+            )
+            for regime in fits
+        ]
+        approaches = [
+            _approaches(
+                regime.exact,
+                [row["N"] for row in regime.rows],
+                [row["D"] for row in regime.rows],
+                [row["loss"] for row in regime.rows],
+            )
+            for regime in fits
+        ]
         target = out_dir or Path(directory) / "plots"
         paths = plot_study(directory, fits, target)
         every_lr = collect(directory, every_lr=True, parameters=parameters)
         paths += plot_lr_sweeps(every_lr, rows, target)
         fits_path = target / "fits.json"
-        atomic_write(fits_path, json.dumps([fit.to_dict() for fit in fits], indent=1) + "\n")
-    for regime in fits:
+        records = [
+            {
+                **fit.to_dict(),
+                "approaches": [allocation.to_dict() for allocation in allocations],
+                "validation": validation.to_dict(),
+            }
+            for fit, allocations, validation in zip(fits, approaches, validations, strict=True)
+        ]
+        atomic_write(fits_path, json.dumps(records, indent=1) + "\n")
+    for regime, allocations, validation in zip(fits, approaches, validations, strict=True):
         _print_table(_fits_table(regime))
+        _print_table(_approaches_table(regime.exact, allocations))
+        for flag in regime.exact.flags:
+            console.print(f"E = exact: unidentified: {flag}", highlight=False)
+        for line in validation.lines():
+            console.print(f"{regime.regime}, E = exact: {line}", highlight=False)
     for path in [*paths, fits_path]:
         console.print(f"wrote {path}", highlight=False)
 
@@ -317,18 +375,19 @@ def _fits_table(regime: Any) -> Table:
         title=f"{regime.regime}: {len(regime.rows)} points, exact entropy {regime.entropy:.4f} "
         f"nats ({regime.entropy / LN2:.4f} bits)",
         title_justify="left",
-        caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples); "
-        "(bound): the fit ended on the edge of its search box (exponents <= 4, log A/B in "
-        "[-20, 60], log E >= -20): the data do not determine that parameter",
+        caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples "
+        f"of {regime.exact.groups} run groups); (bound): the fit ended on the edge of its search "
+        "(exponents 0..4; approach 3: log A/B in [-20, 60], log E >= -20; vpnls: a coefficient "
+        "at 0): the data do not determine that parameter",
         caption_justify="left",
     )
     table.add_column("fit")
     for name in ("E", "A", "alpha", "B", "beta", "a = beta/(alpha+beta)"):
         table.add_column(name, justify="right")
     for label, fit in (
-        ("E free", regime.free),
-        ("E = exact", regime.exact),
-        ("excess", regime.excess),
+        ("E free (approach 3)", regime.free),
+        ("E = exact (vpnls)", regime.exact),
+        ("excess (vpnls)", regime.excess),
     ):
         optimal = fit.to_dict().get("compute_optimal")
         table.add_row(
@@ -376,8 +435,16 @@ def fit_command(
         bool,
         typer.Option("--excess", help="Fit loss - entropy as a pure power law (no E term)."),
     ] = False,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="vpnls: exponent grid with A, B (and a free E) by non-negative least squares, "
+            "refined; lbfgs: Chinchilla's approach 3 (Huber on log L, L-BFGS-B), the "
+            "diagnostic for a free E.",
+        ),
+    ] = "vpnls",
     bootstrap: Annotated[
-        int, typer.Option(min=0, help="Bootstrap resamples of the rows (intervals); 0 = none.")
+        int, typer.Option(min=0, help="Bootstrap resamples of the run groups; 0 = none.")
     ] = 100,
     level: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
@@ -390,30 +457,62 @@ def fit_command(
             "--entropy-col", help="Column of the exact entropy (--fix-E exact, --excess)."
         ),
     ] = "entropy",
+    group_col: Annotated[
+        str,
+        typer.Option(
+            "--group-col",
+            help="Column of the run group the bootstrap resamples together (a trunk and its "
+            "cooldown branches); without it, or in an empty cell, every row is its own group.",
+        ),
+    ] = "group",
     regime: Annotated[
         str | None, typer.Option(help="Fit only the rows whose --regime-col equals this.")
     ] = None,
     regime_col: Annotated[
         str, typer.Option("--regime-col", help="Column naming the regime.")
     ] = "regime",
+    holdout_largest: Annotated[
+        bool,
+        typer.Option(
+            "--holdout-largest",
+            help="Refit without the largest N and predict it; also leave-future-out over "
+            "compute. Errors in nats and as fractions; pass within 1% of the loss.",
+        ),
+    ] = False,
+    recovery: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Simulate K tables from the fit on this table's (N, D) rows with its residual "
+            "noise, refit each with --bootstrap resamples: bias and interval coverage of "
+            "alpha and beta.",
+        ),
+    ] = 0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print A, B, E, alpha, beta, intervals... as JSON.")
     ] = False,
 ) -> None:
-    """Fit a scaling law to a table, as Chinchilla's approach 3 is replicated.
+    """Fit a scaling law to a table; compare compute-optimal exponents; validate.
 
-    Parameters in log space, prediction as a log-sum-exp, summed Huber loss
-    (delta 1e-3) on log L, L-BFGS-B from a grid of initialisations; intervals by
-    resampling rows (whole runs). An ND fit also gives the compute-optimal
-    allocation under C = 6ND: N_opt ~ C^a, D_opt ~ C^b.
+    vpnls (default): variable projection, an exhaustive grid over the exponents with
+    the coefficients by non-negative least squares, refined (squared relative errors).
+    lbfgs: Chinchilla's approach 3 as replicated (log-space parameters, Huber on log L,
+    L-BFGS-B from a grid). Intervals by resampling run groups. An ND fit also gives the
+    compute-optimal N_opt ~ C^a (C = 6ND) beside approaches 1 (frontier) and 2
+    (isoFLOP parabolas).
     """
-    from llama_train.scaling.fit import FORMS, fit_law
+    import numpy as np
+
+    from llama_train.scaling.fit import FORMS
+    from llama_train.scaling.methods import METHODS, fit_points
     from llama_train.scaling.points import numeric_column, read_table
-    from llama_train.scaling.report import exact_entropy
+    from llama_train.scaling.validate import design_of, validate
 
     with user_errors():
         if form not in FORMS:
             raise LlamaTrainError(f"--form {form!r}: choose one of {', '.join(FORMS)}")
+        if method not in METHODS:
+            raise LlamaTrainError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
         if not 0 < level < 1:
             raise LlamaTrainError(f"--level {level}: give a number between 0 and 1, e.g. 0.95")
         if excess and fix_e is not None:
@@ -423,43 +522,148 @@ def fit_command(
         loss = numeric_column(rows, header, loss_col, points)
         n = numeric_column(rows, header, n_col, points) if form in ("ND", "N") else None
         d = numeric_column(rows, header, d_col, points) if form in ("ND", "D") else None
-        fixed: float | None = None
-        entropy: float | None = None
-        if fix_e == "exact" or excess:
-            values = numeric_column(rows, header, entropy_col, points)
-            entropy = exact_entropy([{"e": value} for value in values], column="e")
-        if fix_e == "exact":
-            fixed = entropy
-        elif fix_e is not None:
-            fixed = _parse_e(fix_e)
-        if excess:
-            assert entropy is not None
-            loss = [value - entropy for value in loss]
-            fixed = 0.0
+        groups = _groups(rows, header, group_col)
+        fixed, entropy, target = _target(fix_e, excess, rows, header, entropy_col, loss, points)
         started = time.perf_counter()
-        fit = fit_law(
-            n, d, loss, form=form, fixed_e=fixed, bootstrap=bootstrap, level=level, seed=seed
-        )  # type: ignore[arg-type]
+        fit = fit_points(
+            n,
+            d,
+            target,
+            method=method,
+            form=form,  # type: ignore[arg-type]
+            fixed_e=fixed,
+            bootstrap=bootstrap,
+            level=level,
+            seed=seed,
+            groups=groups,
+        )
+        validation = None
+        if holdout_largest or recovery:
+            design = design_of(
+                fit,
+                n,
+                d,
+                target,
+                groups=None if groups is None else np.asarray(groups, dtype=object),
+                offset=entropy if excess else 0.0,
+                floor=entropy,
+            )
+            validation = validate(
+                design, fit, recovery_replicates=recovery, bootstrap=bootstrap, seed=seed
+            )
         seconds = time.perf_counter() - started
+    approaches = _approaches(fit, n, d, target)
     result = {**fit.to_dict(), "target": "excess" if excess else loss_col}
     if entropy is not None:
         result["entropy"] = entropy
+    if approaches:
+        result["approaches"] = [allocation.to_dict() for allocation in approaches]
+    if validation is not None:
+        result["validation"] = validation.to_dict()
     if as_json:
         console.print_json(json.dumps(result))
         return
     _print_table(_fit_table(fit, points, excess, entropy))
-    optimal = result.get("compute_optimal")
-    if optimal is not None:
-        exponent_n = _interval_text(optimal["a"], optimal["a_interval"])
-        exponent_d = _interval_text(optimal["b"], optimal["b_interval"])
-        console.print(
-            f"compute-optimal (C = 6ND): N_opt ~ C^{exponent_n}, D_opt ~ C^{exponent_d}",
-            highlight=False,
-        )
+    for flag in fit.flags:
+        console.print(f"unidentified: {flag}", highlight=False)
+    if approaches:
+        _print_table(_approaches_table(fit, approaches))
+    if validation is not None:
+        for line in validation.lines():
+            console.print(line, highlight=False)
     console.print(
         f"{fit.n_points} points; rms log residual {fit.rms_log_residual:.4f}; {seconds:.1f} s",
         highlight=False,
     )
+
+
+def _groups(rows: list[dict[str, str]], header: list[str], column: str) -> list[str] | None:
+    """The run group of each row; an empty cell is a group of its own."""
+    if column not in header:
+        return None
+    return [(row.get(column) or "").strip() or f"\0row{index}" for index, row in enumerate(rows)]
+
+
+def _target(
+    fix_e: str | None,
+    excess: bool,
+    rows: list[dict[str, str]],
+    header: list[str],
+    entropy_col: str,
+    loss: list[float],
+    path: Path,
+) -> tuple[float | None, float | None, list[float]]:
+    """(fixed E, exact entropy, the values fitted): the loss, or the excess with E = 0."""
+    from llama_train.scaling.points import numeric_column
+    from llama_train.scaling.report import exact_entropy
+
+    entropy: float | None = None
+    if fix_e == "exact" or excess:
+        values = numeric_column(rows, header, entropy_col, path)
+        entropy = exact_entropy([{"e": value} for value in values], column="e")
+    if excess:
+        assert entropy is not None
+        target = [value - entropy for value in loss]
+        below = [index for index, value in enumerate(target) if value <= 0]
+        if below:
+            first = below[0]
+            raise LlamaTrainError(
+                f"{path} line {first + 2}: excess = loss - entropy = {target[first]:.4g} "
+                f"(loss {loss[first]:.6g}, exact entropy {entropy:.6g}) is not positive, and "
+                f"--excess fits log(excess); {len(below)} row(s) are at or below the floor: "
+                "drop them or fit with --fix-E exact"
+            )
+        return 0.0, entropy, target
+    if fix_e == "exact":
+        return entropy, entropy, loss
+    return (None if fix_e is None else _parse_e(fix_e)), entropy, loss
+
+
+def _approaches(fit: Fit, n: Any, d: Any, target: list[float]) -> list[Any]:
+    """Approaches 1 and 2 on the same table, for an ND fit."""
+    import numpy as np
+
+    from llama_train.scaling.approaches import approach1, approach2
+
+    if fit.form != "ND":
+        return []
+    arrays = [np.asarray(values, dtype=np.float64) for values in (n, d, target)]
+    return [approach1(*arrays), approach2(*arrays)]
+
+
+def _approaches_table(fit: Fit, approaches: list[Any]) -> Table:
+    from llama_train.scaling.fit import compute_optimal, has_compute_optimal
+
+    table = Table(
+        title="compute-optimal allocation, C = 6ND: N_opt ~ C^a, D_opt ~ C^(1-a)",
+        title_justify="left",
+        caption="1: the runs on the loss-compute frontier; 2: vertices of parabolas in log N "
+        "at compute levels (runs within a factor 1.2); parametric: a = beta/(alpha+beta)",
+        caption_justify="left",
+    )
+    for column in ("approach", "a", "1 - a", "from"):
+        table.add_column(column, justify="left" if column in ("approach", "from") else "right")
+    if has_compute_optimal(fit):
+        optimal = compute_optimal(fit)
+        table.add_row(
+            f"3: {fit.method} fit",
+            _interval_text(optimal.a, optimal.a_interval),
+            _interval_text(optimal.b, optimal.b_interval),
+            f"{fit.n_points} points",
+        )
+    else:
+        table.add_row(f"3: {fit.method} fit", "-", "-", "A, B, alpha or beta is 0")
+    for allocation in approaches:
+        used = f"{len(allocation.compute)} optima"
+        if allocation.notes:
+            used += "; " + "; ".join(allocation.notes)
+        if allocation.a is None:
+            table.add_row(allocation.approach, "-", "-", used)
+        else:
+            table.add_row(
+                allocation.approach, f"{allocation.a:.4g}", f"{1 - allocation.a:.4g}", used
+            )
+    return table
 
 
 def _select_regime(
@@ -502,7 +706,8 @@ def _fit_table(fit: Fit, path: Path, excess: bool, entropy: float | None) -> Tab
     table = Table(
         title=f"{path}: L = {law}",
         title_justify="left",
-        caption=f"{fit.level:.0%} bootstrap intervals from {fit.bootstrap} resamples"
+        caption=f"{fit.method}; {fit.level:.0%} bootstrap intervals from {fit.bootstrap} "
+        f"resamples of {fit.groups} run groups; -: none (fixed, or not identified)"
         + ("" if entropy is None else f"; exact entropy {entropy:.6g}"),
         caption_justify="left",
     )

@@ -55,6 +55,14 @@ def submit_command(
             "--local", help="Run the same job(s) here through submitit's local executor and wait."
         ),
     ] = False,
+    no_stack: Annotated[
+        bool,
+        typer.Option(
+            "--no-stack",
+            help="One job per sweep point. By default, points that differ only in optim.*, "
+            "run.seed or logging train together as one stack per job (the same results).",
+        ),
+    ] = False,
 ) -> None:
     """Submit a training run to Slurm, or its `sweep` grid as one array job.
 
@@ -65,6 +73,7 @@ def submit_command(
     or SIGTERM) checkpoint, requeue themselves and resume.
     """
     from llama_train.launch.slurm import parse_time_limit, submit
+    from llama_train.launch.stacks import stack_units
 
     with user_errors():
         for flag, text in (("--partition", partition), ("--time", time), ("--mem", mem)):
@@ -86,7 +95,14 @@ def submit_command(
             }.items()
             if value is not None
         }
-        submission = submit(config, overrides or [], slurm_settings=settings, local=local, log=_say)
+        submission = submit(
+            config,
+            overrides or [],
+            slurm_settings=settings,
+            local=local,
+            log=_say,
+            units=None if no_stack else stack_units,
+        )
     _report(submission)
 
 
@@ -111,8 +127,13 @@ def _report(submission: Submission) -> None:
     )
     first = next(iter(submission.jobs))
     array = "_" in submission.job_ids[first]  # a single point left to run is a plain job
-    count = len(submission.jobs)
-    what = f"array job {submission.job_id}: {count} points" if array else f"job {submission.job_id}"
+    count, tasks = len(submission.jobs), len(set(submission.job_ids.values()))
+    in_tasks = f" in {tasks} tasks (stacks)" if tasks < count else ""
+    what = (
+        f"array job {submission.job_id}: {count} points{in_tasks}"
+        if array
+        else f"job {submission.job_id}"
+    )
     console.print(f"submitted Slurm {what} ({resources})", highlight=False)
     if plan.is_sweep:
         for name, job_id in submission.job_ids.items():
@@ -122,7 +143,7 @@ def _report(submission: Submission) -> None:
     stdout, _ = submission.log_files(first)
     name = stdout.name.replace(submission.job_ids[first], f"{submission.job_id}_<i>")
     where = (
-        f"{stdout.parent / name} (and .err; <i> = point index)" if array else f"{stdout} (and .err)"
+        f"{stdout.parent / name} (and .err; <i> = task index)" if array else f"{stdout} (and .err)"
     )
     console.print(f"logs: {where}", highlight=False)
     console.print(f"status: llama-train sweep-status {directory}", highlight=False)

@@ -138,3 +138,34 @@ def _size(n_bytes: float) -> str:
 
 def _count(n: int) -> str:
     return f"{n:,}" if n < 1e9 else f"{n:.3g}"
+
+
+def stack_capacity(
+    config: ModelConfig,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    half_precision: bool = False,
+) -> int:
+    """How many members of this model a stack (`core.stack`) may hold on this device.
+
+    Each member costs what a single run's training costs (weights, gradients, AdamW
+    moments, activations of its batch) plus its single-model copy with its moments
+    (12 bytes a parameter), which it evaluates and checkpoints from; evaluation runs
+    one member at a time. At least 1: a single member that does not fit is refused
+    by `check_training_fits` with its figures. Unknown memory: no limit.
+    """
+    memory = available_memory(device)
+    if memory.available is None:
+        return 1 << 30
+    width = 2 if half_precision else 4
+    parameters = parameter_count(config)
+    per_member = parameters * (TRAIN_BYTES_PER_PARAMETER + 12) + activation_bytes(
+        config, batch_size, seq_len, bytes_per_value=width, backward=True
+    )
+    evaluation = activation_bytes(
+        config, eval_batch_size, seq_len, bytes_per_value=width, backward=False
+    )
+    return max(1, (memory.available - evaluation) // per_member)

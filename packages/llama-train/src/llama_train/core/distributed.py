@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -423,10 +424,15 @@ def gradient_sync(step_model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor of a possibly distributed one (a DTensor norm from FSDP's clipping)."""
-    from torch.distributed.tensor import DTensor
+    """A plain tensor of a possibly distributed one (a DTensor norm from FSDP's clipping).
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    No DTensor exists before torch.distributed.tensor is imported (FSDP imports it), so a
+    plain run never pays that import (about 1 s of CPU, sympy included) in its first step.
+    """
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    if tensor_module is None:
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, tensor_module.DTensor) else tensor
 
 
 # ---------------------------------------------------------------------------

@@ -317,16 +317,34 @@ def submit(
     slurm_settings: Mapping[str, Any] | None = None,
     local: bool = False,
     log: Callable[[str], None] | None = None,
+    units: Units | None = None,
 ) -> Submission:
     """Submit a config: one job, or one array job for its sweep; `local` runs them here.
 
     Points already done (a summary at `train.steps`) or still queued are skipped,
     so the same command after a failure resubmits only what needs it. With
     `local`, points run one after another through submitit's LocalExecutor and
-    this call returns when they have finished.
+    this call returns when they have finished. `units` groups points into jobs
+    (see :func:`submit_plan`).
     """
     sweep = plan(config_path, overrides, slurm_settings)
-    return submit_plan(sweep, config_path=config_path, overrides=overrides, local=local, log=log)
+    return submit_plan(
+        sweep, config_path=config_path, overrides=overrides, local=local, log=log, units=units
+    )
+
+
+# Groups the points to submit into jobs: (the points of one job, what that job runs).
+Units = Callable[
+    [list[Point], Callable[[SubmitConfig], Callable[[], Any]]],
+    list[tuple[list[Point], Callable[[], Any]]],
+]
+
+
+def one_job_per_point(
+    points: list[Point], make_job: Callable[[SubmitConfig], Callable[[], Any]]
+) -> list[tuple[list[Point], Callable[[], Any]]]:
+    """The default units: every point is its own job (array task)."""
+    return [([point], make_job(point.config)) for point in points]
 
 
 def submit_plan(
@@ -337,10 +355,14 @@ def submit_plan(
     local: bool = False,
     log: Callable[[str], None] | None = None,
     job: Callable[[SubmitConfig], Callable[[], Any]] | None = None,
+    units: Units | None = None,
 ) -> Submission:
     """Submit the points of a plan (see :func:`submit`); `job` wraps each point's config
-    (default :class:`TrainJob`), so a study can add work after training."""
+    (default :class:`TrainJob`), so a study can add work after training. `units`
+    groups the points into jobs (default one per point; stacks: several points in
+    one array task, every point recorded under that task's job id)."""
     make_job = job or TrainJob
+    group = units or one_job_per_point
     say = log or (lambda message: None)
     executor_name: Literal["slurm", "local"] = "local" if local else "slurm"
     todo, skipped = _points_to_submit(sweep, check_queue=not local)
@@ -361,21 +383,25 @@ def submit_plan(
         submission.manifest = record({})
         return submission
     executor = build_executor(sweep.base.slurm, folder, job_name=sweep.base.run.name, local=local)
+    jobs = group(todo, make_job)
     if local:
         # Local job ids are process ids, known one at a time: the manifest says "local".
         submission.manifest = record({point.name: "local" for point in todo})
-        for point in todo:
-            submission.jobs[point.name] = running = executor.submit(make_job(point.config))
-            say(f"running {point.name} locally (job {running.job_id}; log {running.paths.stdout})")
+        for points, unit in jobs:
+            running = executor.submit(unit)
+            submission.jobs.update({point.name: running for point in points})
+            names = ", ".join(point.name for point in points)
+            say(f"running {names} locally (job {running.job_id}; log {running.paths.stdout})")
             running.wait()
         return submission
     with sbatch_errors():
-        if len(todo) == 1:
-            submission.jobs[todo[0].name] = executor.submit(make_job(todo[0].config))
+        if len(jobs) == 1:
+            submitted = [executor.submit(jobs[0][1])]
         else:
             with executor.batch():
-                pending = {point.name: executor.submit(make_job(point.config)) for point in todo}
-            submission.jobs.update(pending)
+                submitted = [executor.submit(unit) for _, unit in jobs]
+    for (points, _), running in zip(jobs, submitted, strict=True):
+        submission.jobs.update({point.name: running for point in points})
     submission.manifest = record(submission.job_ids)
     return submission
 

@@ -55,6 +55,7 @@ from llama_train.eval import evaluate_run
 from llama_train.launch.config import SubmitConfig, format_value
 from llama_train.launch.lifeline import die_with_parent
 from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, tasks_per_node
+from llama_train.launch.stacks import StackJob, stack_groups, stack_units
 from llama_train.launch.status import point_status
 from llama_train.launch.sweep import Plan, Point, write_manifest
 from llama_train.rundir import SUMMARY_FILENAME
@@ -818,9 +819,14 @@ class StudyJob(TrainJob):
     def __call__(self) -> dict[str, Any]:
         summary = super().__call__()
         if rank_info().is_main:
-            for run_dir in (self.config.run_dir, *self.branch_dirs):
-                write_validation(run_dir, self.validation_first, self.validation_sequences)
+            self.after_training()
         return summary
+
+    def after_training(self) -> None:
+        """Score the final checkpoints of the point and of its cooldown branches on the
+        held-out slice (also after a stack trained it)."""
+        for run_dir in (self.config.run_dir, *self.branch_dirs):
+            write_validation(run_dir, self.validation_first, self.validation_sequences)
 
 
 def _job_factory(expanded: ExpandedStudy) -> Callable[[Any], StudyJob]:
@@ -975,14 +981,18 @@ def run_local(
     parallel: int = 1,
     log: Log | None = None,
     progress: bool = True,
+    stack: bool = True,
 ) -> RunReport:
     """Train every point not yet done here, `parallel` processes at a time, one thread each.
 
-    With `parallel` > 1, points run in worker processes (spawned once, each
-    training one point after another); with 1, in this process. Either way each
-    point's messages go to `<run dir>/train.log`, and a failing point is recorded
-    (job_state.json) and reported while the others go on. Points already done
-    are skipped.
+    With `stack` (the default), points that differ only in what a stack member may
+    vary (lr, seed) train together as one stack in one process (`train_stack`);
+    `stack=False` trains one point per process. With `parallel` > 1, stacks (or
+    points) run in worker processes (spawned once, each training one after
+    another); with 1, in this process. Either way each point's messages go to
+    `<run dir>/train.log` (a stack's to its first member's, which the others'
+    logs name), and a failing point is recorded (job_state.json) and reported while
+    the others go on. Points already done are skipped.
     """
     say = log or (lambda message: None)
     write_study_record(expanded)
@@ -1003,22 +1013,27 @@ def run_local(
     if not todo:
         say(f"{expanded.directory}: all {total} points are done")
         return RunReport(total, total, [], {}, 0.0)
+    units = _units(expanded, todo, stack=stack)
+    how = f"in {len(units)} stacks, " if len(units) < len(todo) else ""
     say(
         f"{expanded.directory}: {len(todo)} of {total} points to train, "
-        f"{parallel} at a time (one thread each)"
+        f"{how}{parallel} at a time (one thread each)"
     )
+
+    def record(points: list[Point], problems: dict[str, str], bar: _Progress) -> None:
+        for point in points:
+            problem = problems.get(str(point.config.run_dir), "")
+            if problem:
+                failed[point.name] = problem
+                say(f"failed {point.name}: {problem} (log {_unit_log(points)})")
+            else:
+                trained.append(point.name)
+            bar.advance(point.name, ok=not problem)
+
     if parallel == 1:
         with _Progress(len(todo), enabled=progress) as bar:
-            for index in todo:
-                point = expanded.plan.points[index]
-                log_path = point.config.run_dir / "train.log"
-                problem = _run_in_this_process(make_job(point.config), log_path)
-                if problem:
-                    failed[point.name] = problem
-                    say(f"failed {point.name}: {problem} (log {log_path})")
-                else:
-                    trained.append(point.name)
-                bar.advance(point.name, ok=not problem)
+            for points in units:
+                record(points, _run_unit_here(points, make_job), bar)
         return RunReport(total, total - len(todo), trained, failed, time.perf_counter() - started)
     # Workers live for the whole study: a process imports torch once, not once per point.
     context = multiprocessing.get_context("spawn")
@@ -1033,24 +1048,83 @@ def run_local(
         ) as pool,
         _stop_workers_on_interrupt(pool, stop, say),
     ):
-        futures = {}
-        for index in todo:
-            point = expanded.plan.points[index]
-            job = make_job(point.config)
-            futures[pool.submit(_run_point, job, str(point.config.run_dir / "train.log"))] = point
+        futures = {
+            pool.submit(_run_unit, [make_job(p.config) for p in points], _unit_log(points)): points
+            for points in units
+        }
         for future in concurrent.futures.as_completed(futures):
-            point = futures[future]
+            points = futures[future]
             try:
-                problem = future.result()
+                problems = future.result()
             except Exception as error:  # a worker that died (killed, out of memory)
                 problem = f"{type(error).__name__}: {error}"
-            if problem:
-                failed[point.name] = problem
-                say(f"failed {point.name}: {problem} (log {point.config.run_dir / 'train.log'})")
-            else:
-                trained.append(point.name)
-            bar.advance(point.name, ok=not problem)
+                problems = {str(p.config.run_dir): problem for p in points}
+            record(points, problems, bar)
     return RunReport(total, total - len(todo), trained, failed, time.perf_counter() - started)
+
+
+def _units(expanded: ExpandedStudy, todo: list[int], *, stack: bool) -> list[list[Point]]:
+    """The points to train, grouped into stacks (or one per unit without stacking)."""
+    points = [expanded.plan.points[index] for index in todo]
+    groups = stack_groups([p.config.train_config() for p in points], enabled=stack)
+    return [[points[i] for i in group] for group in groups]
+
+
+def _unit_log(points: list[Point]) -> str:
+    """The log of a unit: its first point's train.log (a stack writes there for all)."""
+    return str(points[0].config.run_dir / "train.log")
+
+
+def _run_unit_here(points: list[Point], make_job: Callable[[Any], StudyJob]) -> dict[str, str]:
+    """A point or a stack in this process; {run dir: problem} for the points that failed."""
+    jobs = [make_job(point.config) for point in points]
+    log_path = Path(_unit_log(points))
+    if len(jobs) == 1:
+        problem = _run_in_this_process(jobs[0], log_path)
+        return {str(points[0].config.run_dir): problem} if problem else {}
+    _name_stack_log(jobs)
+    with (
+        log_path.open("a", buffering=1) as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        return _stack_problems(jobs, log)
+
+
+def _run_unit(jobs: list[StudyJob], log_path: str) -> dict[str, str]:
+    """In a worker process: a point or a stack, its output in its log; {run dir: problem}."""
+    if len(jobs) == 1:
+        problem = _run_point(jobs[0], log_path)
+        return {str(jobs[0].config.run_dir): problem} if problem else {}
+    if _STOP is not None and _STOP.is_set():
+        return {str(job.config.run_dir): "not started: the study was stopped" for job in jobs}
+    _name_stack_log(jobs)
+    with open(log_path, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        return _stack_problems(jobs, sys.stderr)
+
+
+def _name_stack_log(jobs: list[StudyJob]) -> None:
+    """Each member's train.log says where its stack writes."""
+    log_path = jobs[0].config.run_dir / "train.log"
+    for job in jobs:
+        job.config.run_dir.mkdir(parents=True, exist_ok=True)
+    for job in jobs[1:]:
+        with (job.config.run_dir / "train.log").open("a") as log:
+            print(f"trained in a stack of {len(jobs)}; its messages are in {log_path}", file=log)
+
+
+def _stack_problems(jobs: list[StudyJob], log: Any) -> dict[str, str]:
+    """Run the jobs as one StackJob: {run dir: problem}, every member's when it fails."""
+    try:
+        return StackJob(list(jobs))()
+    except Exception as error:
+        print(f"error: {describe_error(error)}", file=log, flush=True)
+        return {str(job.config.run_dir): describe_error(error) for job in jobs}
+    except SystemExit as stop:  # preempted: every member checkpointed and recorded
+        message = f"preempted (exit {stop.code}): run the study again to resume"
+        return {str(job.config.run_dir): message for job in jobs}
 
 
 _STOP: Any = None  # in a worker: the study's stop event
@@ -1180,11 +1254,16 @@ class _Progress:
 
 
 @_one_writer
-def submit_slurm(expanded: ExpandedStudy, log: Log | None = None) -> Any:
-    """Send the points that are neither done nor queued to Slurm as one array job."""
+def submit_slurm(expanded: ExpandedStudy, log: Log | None = None, *, stack: bool = True) -> Any:
+    """Send the points that are neither done nor queued to Slurm as one array job: one
+    task per stack (`stack`, the default) or per point."""
     write_study_record(expanded)
     return submit_plan(
-        expanded.plan, config_path=expanded.path, job=_job_factory(expanded), log=log
+        expanded.plan,
+        config_path=expanded.path,
+        job=_job_factory(expanded),
+        log=log,
+        units=stack_units if stack else None,
     )
 
 

@@ -13,8 +13,16 @@ Following Hoffmann et al. (2022) and the replication by Besiroglu et al. (2024):
   optimiser starts from the best `starts` of them (20 by default), which finds the
   same optimum on every table we tried at a hundredth of the cost, and keeps
   bootstrapping affordable;
-- confidence intervals come from the bootstrap: resample the points (whole runs)
-  with replacement, refit (from the full fit's optimum), take percentiles.
+- confidence intervals come from the bootstrap: resample whole run groups (a trunk
+  with its cooldown branches; every row its own group without labels, see
+  :mod:`llama_train.scaling.bootstrap`), refit, take percentiles. A resample starts
+  from the full fit's optimum, except when that optimum sits on the search box: then
+  every resample would stay pinned there and the interval would have zero width, so
+  each resample is refitted from the best points of the initialisation grid too.
+  Intervals are widened for few runs (see :mod:`llama_train.scaling.bootstrap`).
+
+This is the diagnostic for a free E (:mod:`llama_train.scaling.vpnls` is the default
+method): its bias against the exact entropy is a measurement of its own.
 
 Forms: ``ND`` (the law above), ``N`` (E + A/N^alpha) and ``D`` (E + B/D^beta). E is
 free, fixed to a value (``fixed_e``: the exact entropy of a GSSM store, the true floor),
@@ -38,6 +46,12 @@ import numpy as np
 from scipy.optimize import minimize
 
 from llama_train.errors import LlamaTrainError
+from llama_train.scaling.bootstrap import (
+    GroupResampler,
+    group_codes,
+    percentile_intervals,
+    small_sample_factor,
+)
 
 Form = Literal["ND", "N", "D"]
 FORMS: tuple[Form, ...] = ("ND", "N", "D")
@@ -157,6 +171,16 @@ def _objective(
     return loss, gradient
 
 
+# Floats held at once by a vectorised grid evaluation (32 MiB): chunks of the grid
+# shrink as the table grows, so memory stays bounded whatever the row count.
+GRID_CHUNK_FLOATS = 1 << 22
+
+
+def grid_chunk(per_point: int) -> int:
+    """Grid points evaluated at once when each costs `per_point` floats."""
+    return max(1, GRID_CHUNK_FLOATS // max(per_point, 1))
+
+
 def _grid_losses(
     grid: np.ndarray,
     layout: _Layout,
@@ -166,11 +190,12 @@ def _grid_losses(
     delta: float,
 ) -> np.ndarray:
     losses = np.empty(len(grid))
-    for start in range(0, len(grid), 4096):
-        terms = layout.terms(grid[start : start + 4096], log_n, log_d)  # (P, K, M)
+    step = grid_chunk(4 * len(log_l))
+    for start in range(0, len(grid), step):
+        terms = layout.terms(grid[start : start + step], log_n, log_d)  # (P, K, M)
         peak = terms.max(axis=1)
         prediction = peak + np.log(np.exp(terms - peak[:, None, :]).sum(axis=1))
-        losses[start : start + 4096] = _huber(prediction - log_l[None, :], delta).sum(axis=1)
+        losses[start : start + step] = _huber(prediction - log_l[None, :], delta).sum(axis=1)
     return losses
 
 
@@ -235,6 +260,9 @@ class Fit:
     fixed_e: float | None = None
     at_bound: list[str] = field(default_factory=list)  # parameters that ended on the box
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    method: str = "lbfgs"
+    groups: int = 0  # run groups the bootstrap resampled (0: no bootstrap)
+    flags: list[str] = field(default_factory=list)  # what the fit cannot determine, and why
 
     def predict(self, n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
         """L at (N, D) (N or D is ignored by the one-variable forms)."""
@@ -257,11 +285,17 @@ class Fit:
             "level": self.level,
             "n_points": self.n_points,
             "bootstrap": self.bootstrap,
-            "huber_objective": self.objective,
+            # approach 3: summed Huber of log residuals; vpnls: summed squared relative ones
+            ("huber_objective" if self.method == "lbfgs" else "squared_relative_objective"): (
+                self.objective
+            ),
             "rms_log_residual": self.rms_log_residual,
             "at_bound": self.at_bound,
+            "method": self.method,
+            "groups": self.groups,
+            "flags": self.flags,
         }
-        if self.form == "ND" and self.parameters["alpha"] and self.parameters["beta"]:
+        if has_compute_optimal(self):
             optimal = compute_optimal(self)
             data["compute_optimal"] = {
                 "a": optimal.a,
@@ -271,6 +305,96 @@ class Fit:
                 "b_interval": optimal.b_interval,
             }
         return data
+
+
+@dataclass(frozen=True)
+class Points:
+    """A checked table: log N, log D, the target (loss, or excess with E = 0) and groups."""
+
+    form: Form
+    fixed_e: float | None
+    log_n: np.ndarray
+    log_d: np.ndarray
+    target: np.ndarray
+    codes: np.ndarray  # run group of each row (see llama_train.scaling.bootstrap)
+
+    @property
+    def count(self) -> int:
+        return len(self.target)
+
+    @property
+    def e_mode(self) -> Literal["free", "fixed", "none"]:
+        if self.fixed_e is None:
+            return "free"
+        return "none" if self.fixed_e == 0 else "fixed"
+
+    def take(self, index: np.ndarray) -> Points:
+        return Points(
+            self.form,
+            self.fixed_e,
+            self.log_n[index],
+            self.log_d[index],
+            self.target[index],
+            self.codes[index],
+        )
+
+
+def prepare_points(
+    n: Sequence[float] | np.ndarray | None,
+    d: Sequence[float] | np.ndarray | None,
+    loss: Sequence[float] | np.ndarray,
+    *,
+    form: Form,
+    fixed_e: float | None,
+    free_parameters: int,
+    groups: Sequence[Any] | np.ndarray | None = None,
+) -> Points:
+    """Check a table for a fit (one-line errors) and take logs.
+
+    Refuses what no method can fit: non-finite or non-positive values, and designs that
+    cannot identify the law (a single N for a law in N, a single D for a law in D, fewer
+    distinct points than free parameters). Twenty copies of one row are one point.
+    """
+    if form not in FORMS:
+        raise LlamaTrainError(f"form {form!r}: choose one of {', '.join(FORMS)}")
+    loss_array = np.asarray(loss, dtype=np.float64)
+    count = len(loss_array)
+    n_array = _column(n, "N", count, needed=form in ("ND", "N"))
+    d_array = _column(d, "D", count, needed=form in ("ND", "D"))
+    if not np.all(np.isfinite(loss_array)) or np.any(loss_array <= 0):
+        raise LlamaTrainError("every loss must be finite and positive (the fit is on log L)")
+    if fixed_e is not None and (not math.isfinite(fixed_e) or fixed_e < 0):
+        raise LlamaTrainError(f"fixed E {fixed_e!r} must be finite and non-negative")
+    for needed, values, label, exponent, other in (
+        (form in ("ND", "N"), n_array, "N", "alpha", "D"),
+        (form in ("ND", "D"), d_array, "D", "beta", "N"),
+    ):
+        distinct = np.unique(values)
+        if needed and len(distinct) < 2:
+            hint = f"; fit --form {other}" if form == "ND" else ""
+            raise LlamaTrainError(
+                f"every row has {label} = {distinct[0]:.6g}: one {label} cannot determine "
+                f"{exponent}{hint}, or add rows at other {label}"
+            )
+    if fixed_e is not None and fixed_e > 0 and not np.any(loss_array > fixed_e):
+        raise LlamaTrainError(
+            f"every loss is at or below the fixed E {fixed_e:.6g}: nothing is left above the "
+            "floor to fit (check the entropy column and the loss column)"
+        )
+    distinct_points = len({(a, b, c) for a, b, c in zip(n_array, d_array, loss_array, strict=True)})
+    if distinct_points < free_parameters:
+        raise LlamaTrainError(
+            f"{distinct_points} distinct point(s) ({count} rows) for {free_parameters} free "
+            "parameters: give more points"
+        )
+    return Points(
+        form,
+        fixed_e,
+        np.log(n_array),
+        np.log(d_array),
+        loss_array,
+        group_codes(groups, count),
+    )
 
 
 def fit_law(
@@ -285,72 +409,89 @@ def fit_law(
     seed: int = 0,
     delta: float = HUBER_DELTA,
     starts: int = 20,
+    groups: Sequence[Any] | np.ndarray | None = None,
+    resample_starts: int = 5,
 ) -> Fit:
     """Fit a law to points (N, D, L); `fixed_e` = None frees E, 0 drops it (pure power law).
 
+    `groups` labels the run group of each row (the bootstrap resamples groups). A
+    resample starts from the full fit's optimum, and, when that optimum is on the
+    search box, also from the `resample_starts` best grid points of the resample.
     Deterministic: the bootstrap draws from `seed`.
     """
     if form not in FORMS:
         raise LlamaTrainError(f"form {form!r}: choose one of {', '.join(FORMS)}")
-    loss_array = np.asarray(loss, dtype=np.float64)
-    count = len(loss_array)
-    n_array = _column(n, "N", count, needed=form in ("ND", "N"))
-    d_array = _column(d, "D", count, needed=form in ("ND", "D"))
-    if not np.all(np.isfinite(loss_array)) or np.any(loss_array <= 0):
-        raise LlamaTrainError("every loss must be finite and positive (the fit is on log L)")
-    if fixed_e is not None and (not math.isfinite(fixed_e) or fixed_e < 0):
-        raise LlamaTrainError(f"fixed E {fixed_e!r} must be finite and non-negative")
     layout = _Layout(
         form,
         free_e=fixed_e is None,
         fixed_log_e=math.log(fixed_e) if fixed_e else None,
     )
     free = len(layout.names)
-    if count < free:
-        raise LlamaTrainError(
-            f"{count} point(s) for {free} free parameters ({', '.join(layout.names)}): "
-            "give more points"
-        )
-    log_n, log_d, log_l = np.log(n_array), np.log(d_array), np.log(loss_array)
+    points = prepare_points(
+        n, d, loss, form=form, fixed_e=fixed_e, free_parameters=free, groups=groups
+    )
+    log_n, log_d, log_l = points.log_n, points.log_d, np.log(points.target)
     grid = layout.grid()
 
     losses = _grid_losses(grid, layout, log_n, log_d, log_l, delta)
     chosen = grid[np.argsort(losses, kind="stable")[:starts]]
     theta, objective = _optimise(chosen, layout, log_n, log_d, log_l, delta)
-    rng = np.random.default_rng(seed)
+    at_bound = _at_bound(layout, theta)
+    resampler = GroupResampler(points.codes, seed)
     samples = []
     for _ in range(bootstrap):
-        # A resample's optimum is near the full fit's: start there (a grid search per
-        # resample would cost starts times more and land in the same basin).
-        index = rng.integers(0, count, size=count)
+        index = resampler.draw()
         args = (log_n[index], log_d[index], log_l[index], delta)
-        samples.append(_optimise(theta[None, :], layout, *args)[0])
+        starting = theta[None, :]
+        if at_bound:
+            # Pinned to the box, the full fit's optimum would hold every resample there
+            # (a zero-width interval); search from the resample's own best grid points too.
+            own = _grid_losses(grid, layout, *args)
+            starting = np.vstack([starting, grid[np.argsort(own, kind="stable")[:resample_starts]]])
+        samples.append(_optimise(starting, layout, *args)[0])
     parameters = _natural(layout, theta, fixed_e)
     prediction = np.log(_predict(layout, theta, log_n, log_d))
     fit = Fit(
         form=form,
-        e_mode="free" if fixed_e is None else ("none" if fixed_e == 0 else "fixed"),
+        e_mode=points.e_mode,
         parameters=parameters,
         intervals={name: None for name in NAMES},
         level=level,
-        n_points=count,
+        n_points=points.count,
         bootstrap=bootstrap,
         objective=objective,
         rms_log_residual=float(np.sqrt(np.mean((prediction - log_l) ** 2))),
         fixed_e=fixed_e,
-        at_bound=_at_bound(layout, theta),
+        at_bound=at_bound,
+        method="lbfgs",
+        groups=resampler.n_groups if bootstrap else 0,
     )
-    if samples:
-        natural = [_natural(layout, sample, fixed_e) for sample in samples]
-        tail = (1.0 - level) / 2.0 * 100.0
-        for name in NAMES:
-            if parameters[name] is None or (name == "E" and fixed_e is not None):
-                continue  # absent from the form, or fixed: no interval
-            values = [float(sample[name]) for sample in natural]  # type: ignore[arg-type]
-            fit.samples[name] = values
-            low, high = np.percentile(values, [tail, 100.0 - tail])
-            fit.intervals[name] = [float(low), float(high)]
+    add_intervals(fit, [_natural(layout, sample, fixed_e) for sample in samples])
     return fit
+
+
+def add_intervals(fit: Fit, natural: list[dict[str, float | None]]) -> None:
+    """Bootstrap intervals of the fitted (not fixed, not absent) parameters, widened for
+    the number of run groups (:func:`llama_train.scaling.bootstrap.small_sample_factor`)."""
+    if not natural:
+        return
+    names = [
+        name
+        for name in NAMES
+        if fit.parameters[name] is not None and not (name == "E" and fit.fixed_e is not None)
+    ]
+    widen = small_sample_factor(fit.groups, len(names))
+    if widen is None:
+        fit.flags.append(
+            f"{fit.groups} run group(s) for {len(names)} free parameters: no bootstrap interval"
+        )
+        return
+    intervals, samples, flags = percentile_intervals(
+        natural, names, fit.parameters, fit.level, widen
+    )
+    fit.intervals.update(intervals)
+    fit.samples.update(samples)
+    fit.flags.extend(flags)
 
 
 def _at_bound(layout: _Layout, theta: np.ndarray) -> list[str]:
@@ -416,11 +557,22 @@ class ComputeOptimal:
         return (np.asarray(compute, dtype=np.float64) / 6.0) ** self.b / self.g
 
 
+def has_compute_optimal(fit: Fit) -> bool:
+    """An ND fit whose exponents and coefficients are all positive (both terms present)."""
+    p = fit.parameters
+    vanished = {"A", "B", "alpha", "beta"} & set(fit.at_bound) - {"alpha", "beta"}
+    return (
+        fit.form == "ND" and not vanished and all(p[name] for name in ("A", "B", "alpha", "beta"))
+    )
+
+
 def compute_optimal(fit: Fit) -> ComputeOptimal:
     """Chinchilla's allocation of a compute budget C = 6 N D under an ND fit."""
     p = fit.parameters
-    if fit.form != "ND" or not p["alpha"] or not p["beta"]:
-        raise LlamaTrainError("the compute-optimal allocation needs an ND fit with alpha, beta > 0")
+    if not has_compute_optimal(fit):
+        raise LlamaTrainError(
+            "the compute-optimal allocation needs an ND fit with A, B, alpha, beta > 0"
+        )
     alpha, beta, a_coef, b_coef = p["alpha"], p["beta"], p["A"], p["B"]
     assert alpha is not None and beta is not None and a_coef is not None and b_coef is not None
     g = (alpha * a_coef / (beta * b_coef)) ** (1.0 / (alpha + beta))
@@ -429,10 +581,18 @@ def compute_optimal(fit: Fit) -> ComputeOptimal:
         alphas, betas = np.asarray(fit.samples["alpha"]), np.asarray(fit.samples["beta"])
         keep = (alphas + betas) > 0
         a_values = betas[keep] / (alphas[keep] + betas[keep])
-        tail = (1.0 - fit.level) / 2.0 * 100.0
-        low, high = np.percentile(a_values, [tail, 100.0 - tail])
-        a_interval = [float(low), float(high)]
-        b_interval = [float(1.0 - high), float(1.0 - low)]
+        a = beta / (alpha + beta)
+        widened = percentile_intervals(
+            [{"a": float(value)} for value in a_values],
+            ["a"],
+            {"a": a},
+            fit.level,
+            small_sample_factor(fit.groups, len(fit.samples)) or 1.0,
+        )[0].get("a")
+        if widened is not None:
+            low, high = widened[0], min(widened[1], 1.0)
+            a_interval = [low, high]
+            b_interval = [1.0 - high, 1.0 - low]
     return ComputeOptimal(
         a=beta / (alpha + beta),
         b=alpha / (alpha + beta),

@@ -386,10 +386,8 @@ def plot_lr_sweeps(
         _lr_rule_panel(plt, right, optima)
         figure.suptitle(f"{regime}: learning rate per model size")
         figure.tight_layout()
-        path = out_dir / f"{regime}-lr.png"
-        figure.savefig(path, dpi=130)
+        paths.append(save_png(figure, out_dir / f"{regime}-lr.png", dpi=130))
         plt.close(figure)
-        paths.append(path)
     return paths
 
 

@@ -15,7 +15,9 @@ seeds and loss_seed_std (the spread of the test loss over the seeds of the same
 regime, model and data size),
 n_train, tokens (seen), epochs, flops_6nd, flops_attention, flops, lr, seed, steps,
 val_loss, loss (final test loss), entropy (exact, same test sequences), excess
-(loss - entropy), loss_bits, entropy_bits, excess_bits, lr_tried, run_dir.
+(loss - entropy), loss_bits, entropy_bits, excess_bits, lr_tried, run_dir, group (the
+run group a bootstrap resamples together: a cooldown branch's trunk, named by the point's
+``trunk`` (or an explicit ``group``); otherwise the point itself).
 
 Reads JSON files only (study.json, summary.json, validation.json): no torch.
 """
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -67,7 +71,14 @@ COLUMNS = (
     "excess_bits",
     "lr_tried",
     "run_dir",
+    "group",
 )
+
+# Bounds on a table a fit reads: a scaling-law table has one row per run (hundreds, a
+# few thousand with cooldown branches and seeds). Beyond these the file is not such a
+# table, and reading it whole would cost unbounded memory (/dev/zero, a log file).
+MAX_TABLE_BYTES = 16 * 1024 * 1024
+MAX_TABLE_ROWS = 5000
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -130,6 +141,7 @@ def point_rows(
                 "entropy_bits": entropy / LN2,
                 "excess_bits": (loss - entropy) / LN2,
                 "run_dir": str(run_dir),
+                "group": point.get("group") or point.get("trunk") or point["name"],
             }
         )
     return rows
@@ -254,21 +266,49 @@ def _format(value: Any) -> Any:
 
 
 def read_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """A CSV's header and rows (strings); unreadable or empty files are one-line errors."""
+    """A CSV's header and rows (strings); unreadable, empty or oversized files are one-line
+    errors.
+
+    Only a regular file of at most MAX_TABLE_BYTES with at most MAX_TABLE_ROWS rows is
+    read (a directory, a FIFO or a device is refused before it is opened, so nothing
+    blocks or grows). Larger tables are refused rather than subsampled: a fit on a
+    silent subsample would report intervals of a table nobody chose.
+    """
     path = Path(path)
     try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
+        info = path.stat()
     except FileNotFoundError:
         raise LlamaTrainError(f"table not found: {path}") from None
+    except OSError as error:
+        raise LlamaTrainError(f"cannot read {path}: {error.strerror or error}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise LlamaTrainError(f"{path} is a directory: give the CSV file (e.g. points.csv)")
+    if not stat.S_ISREG(info.st_mode):
+        raise LlamaTrainError(f"{path} is not a regular file (a FIFO or a device): give a CSV file")
+    if info.st_size > MAX_TABLE_BYTES:
+        raise LlamaTrainError(
+            f"{path} is {info.st_size / 2**20:.1f} MiB; a table of runs is at most "
+            f"{MAX_TABLE_BYTES // 2**20} MiB: is it the right file?"
+        )
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            text = handle.read(MAX_TABLE_BYTES + 1)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = list(reader.fieldnames or [])
+        rows = list(itertools.islice(reader, MAX_TABLE_ROWS + 1))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise LlamaTrainError(f"cannot read {path} as CSV: {error}") from None
+    if len(text) > MAX_TABLE_BYTES:
+        raise LlamaTrainError(f"{path} grew past {MAX_TABLE_BYTES // 2**20} MiB while it was read")
     if not header:
         raise LlamaTrainError(f"{path} is empty (no header line)")
     if not rows:
         raise LlamaTrainError(f"{path} has a header but no rows")
+    if len(rows) > MAX_TABLE_ROWS:
+        raise LlamaTrainError(
+            f"{path} has more than {MAX_TABLE_ROWS} rows: a fit takes one row per run "
+            "(average repeated evaluations first, or fit one regime with --regime)"
+        )
     return header, rows
 
 

@@ -1,9 +1,12 @@
 """The fits every study gets, per regime: E free, E fixed to the exact entropy, excess loss.
 
-E free is what any scaling-law tool can do; E fixed to the exact entropy of the test
-sequences uses what only a GSSM store knows; comparing the free E (with its bootstrap
-interval) to the exact entropy checks the fitted asymptote against the truth. The
-excess loss L - entropy is fitted as a pure power law A/N^alpha + B/D^beta.
+E free is what any scaling-law tool can do, fitted as Chinchilla's approach 3 (the
+diagnostic: comparing the free E, with its bootstrap interval, to the exact entropy
+checks the fitted asymptote against the truth); E fixed to the exact entropy of the
+test sequences uses what only a GSSM store knows, fitted by variable projection (only
+the exponents are searched); the excess loss L - entropy is fitted as a pure power law
+A/N^alpha + B/D^beta, also by variable projection. Bootstraps resample run groups (the
+``group`` column of the study's table).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from llama_train.errors import LlamaTrainError
 from llama_train.scaling.fit import Fit, fit_law
+from llama_train.scaling.vpnls import fit_vpnls
 
 
 @dataclass
@@ -67,7 +71,8 @@ def fit_regimes(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> list[RegimeFits]:
-    """The three fits of every regime with enough points (others are named in `log`).
+    """The three fits of every regime with enough points (others are named in `log`, as
+    are regimes whose table cannot identify the law).
 
     A point whose loss is not above the exact entropy (possible by sampling noise on a
     small evaluation set, once a model is at the floor) has no log excess: it is left
@@ -89,17 +94,29 @@ def fit_regimes(
                 f"{regime}: {int((~above).sum())} point(s) at or below the floor are left "
                 "out of the excess fit"
             )
+        groups = np.asarray([str(row.get("group") or index) for index, row in enumerate(members)])
         common = {"bootstrap": bootstrap, "seed": seed}
-        results.append(
-            RegimeFits(
+        try:
+            fits = RegimeFits(
                 regime=regime,
                 entropy=entropy,
                 rows=members,
-                free=fit_law(n, d, loss, **common),
-                exact=fit_law(n, d, loss, fixed_e=entropy, **common),
-                excess=fit_law(n[above], d[above], loss[above] - entropy, fixed_e=0.0, **common),
+                free=fit_law(n, d, loss, groups=groups, **common),
+                exact=fit_vpnls(n, d, loss, fixed_e=entropy, groups=groups, **common),
+                excess=fit_vpnls(
+                    n[above],
+                    d[above],
+                    loss[above] - entropy,
+                    fixed_e=0.0,
+                    groups=groups[above],
+                    **common,
+                ),
             )
-        )
+        except LlamaTrainError as error:
+            # A single N, every loss under the floor...: this regime says why, the others fit.
+            say(f"{regime}: not fitted: {error}")
+            continue
+        results.append(fits)
     if not results:
         raise LlamaTrainError(f"no regime has the {MIN_POINTS} finished points a fit needs yet")
     return results

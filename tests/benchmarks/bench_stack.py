@@ -1,0 +1,201 @@
+"""Stacked training against one model at a time (`make bench`; issue 16's two tables).
+
+1. Training steps only: one stack of K members (`core.stack`) against K single
+   models (`Llama` + torch AdamW + clipping, as `train.py` steps them), on the same
+   batches in this process, one thread. K in {1, 4, 16, 64}, widths 16/32/64 (1, 1
+   and 2 layers), batch 16 x 256 tokens: the study's shapes. Printed as the ratio
+   (time of K single steps) / (time of one stack step), best of the repeats, so
+   background load hits both alike. Eager only (torch.compile is not used by stacks).
+2. Whole runs, start to summary.json, at a study run length (2 epochs of 512
+   sequences, batch 16, evaluation and checkpoint at the end): K configs that differ
+   in lr trained as K separate `llama-train run` processes, one after another (a
+   one-core Slurm array), against one process training them as one stack
+   (`train_stack`). The ratio is the wall time of the first over the second.
+
+BENCH_STACK_QUICK=1 runs a short version (K up to 16, widths 16 and 32, table 2
+with 4 configs).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_train.core.model import Llama, ModelConfig
+from llama_train.core.optim import OptimConfig, build_optimizer, clip_gradients, set_lr
+from llama_train.core.stack import (
+    StackedAdamW,
+    StackedLlama,
+    chunk_members,
+    clip_member_gradients,
+)
+
+QUICK = os.environ.get("BENCH_STACK_QUICK") == "1"
+KS = (1, 4, 16) if QUICK else (1, 4, 16, 64)
+SHAPES = {16: (1, 1), 32: (1, 2), 64: (2, 4)}  # width: (layers, heads)
+WIDTHS = (16, 32) if QUICK else (16, 32, 64)
+BATCH, SEQ, VOCAB = 16, 256, 16
+STEPS, REPEATS = (1, 3) if QUICK else (2, 3)
+RUNS = 4 if QUICK else 16
+RUN_ROWS = 512  # train sequences of a table-2 run: 2 epochs = 64 steps of 16
+
+
+def _model_config(width: int) -> ModelConfig:
+    layers, heads = SHAPES[width]
+    return ModelConfig(
+        dim=width, n_layers=layers, n_heads=heads, vocab_size=VOCAB, max_seq_len=SEQ + 1
+    )
+
+
+def _singles_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
+    """One round of K single-model steps (forward, backward, clip, AdamW), as train.py."""
+    cfg = OptimConfig(lr=1e-3)
+    models = [Llama(config, seed=seed) for seed in range(k)]
+    optimizers = [build_optimizer(model, cfg) for model in models]
+
+    def step(batch: torch.Tensor) -> None:
+        for model, optimizer in zip(models, optimizers, strict=True):
+            set_lr(optimizer, cfg.lr)
+            model(batch[:, :-1], batch[:, 1:]).loss.backward()
+            clip_gradients(model, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _stack_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
+    """One step of one stack of K members."""
+    cfgs = [OptimConfig(lr=1e-3)] * k
+    stack = StackedLlama.from_models([Llama(config, seed=seed) for seed in range(k)])
+    optimizer = StackedAdamW(stack, cfgs)
+
+    stack.chunk = chunk_members(config, BATCH * SEQ, torch.device("cpu"))
+
+    def step(batch: torch.Tensor) -> None:
+        stack.backward_losses(batch[:, :-1], batch[:, 1:])
+        clip_member_gradients(stack, [cfg.grad_clip for cfg in cfgs])
+        optimizer.step([cfg.lr for cfg in cfgs])
+        optimizer.zero_grad()
+
+    return step
+
+
+def _best_seconds(steps: list[Callable[[torch.Tensor], None]], batch: torch.Tensor) -> list[float]:
+    """Best seconds per step of each contender; repeats alternate between them, so a
+    burst of background load hits all alike. The first step of each is a warm-up."""
+    for step in steps:
+        step(batch)
+    best = [float("inf")] * len(steps)
+    for _ in range(REPEATS):
+        for index, step in enumerate(steps):
+            started = time.perf_counter()
+            for _ in range(STEPS):
+                step(batch)
+            best[index] = min(best[index], (time.perf_counter() - started) / STEPS)
+    return best
+
+
+def test_table_1_training_steps() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
+        rows = []
+        for width in WIDTHS:
+            config = _model_config(width)
+            for k in KS:
+                singles, stacked = _best_seconds(
+                    [_singles_step(config, k), _stack_step(config, k)], batch
+                )
+                rows.append((width, config.n_layers, k, singles, stacked))
+    finally:
+        torch.set_num_threads(threads)
+    print(
+        f"\nstack table 1: training steps, eager, 1 thread, batch {BATCH} x {SEQ}, "
+        f"best of {REPEATS}; ratio = K single steps / one stack step"
+    )
+    print(f"  {'width':>5} {'layers':>6} {'K':>3} {'K singles s':>12} {'stack s':>9} {'ratio':>6}")
+    for width, layers, k, singles, stacked in rows:
+        print(
+            f"  {width:5d} {layers:6d} {k:3d} {singles:12.4f} {stacked:9.4f} "
+            f"{singles / stacked:6.2f}"
+        )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, write_preset_store) -> Path:
+    out = tmp_path_factory.mktemp("bench-stack") / "hmm.zarr"
+    write_preset_store(out, "hmm", n_train=RUN_ROWS, n_test=256, seq_len=SEQ + 1)
+    return out
+
+
+def _base_config(store: Path, tmp_path: Path) -> Path:
+    """The settings every table-2 run shares (the study's base-small.yaml, at a run length
+    of 2 epochs of RUN_ROWS sequences)."""
+    path = tmp_path / "base.yaml"
+    path.write_text(
+        f"""
+data: {{path: {store}, batch_size: 16}}
+model: {{dim: 32, n_layers: 1, n_heads: 2}}
+optim: {{warmup_steps: 10}}
+train: {{steps: {2 * RUN_ROWS // 16}, threads: 1, log_every: 20, progress: false}}
+eval: {{every: 1000000, max_sequences: 256}}
+checkpoint: {{every: 1000000, keep: 1}}
+"""
+    )
+    return path
+
+
+def _overrides(run_dir: Path, index: int) -> list[str]:
+    return [f"run.dir={run_dir}", f"run.name=lr{index}", f"optim.lr={1e-3 * (1 + index)}"]
+
+
+_STACK_SCRIPT = """
+import sys
+from llama_train.config import resolve_config
+from llama_train.train_stack import train_stack
+base, *groups = sys.argv[1:]
+configs = [resolve_config(base, group.split("\x1f")) for group in groups]
+result = train_stack(configs, progress=False)
+assert not result.errors, result.errors
+"""
+
+
+def _timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return time.perf_counter() - started
+
+
+def test_table_2_whole_runs(store: Path, tmp_path: Path) -> None:
+    base = _base_config(store, tmp_path)
+    run = [sys.executable, "-m", "llama_train", "run", str(base)]
+    separate = sum(
+        _timed([*run, *_overrides(tmp_path / "alone" / f"lr{index}", index)])
+        for index in range(RUNS)
+    )
+    groups = [
+        "\x1f".join(_overrides(tmp_path / "stack" / f"lr{index}", index)) for index in range(RUNS)
+    ]
+    stacked = _timed([sys.executable, "-c", _STACK_SCRIPT, str(base), *groups])
+    for index in range(RUNS):
+        assert (tmp_path / "stack" / f"lr{index}" / "summary.json").is_file()
+    print(
+        f"\nstack table 2: whole runs ({2 * RUN_ROWS // 16} steps, batch 16 x {SEQ}, width 32, "
+        f"1 layer, eval + checkpoint), {RUNS} configs differing in lr, 1 thread"
+    )
+    print(f"  {RUNS} separate processes, one after another: {separate:8.1f} s")
+    print(f"  one process, one stack of {RUNS}:            {stacked:8.1f} s")
+    print(f"  ratio:                                     {separate / stacked:8.2f}")
