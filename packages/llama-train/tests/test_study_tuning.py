@@ -16,6 +16,7 @@ from llama_train.cli import app
 from llama_train.core.model import Llama
 from llama_train.errors import LlamaTrainError
 from llama_train.launch.study import (
+    missing_from_table,
     plan_study,
     read_widened,
     total_parameters,
@@ -231,6 +232,7 @@ def test_a_branched_study_trains_one_trunk_per_lr_and_seed_and_collects_every_si
     assert status.exit_code == 0 and "branches/d512" in " ".join(status.output.split())
     again = runner.invoke(app, ["study", "run", str(path)])
     assert "all 3 points are done" in " ".join(again.output.split())
+    assert missing_from_table(directory) == {}  # branches included: every point has its row
     rows = collect(directory)
     assert sorted((row["n_train"], row["D"]) for row in rows) == [
         (32, 4 * 8 * 16),

@@ -725,7 +725,11 @@ def missing_from_table(directory: str | Path) -> dict[str, str]:
 
     directory = Path(directory)
     record = read_study_record(directory)
-    finished = {Path(row["run_dir"]).name for row in point_rows(directory, record)}
+    # A point's name is its run directory under the study's (a branch's: <trunk>/branches/d<T>).
+    finished = {
+        Path(row["run_dir"]).relative_to(directory).as_posix()
+        for row in point_rows(directory, record)
+    }
     missing = {}
     for point in record["points"]:
         name = point.get("name")
