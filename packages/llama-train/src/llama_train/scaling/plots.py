@@ -123,6 +123,12 @@ def _arrays(regime: RegimeFits) -> dict[str, np.ndarray]:
     return {key: np.asarray([float(row[key]) for row in regime.rows]) for key in keys}
 
 
+def _n_label(regime: RegimeFits) -> str:
+    """The N axis names the count the table's N is (collect's --parameters: total by default)."""
+    count = regime.rows[0].get("N_count") if regime.rows else None
+    return f"N ({count or 'total'} parameters)"
+
+
 def _colours(plt: Any, count: int) -> list[Any]:
     cmap = plt.get_cmap("viridis")
     return [cmap(i / max(count - 1, 1) * 0.9) for i in range(count)]
@@ -153,7 +159,7 @@ def _loss_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
     figure, axes = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
     # Against N, one curve per D; against D, one curve per N.
     _curves(plt, axes[0], regime, data, x="N", per="D", marker="o")
-    axes[0].set_xlabel("N (non-embedding parameters)")
+    axes[0].set_xlabel(_n_label(regime))
     axes[0].set_title("loss against N (dashed: E free, dotted: E = exact)")
     _curves(plt, axes[1], regime, data, x="D", per="N", marker="s")
     axes[1].set_xlabel("D (unique training tokens)")
@@ -246,7 +252,7 @@ def _excess_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
         axes[1].plot(d_grid, fit.predict(n, d_grid), "-", color=colour, linewidth=1)
     p = fit.parameters
     for ax, label, grid in (
-        (axes[0], "N (non-embedding parameters)", n_grid),
+        (axes[0], _n_label(regime), n_grid),
         (axes[1], "D (unique training tokens)", d_grid),
     ):
         ax.set_xscale("log")
@@ -282,7 +288,7 @@ def _excess_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
     )
     ax.set_xscale("log")
     readable_log_axis(ax.xaxis, n_grid)
-    ax.set_xlabel("N (non-embedding parameters)")
+    ax.set_xlabel(_n_label(regime))
     ax.set_ylabel("log L observed - log L fitted")
     ax.set_title(
         f"residuals (rms {regime.free.rms_log_residual:.4f} free, "
