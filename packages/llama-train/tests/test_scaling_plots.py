@@ -129,3 +129,14 @@ def test_a_regime_that_cannot_be_fitted_is_named_and_the_others_are_fitted(tmp_p
     assert [fit.regime for fit in fits] == ["r"]
     assert any(line.startswith("one-size: not fitted: every row has N = 10000") for line in said)
     assert any(line.startswith("under: not fitted:") for line in said), said
+
+
+def test_the_n_axis_names_the_count_the_table_uses():
+    from types import SimpleNamespace
+
+    from llama_train.scaling.plots import _n_label
+
+    assert _n_label(SimpleNamespace(rows=[{"N_count": "total"}])) == "N (total parameters)"
+    assert _n_label(SimpleNamespace(rows=[{"N_count": "non-embedding"}])) == (
+        "N (non-embedding parameters)"
+    )
