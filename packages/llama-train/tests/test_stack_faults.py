@@ -153,19 +153,49 @@ def _latest_checkpoints(directory: Path) -> list[int]:
     return sorted(steps)
 
 
+BRANCHED = {
+    "branches": True,
+    "data": [32, 64],
+    "steps": {"epochs": 1},
+    "seeds": [0],
+    "overrides": {
+        "optim.schedule": "wsd",
+        "optim.decay_fraction": 0.5,
+        "optim.warmup_tokens_per_parameter": 0.3,
+    },
+}
+
+
+def _run_once(tmp_path: Path, store: Path, **extra: object) -> dict[str, dict]:
+    """The runs of a study trained here without interruption."""
+    result = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "once", **extra))])
+    assert result.exit_code == 0, result.output
+    found = _runs(tmp_path / "once")
+    assert found and all(run["test_loss"] is not None for run in found.values())
+    return found
+
+
+@pytest.fixture(scope="module")
+def plain(store, tmp_path_factory) -> dict[str, dict]:
+    return _run_once(tmp_path_factory.mktemp("plain"), store)
+
+
+@pytest.fixture(scope="module")
+def branched(store, tmp_path_factory) -> dict[str, dict]:
+    return _run_once(tmp_path_factory.mktemp("branched"), store, **BRANCHED)
+
+
 def _killed_and_resumed(
-    tmp_path: Path, store: Path, kill: str, *, left: list[int] | None = None, **extra: object
+    tmp_path: Path,
+    store: Path,
+    kill: str,
+    expected: dict[str, dict],
+    *,
+    left: list[int] | None = None,
+    **extra: object,
 ) -> None:
     """Kill `study run` where `kill` says (leaving the points' newest checkpoints at `left`),
-    run the same command, compare with a study run once."""
-    reference = _python(
-        ["-m", "llama_train", "study", "run", str(_study(tmp_path, store, "once", **extra))],
-        tmp_path,
-    )
-    assert reference.returncode == 0, reference.stderr
-    expected = _runs(tmp_path / "once")
-    assert expected and all(run["test_loss"] is not None for run in expected.values())
-
+    run the same command, compare with the study run once (`expected`)."""
     path = _study(tmp_path, store, "killed", **extra)
     killed = _python(["-c", KILLER, str(path)], tmp_path, KILL=kill)
     assert killed.returncode == -9, killed.stderr
@@ -191,37 +221,26 @@ def _killed_and_resumed(
     ids=["mid-step", "mid-checkpoint"],
 )
 def test_a_stack_killed_with_sigkill_resumes_every_member_step_for_step(
-    tmp_path, store, kill, left
+    tmp_path, store, plain, kill, left
 ):
-    _killed_and_resumed(tmp_path, store, kill, left=left)
+    _killed_and_resumed(tmp_path, store, kill, plain, left=left)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("kill", ["fork:1", "fork:2"], ids=["first-copy", "second-copy"])
-def test_a_stacked_trunk_killed_while_forking_a_branch_resumes_step_for_step(tmp_path, store, kill):
-    _killed_and_resumed(
-        tmp_path,
-        store,
-        kill,
-        branches=True,
-        data=[32, 64],
-        steps={"epochs": 1},
-        seeds=[0],
-        overrides={
-            "optim.schedule": "wsd",
-            "optim.decay_fraction": 0.5,
-            "optim.warmup_tokens_per_parameter": 0.3,
-        },
-    )
+def test_a_stacked_trunk_killed_while_forking_a_branch_resumes_step_for_step(
+    tmp_path, store, branched, kill
+):
+    _killed_and_resumed(tmp_path, store, kill, branched, **BRANCHED)
 
 
 # ---------------------------------------------------------------------------
 # A member goes non-finite
 
 
-def test_a_diverging_member_is_recorded_and_the_others_equal_a_stack_without_it(tmp_path, store):
-    without = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "clean"))])
-    assert without.exit_code == 0, without.output
+def test_a_diverging_member_is_recorded_and_the_others_equal_a_stack_without_it(
+    tmp_path, store, plain
+):
     path = _study(tmp_path, store, "bad", lr=[1e-2, 3e-2, 1e30])
     result = runner.invoke(app, ["study", "run", str(path)])
     said = " ".join(result.output.split())
@@ -245,9 +264,8 @@ def test_a_diverging_member_is_recorded_and_the_others_equal_a_stack_without_it(
     table = " ".join(runner.invoke(app, ["study", "status", str(directory)]).output.split())
     assert "2 failed" in table and "4 done" in table
 
-    clean = _runs(tmp_path / "clean")
-    assert len(clean) == 4
+    assert len(plain) == 4
     bad = _runs(directory)
-    for name, run in clean.items():
+    for name, run in plain.items():
         assert bad[name] == run, name
         assert read_state(directory / name)["state"] == "done"
