@@ -314,12 +314,20 @@ def test_a_two_task_job_trains_as_two_ranks_and_resumes_them_after_preemption(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    "stop",
+    [
+        ["scancel", "--signal=USR1"],  # the warning `--signal` sends before a time limit
+        ["scontrol", "requeue"],  # Slurm's own requeue (preemption, a failed node): SIGTERM
+    ],
+    ids=["signalled", "requeued-by-slurm"],
+)
 def test_a_preempted_array_task_holding_a_stack_requeues_and_resumes_every_member_exactly(
-    slurm_cluster, store, cli, tmp_path
+    slurm_cluster, store, cli, tmp_path, stop
 ):
     """A sweep of two shapes x two learning rates: two array tasks, each a stack of two.
-    Task 0 is preempted; it checkpoints both members, requeues once, and each member ends
-    with the losses of the same sweep trained here uninterrupted."""
+    Task 0 is stopped; it checkpoints both members, is requeued once, and each member
+    ends with the losses of the same sweep trained here uninterrupted."""
     config = {
         "data": {"path": str(store), "batch_size": 16},
         "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
@@ -342,7 +350,7 @@ def test_a_preempted_array_task_holding_a_stack_requeues_and_resumes_every_membe
     assert len(members) == 2, manifest["points"]
     lead = directory / members[0]
     _wait_for(lambda: read_metrics_or_none(lead), "the first metrics line")
-    subprocess.run(["scancel", "--signal=USR1", task], check=True)
+    subprocess.run([*stop, task], check=True)
 
     states = _wait_for(
         lambda: (
