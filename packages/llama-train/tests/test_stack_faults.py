@@ -231,6 +231,8 @@ def test_a_stack_killed_with_sigkill_resumes_every_member_step_for_step(
 def test_a_stacked_trunk_killed_while_forking_a_branch_resumes_step_for_step(
     tmp_path, store, branched, kill
 ):
+    """Killed between the fork's two copies (the trunk's records, then its checkpoint,
+    whose publication makes the fork done) and after both."""
     _killed_and_resumed(tmp_path, store, kill, branched, **BRANCHED)
 
 
