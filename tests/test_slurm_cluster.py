@@ -313,6 +313,82 @@ def test_a_two_task_job_trains_as_two_ranks_and_resumes_them_after_preemption(
     assert _deterministic(run_dir) == _deterministic(reference_dir)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "stop",
+    [
+        ["scancel", "--signal=USR1"],  # the warning `--signal` sends before a time limit
+        ["scontrol", "requeue"],  # Slurm's own requeue (preemption, a failed node): SIGTERM
+    ],
+    ids=["signalled", "requeued-by-slurm"],
+)
+def test_a_preempted_array_task_holding_a_stack_requeues_and_resumes_every_member_exactly(
+    slurm_cluster, store, cli, tmp_path, stop
+):
+    """A sweep of two shapes x two learning rates: two array tasks, each a stack of two.
+    Task 0 is stopped; it checkpoints both members, is requeued once, and each member
+    ends with the losses of the same sweep trained here uninterrupted."""
+    config = {
+        "data": {"path": str(store), "batch_size": 16},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
+        "optim": {"warmup_steps": 10},
+        "train": {"steps": 400, "log_every": 10, "threads": 1, "progress": False},
+        "eval": {"every": 400, "max_sequences": 64},
+        "checkpoint": {"every": 1000},  # the preemption's checkpoint and the last one only
+        "slurm": {"partition": PARTITION, "timeout_min": 10},
+        "sweep": {"model.dim": [32, 16], "optim.lr": [1e-3, 3e-3]},
+    }
+    _write(tmp_path / "stacks.yaml", config)
+    submitted = cli("llama-train", "submit", "stacks.yaml", "run.dir=runs/stacks")
+    said = " ".join(submitted.stdout.split())
+    array = re.search(r"submitted Slurm array job (\d+): 4 points in 2 tasks \(stacks\)", said)
+    assert array, submitted.stdout
+    directory = tmp_path / "runs" / "stacks"
+    manifest = json.loads((directory / "sweep.json").read_text())
+    task = f"{array[1]}_0"
+    members = [p["name"] for p in manifest["points"] if p["job_id"] == task]
+    assert len(members) == 2, manifest["points"]
+    lead = directory / members[0]
+    _wait_for(lambda: read_metrics_or_none(lead), "the first metrics line")
+    subprocess.run([*stop, task], check=True)
+
+    states = _wait_for(
+        lambda: (
+            all((read_state(directory / n) or {}).get("state") == "preempted" for n in members)
+            and [read_state(directory / n) for n in members]
+        ),
+        "the stack to checkpoint and requeue",
+    )
+    preempted_at = {state["step"] for state in states}
+    assert len(preempted_at) == 1, states  # the members stop at one step
+    step = preempted_at.pop()
+    assert 0 < step < 400
+    for name in members:
+        assert (directory / name / "checkpoints" / f"step_{step:06d}").is_dir()
+    _wait_for(lambda: _queue_state(task) == "PENDING", "the requeued task to be pending")
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+
+    # Meanwhile, the uninterrupted sweep, stacked the same way, here.
+    cli("llama-train", "submit", "stacks.yaml", "run.dir=runs/reference", "--local")
+    reference = tmp_path / "runs" / "reference"
+    runs = (directory, reference)
+
+    for name in [p["name"] for p in manifest["points"]]:
+        _wait_for(
+            lambda name=name: (
+                (read_state(directory / name) or {}).get("state") in ("done", "failed")
+            ),
+            f"{name} to end",
+        )
+        final = read_state(directory / name)
+        assert final["state"] == "done", _logs(directory / "slurm")
+        assert final["restarts"] == (1 if name in members else 0), final
+        assert _deterministic(directory / name) == _deterministic(reference / name), name
+        summaries = [json.loads((d / name / "summary.json").read_text()) for d in runs]
+        assert summaries[0]["test_loss"] == summaries[1]["test_loss"], name
+    assert f"from step {step}" in _logs(directory / "slurm")
+
+
 def _deterministic(directory: Path) -> list[dict]:
     return [
         {key: record[key] for key in DETERMINISTIC_KEYS if key in record}

@@ -140,8 +140,10 @@ def fork(branch: Branch, trunk_checkpoints: CheckpointManager, say: Callable[[st
             f"branch {branch.name}: the trunk's checkpoint {', '.join(problems)}; forking "
             f"from step {source} (its last sound checkpoint before step {branch.fork_step})"
         )
-    _copy_checkpoint(trunk_checkpoints.folder(source), own.folder(source))
+    # Records first: the published checkpoint is what makes a fork done, so a fork
+    # killed before it is redone whole, never left with a checkpoint and no records.
     _copy_records(trunk_dir, branch.run_dir)
+    _copy_checkpoint(trunk_checkpoints.folder(source), own.folder(source))
     say(f"branch {branch.name}: forked from {trunk_checkpoints.folder(source)}")
 
 
