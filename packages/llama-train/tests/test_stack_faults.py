@@ -7,7 +7,7 @@ cooldown branch is resumed by the same command, and every point (and branch) end
 the metrics, evaluations and summary of a study that was never interrupted, step for
 step. A member whose loss goes non-finite stops with its reason in its own run
 directory and in `study status`, and the members beside it end as they do without it.
-Each test is a row of the README's Reliability table.
+Each test is a row of the Reliability table (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Faults during a study: hostile study files, two runners, a killed runner, failing points.
 
-Each test is a row of the README's Reliability table: what a user sees when the fault
+Each test is a row of the Reliability table (docs/reliability.md): what a user sees when the fault
 happens, and that the same command still works afterwards.
 """
 

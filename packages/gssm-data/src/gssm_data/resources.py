@@ -5,7 +5,7 @@ jobs (a login node, a loaded workstation, a Slurm node without exclusive
 cores) its OpenMP threads wait on each other at every parallel region while
 the cores they need are busy elsewhere; measured on a loaded 2-core machine,
 the default made a small training run tens of times slower than one thread
-(README, "Busy machines"). The default chosen here never asks for more
+(docs/observability.md, "Busy machines"). The default chosen here never asks for more
 threads than CPUs are free:
 
     threads = min(CPUs this process may use // processes, idle CPUs // processes)

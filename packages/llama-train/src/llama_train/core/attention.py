@@ -20,7 +20,7 @@ Two kernels compute the same thing:
   88 positions among those `make bench` checks).
 
 ``model.attention: auto`` picks, per pass, the kernel that won in ``make bench``
-(``tests/benchmarks/bench_attention.py``; figures in the README): see :func:`flex_wins`.
+(``tests/benchmarks/bench_attention.py``; figures in docs/benchmarks.md): see :func:`flex_wins`.
 """
 
 from __future__ import annotations
