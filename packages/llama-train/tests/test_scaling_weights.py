@@ -125,3 +125,21 @@ def test_fit_without_the_column_is_unweighted_and_refuses_seed_noise(tmp_path: P
     assert "loss_seed_std" in asked.output and "Traceback" not in asked.output
     bad = runner.invoke(app, [*common, "--weights", "inverse"])
     assert bad.exit_code != 0 and "choose one of seed-noise, none" in bad.output
+
+
+def test_study_plot_fits_weight_by_the_collected_seed_noise():
+    from llama_train.scaling.report import fit_regimes
+
+    n, d, loss, std = seed_table(1)
+    rows = [
+        {"regime": "r", "N": a, "D": b, "loss": c, "entropy": TRUTH["E"], "loss_seed_std": s}
+        for a, b, c, s in zip(n, d, loss, std, strict=True)
+    ]
+    (weighted,) = fit_regimes(rows, bootstrap=0)
+    direct = fit_vpnls(n, d, loss, fixed_e=TRUTH["E"], noise=std)
+    assert weighted.exact.weights == "seed-noise" and weighted.free.weights == "seed-noise"
+    assert weighted.exact.parameters["alpha"] == pytest.approx(direct.parameters["alpha"])
+    # One seed per point: collect leaves the cell empty, and the fits are unweighted.
+    (plain,) = fit_regimes([{**row, "loss_seed_std": None} for row in rows], bootstrap=0)
+    assert plain.exact.weights == "none"
+    assert plain.exact.parameters["alpha"] != pytest.approx(direct.parameters["alpha"])

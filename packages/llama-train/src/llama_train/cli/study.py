@@ -378,7 +378,8 @@ def _fits_table(regime: Any) -> Table:
         caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples "
         f"of {regime.exact.groups} run groups); (bound): the fit ended on the edge of its search "
         "(exponents 0..4; approach 3: log A/B in [-20, 60], log E >= -20; vpnls: a coefficient "
-        "at 0): the data do not determine that parameter",
+        "at 0): the data do not determine that parameter; weights: "
+        + ("seed noise (loss_seed_std)" if regime.exact.weights == "seed-noise" else "none"),
         caption_justify="left",
     )
     table.add_column("fit")
@@ -762,7 +763,8 @@ def _fit_table(fit: Fit, path: Path, excess: bool, entropy: float | None) -> Tab
     table = Table(
         title=f"{path}: L = {law}",
         title_justify="left",
-        caption=f"{fit.method}; {fit.level:.0%} bootstrap intervals from {fit.bootstrap} "
+        caption=f"{fit.method}, weights {fit.weights}; {fit.level:.0%} bootstrap intervals "
+        f"from {fit.bootstrap} "
         f"resamples of {fit.groups} run groups; -: none (fixed, or not identified)"
         + ("" if entropy is None else f"; exact entropy {entropy:.6g}"),
         caption_justify="left",
