@@ -140,3 +140,54 @@ def test_the_n_axis_names_the_count_the_table_uses():
     assert _n_label(SimpleNamespace(rows=[{"N_count": "non-embedding"}])) == (
         "N (non-embedding parameters)"
     )
+
+
+def _isoflop_rows(tmp_path: Path) -> list[dict]:
+    """A 5 x 5 grid with N and D doubling: its diagonals are exact isoFLOP levels."""
+    rows: list[dict] = []
+    entropy = 0.8
+    for i in range(5):
+        for j in range(5):
+            n, d = 1e4 * 2**i, 3e4 * 2**j
+            loss = entropy + 30 / n**0.4 + 200 / d**0.5
+            rows.append(
+                {
+                    "regime": "r",
+                    "N": n,
+                    "D": d,
+                    "n_train": d / 256,
+                    "loss": loss,
+                    "entropy": entropy,
+                    "excess": loss - entropy,
+                    "flops": 6 * n * d,
+                    "run_dir": str(tmp_path / f"missing-{i}-{j}"),
+                }
+            )
+    return rows
+
+
+def test_the_isoflop_figure_is_drawn_for_isoflop_levels_and_skipped_with_a_reason(
+    tmp_path: Path,
+):
+    from llama_train.scaling.approaches import approach2
+
+    rows = _isoflop_rows(tmp_path)
+    allocation = approach2(*(np.asarray([row[k] for row in rows]) for k in ("N", "D", "loss")))
+    assert len(allocation.n_opt) >= 2  # levels with minima inside their N range to draw
+    said: list[str] = []
+    paths = plot_study(tmp_path, fit_regimes(rows, bootstrap=0), tmp_path / "iso", log=said.append)
+    figure = tmp_path / "iso" / "r-isoflop.png"
+    assert figure in paths and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.stat().st_size > 20_000 and not said
+    said.clear()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    paths = plot_study(
+        tmp_path, fit_regimes(_rows(plain), bootstrap=0), tmp_path / "no", log=said.append
+    )
+    assert not (tmp_path / "no" / "r-isoflop.png").exists()
+    assert not any(path.name.endswith("isoflop.png") for path in paths)
+    assert said == [
+        "r: no isoFLOP figure: no compute level holds 3 distinct N (approach 2 needs an "
+        "isoFLOP grid: N and D geometric with one ratio)"
+    ]

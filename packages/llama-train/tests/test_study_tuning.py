@@ -299,3 +299,29 @@ def test_study_plot_draws_the_sweeps_and_lr_star_of_n(tmp_path):
     paths = plot_lr_sweeps(collect(directory, every_lr=True), collect(directory), tmp_path / "p")
     assert [path.name for path in paths] == ["r-lr.png"]
     assert paths[0].stat().st_size > 10_000
+
+
+def test_the_html_report_marks_an_lr_optimum_on_the_edge_of_its_sweep(tmp_path):
+    from llama_train.report import LrMark, lr_marks
+
+    runs = [_run("small", lr=lr, val_loss=abs(math.log(lr / 0.001))) for lr in (0.005, 0.01, 0.02)]
+    runs += [_run("large", lr=lr, val_loss=abs(math.log(lr / 0.01))) for lr in (0.005, 0.01, 0.02)]
+    directory = _write_study(tmp_path / "s", runs)
+    for run_dir in directory.iterdir():
+        if run_dir.is_dir():
+            line = {"step": 10, "tokens": 160, "loss": 2.0}
+            (run_dir / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    marks = lr_marks([directory])
+    assert marks == {
+        (directory / "r_small_n32_lr0.005_s0").resolve(): LrMark(3, "low"),
+        (directory / "r_large_n32_lr0.01_s0").resolve(): LrMark(3, ""),
+    }
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(directory), "--html", str(out)])
+    assert result.exit_code == 0, result.output
+    html = out.read_text()
+    assert "r_small_n32_lr0.005_s0 [lr edge: low]" in html
+    assert "best of 3 lr; on the low edge: widen the sweep" in html
+    assert "lr edge: high" not in html and "[lr edge" not in html.replace("[lr edge: low]", "")
+    # A folder of runs that is not a study gets no column.
+    assert lr_marks([directory / "r_small_n32_lr0.01_s0"]) == {}

@@ -6,14 +6,22 @@ run overlaid and toggled from the legend, hover giving nats and bits, and a
 table of each run's final figures and throughput. The HTML inlines plotly.js,
 so it opens offline and can be mailed or attached as is. The notebook
 `notebooks/runs.ipynb` draws the same figure with :func:`report_figure`.
+
+A study directory among the paths also marks its lr sweeps (:func:`lr_marks`): the run
+that won each point's sweep gets "best of K lr" in the table's "lr sweep" column, and
+when that best is the smallest or largest lr tried (collect's ``lr_edge``) the column
+says which edge and the run's legend name carries "[lr edge: low]" or "[lr edge: high]":
+the optimum may lie outside the sweep, so the point's loss may not be its tuned loss.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_train.errors import LlamaTrainError
 from llama_train.rundir import atomic_write
 from llama_train.runs import LN2, RunData, load_runs
 
@@ -65,8 +73,52 @@ def _log_axis(values: list[float], pad: float) -> dict[str, Any]:
     }
 
 
-def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
-    """The plotly figure: three panels and a table of final figures, every run overlaid."""
+@dataclass(frozen=True)
+class LrMark:
+    """A run that won its point's lr sweep: how many lr were tried, and the edge the best
+    is on ("low", "high", or "" inside the sweep)."""
+
+    tried: int
+    edge: str
+
+    def text(self) -> str:
+        note = f"best of {self.tried} lr"
+        return note + (f"; on the {self.edge} edge: widen the sweep" if self.edge else "")
+
+
+def lr_marks(paths: list[str | Path]) -> dict[Path, LrMark]:
+    """The winning run of each lr sweep in the study directories among `paths`, by
+    resolved run directory.
+
+    A folder that is not a readable study (no study.json, or one collect refuses) marks
+    nothing: the report still draws its runs.
+    """
+    from llama_train.scaling.points import collect
+
+    marks: dict[Path, LrMark] = {}
+    for path in map(Path, paths):
+        if not (path / "study.json").is_file():
+            continue
+        try:
+            rows = collect(path)
+        except LlamaTrainError:
+            continue
+        for row in rows:
+            tried = int(row.get("lr_tried") or 1)
+            if tried < 2:
+                continue
+            marks[Path(row["run_dir"]).resolve()] = LrMark(tried, str(row.get("lr_edge") or ""))
+    return marks
+
+
+def report_figure(
+    runs: list[RunData], *, x: str = "tokens", marks: dict[Path, LrMark] | None = None
+) -> Any:
+    """The plotly figure: three panels and a table of final figures, every run overlaid.
+
+    `marks` (:func:`lr_marks`): a note per run directory for the table's "lr sweep" column;
+    a run whose sweep optimum is on an edge says so in its legend name.
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -82,10 +134,12 @@ def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
         ),
         vertical_spacing=0.12,
     )
+    found = [(marks or {}).get(run.path.resolve()) for run in runs]
     losses: list[float] = []
     excesses: list[float] = []
-    for index, run in enumerate(runs):
+    for index, (run, mark) in enumerate(zip(runs, found, strict=True)):
         color = PALETTE[index % len(PALETTE)]
+        name = run.name + (f" [lr edge: {mark.edge}]" if mark and mark.edge else "")
         train_x = run.train_tokens if x == "tokens" else run.train_steps
         eval_x = run.eval_tokens if x == "tokens" else run.eval_steps
         common = {"legendgroup": run.name, "hovertemplate": HOVER}
@@ -94,7 +148,7 @@ def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
                 x=train_x,
                 y=run.train_loss,
                 customdata=[v / LN2 for v in run.train_loss],
-                name=run.name,
+                name=name,
                 mode="lines",
                 line={"color": color, "width": 1},
                 **common,
@@ -107,7 +161,7 @@ def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
                 x=eval_x,
                 y=run.eval_loss,
                 customdata=[v / LN2 for v in run.eval_loss],
-                name=f"{run.name} (test)",
+                name=f"{name} (test)",
                 mode="markers",
                 marker={"color": color, "size": 6},
                 showlegend=False,
@@ -121,7 +175,7 @@ def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
                 x=eval_x,
                 y=run.eval_excess,
                 customdata=[v / LN2 for v in run.eval_excess],
-                name=run.name,
+                name=name,
                 mode="lines+markers",
                 marker={"color": color, "size": 5},
                 line={"color": color},
@@ -136,7 +190,7 @@ def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
                 x=list(range(1, len(run.position_excess) + 1)),
                 y=run.position_excess,
                 customdata=[v / LN2 for v in run.position_excess],
-                name=run.name,
+                name=name,
                 mode="lines",
                 line={"color": color},
                 showlegend=False,
@@ -152,7 +206,7 @@ def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
                 y=run.entropy, line={"color": "black", "dash": "dash", "width": 1}, row=1, col=1
             )
             losses.append(run.entropy)
-    figure.add_trace(_table(runs), row=2, col=1)
+    figure.add_trace(_table(runs, found), row=2, col=1)
     x_title = "predicted tokens" if x == "tokens" else "step"
     figure.update_xaxes(type="log", title_text=x_title, row=1, col=1)
     figure.update_xaxes(type="log", title_text=x_title, row=1, col=2)
@@ -170,7 +224,7 @@ def report_figure(runs: list[RunData], *, x: str = "tokens") -> Any:
     return figure
 
 
-def _table(runs: list[RunData]) -> Any:
+def _table(runs: list[RunData], marks: list[LrMark | None]) -> Any:
     import plotly.graph_objects as go
 
     def cell(summary: dict[str, Any], key: str, fmt: str) -> str:
@@ -188,6 +242,8 @@ def _table(runs: list[RunData]) -> Any:
         "tokens": [cell(run.summary, "tokens", ",") for run in runs],
         "tokens/s": [cell(run.summary, "tokens_per_s", ",.0f") for run in runs],
     }
+    if any(marks):
+        columns["lr sweep"] = [mark.text() if mark else "-" for mark in marks]
     return go.Table(
         header={"values": list(columns), "align": "left"},
         cells={"values": list(columns.values()), "align": "left"},
@@ -196,7 +252,7 @@ def _table(runs: list[RunData]) -> Any:
 
 def write_report(paths: list[str | Path], out: str | Path, *, x: str = "tokens") -> Path:
     """Write the self-contained HTML report of the runs under `paths`."""
-    figure = report_figure(load_runs(paths), x=x)
+    figure = report_figure(load_runs(paths), x=x, marks=lr_marks(paths))
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     html = figure.to_html(include_plotlyjs=True, full_html=True)

@@ -67,7 +67,9 @@ def report_command(
     """Write an interactive report (one self-contained HTML file, plotly.js inlined).
 
     The figures of `llama-train plot` with every run toggled from the legend,
-    hover in nats and bits, and a table of each run's final figures.
+    hover in nats and bits, and a table of each run's final figures. Given a study
+    directory, the run that won each point's lr sweep is marked in an "lr sweep" column,
+    and one whose optimum is on the sweep's edge gets "[lr edge: low|high]" in the legend.
     """
     from llama_train.report import write_report
 

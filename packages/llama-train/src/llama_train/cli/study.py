@@ -344,7 +344,7 @@ def study_plot_command(
             for regime in fits
         ]
         target = out_dir or Path(directory) / "plots"
-        paths = plot_study(directory, fits, target)
+        paths = plot_study(directory, fits, target, log=_say)
         every_lr = collect(directory, every_lr=True, parameters=parameters)
         paths += plot_lr_sweeps(every_lr, rows, target)
         fits_path = target / "fits.json"
@@ -378,7 +378,8 @@ def _fits_table(regime: Any) -> Table:
         caption=f"{regime.free.level:.0%} bootstrap intervals ({regime.free.bootstrap} resamples "
         f"of {regime.exact.groups} run groups); (bound): the fit ended on the edge of its search "
         "(exponents 0..4; approach 3: log A/B in [-20, 60], log E >= -20; vpnls: a coefficient "
-        "at 0): the data do not determine that parameter",
+        "at 0): the data do not determine that parameter; weights: "
+        + ("seed noise (loss_seed_std)" if regime.exact.weights == "seed-noise" else "none"),
         caption_justify="left",
     )
     table.add_column("fit")
@@ -465,6 +466,19 @@ def fit_command(
             "cooldown branches); without it, or in an empty cell, every row is its own group.",
         ),
     ] = "group",
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="seed-noise: weight each row by the inverse of its seed noise relative to "
+            "its loss (--noise-col, written by study collect with 2+ seeds; floored at a "
+            "quarter of the median); none: all rows alike. Default: seed-noise when the "
+            "column has values, else none.",
+        ),
+    ] = None,
+    noise_col: Annotated[
+        str,
+        typer.Option("--noise-col", help="Column of the seed sd of the loss (--weights)."),
+    ] = "loss_seed_std",
     regime: Annotated[
         str | None, typer.Option(help="Fit only the rows whose --regime-col equals this.")
     ] = None,
@@ -523,6 +537,7 @@ def fit_command(
         n = numeric_column(rows, header, n_col, points) if form in ("ND", "N") else None
         d = numeric_column(rows, header, d_col, points) if form in ("ND", "D") else None
         groups = _groups(rows, header, group_col)
+        noise = _noise(weights, rows, header, noise_col, points)
         fixed, entropy, target = _target(fix_e, excess, rows, header, entropy_col, loss, points)
         started = time.perf_counter()
         fit = fit_points(
@@ -536,6 +551,7 @@ def fit_command(
             level=level,
             seed=seed,
             groups=groups,
+            noise=noise,
         )
         validation = None
         if holdout_largest or recovery:
@@ -547,6 +563,7 @@ def fit_command(
                 groups=None if groups is None else np.asarray(groups, dtype=object),
                 offset=entropy if excess else 0.0,
                 floor=entropy,
+                noise=None if noise is None else np.asarray(noise, dtype=np.float64),
             )
             validation = validate(
                 design, fit, recovery_replicates=recovery, bootstrap=bootstrap, seed=seed
@@ -572,7 +589,8 @@ def fit_command(
         for line in validation.lines():
             console.print(line, highlight=False)
     console.print(
-        f"{fit.n_points} points; rms log residual {fit.rms_log_residual:.4f}; {seconds:.1f} s",
+        f"{fit.n_points} points; rms log residual {fit.rms_log_residual:.4f}; weights "
+        f"{fit.weights}; {seconds:.1f} s",
         highlight=False,
     )
 
@@ -582,6 +600,45 @@ def _groups(rows: list[dict[str, str]], header: list[str], column: str) -> list[
     if column not in header:
         return None
     return [(row.get(column) or "").strip() or f"\0row{index}" for index, row in enumerate(rows)]
+
+
+WEIGHTS = ("seed-noise", "none")
+
+
+def _noise(
+    weights: str | None, rows: list[dict[str, str]], header: list[str], column: str, path: Path
+) -> list[float] | None:
+    """The seed sd of each row's loss (NaN where a cell is empty), or None: unweighted.
+
+    Default (`weights` None): the column's values when it has any, else None.
+    """
+    if weights is not None and weights not in WEIGHTS:
+        raise LlamaTrainError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    if weights == "none" or (weights is None and column not in header):
+        return None
+    if column not in header:
+        raise LlamaTrainError(
+            f"--weights seed-noise: {path} has no column {column!r} (study collect writes it "
+            "for a study with 2+ seeds; name another with --noise-col)"
+        )
+    values = []
+    for line, row in enumerate(rows, start=2):
+        text = (row.get(column) or "").strip()
+        try:
+            value = float(text) if text else math.nan
+        except ValueError:
+            message = f"{path} line {line}: {column}={text!r} is not a number"
+            raise LlamaTrainError(message) from None
+        if not (math.isnan(value) or (math.isfinite(value) and value >= 0)):
+            raise LlamaTrainError(f"{path} line {line}: {column}={text!r} must be >= 0")
+        values.append(value)
+    if all(math.isnan(value) for value in values):
+        if weights is None:
+            return None
+        raise LlamaTrainError(
+            f"--weights seed-noise: every {column} cell is empty (one seed per point)"
+        )
+    return values
 
 
 def _target(
@@ -706,7 +763,8 @@ def _fit_table(fit: Fit, path: Path, excess: bool, entropy: float | None) -> Tab
     table = Table(
         title=f"{path}: L = {law}",
         title_justify="left",
-        caption=f"{fit.method}; {fit.level:.0%} bootstrap intervals from {fit.bootstrap} "
+        caption=f"{fit.method}, weights {fit.weights}; {fit.level:.0%} bootstrap intervals "
+        f"from {fit.bootstrap} "
         f"resamples of {fit.groups} run groups; -: none (fixed, or not identified)"
         + ("" if entropy is None else f"; exact entropy {entropy:.6g}"),
         caption_justify="left",

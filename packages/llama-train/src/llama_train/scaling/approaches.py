@@ -117,6 +117,7 @@ class Profile:
     c1: float
     c0: float
     log_n_range: tuple[float, float]
+    members: tuple[int, ...] = ()  # the rows of the level, indices into the table
 
     @property
     def n_opt(self) -> float | None:
@@ -145,6 +146,7 @@ def isoflop_profiles(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> list[Pro
                 c1=float(c1),
                 c0=float(c0),
                 log_n_range=(float(x.min()), float(x.max())),
+                members=tuple(int(index) for index in level),
             )
         )
     return profiles

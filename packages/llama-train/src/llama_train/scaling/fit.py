@@ -52,6 +52,7 @@ from llama_train.scaling.bootstrap import (
     percentile_intervals,
     small_sample_factor,
 )
+from llama_train.scaling.noise import relative_scale
 
 Form = Literal["ND", "N", "D"]
 FORMS: tuple[Form, ...] = ("ND", "N", "D")
@@ -125,8 +126,12 @@ def _objective(
     log_d: np.ndarray,
     log_l: np.ndarray,
     delta: float,
+    scale: np.ndarray,
 ) -> tuple[float, np.ndarray]:
     """Summed Huber loss of log L and its gradient, for one parameter vector.
+
+    Each log residual is divided by its row's relative noise `scale` (median 1,
+    :mod:`llama_train.scaling.noise`; ones without seed noise).
 
     Written out term by term (no generic stacking): L-BFGS-B calls it thousands of
     times per fit, and on a few dozen points the Python overhead is the whole cost.
@@ -145,8 +150,8 @@ def _objective(
     peak = stacked.max(axis=0)
     weights = np.exp(stacked - peak)
     total = weights.sum(axis=0)
-    residual = peak + np.log(total) - log_l
-    weights /= total
+    residual = (peak + np.log(total) - log_l) / scale
+    weights /= total * scale
     absolute = np.abs(residual)
     loss = float(
         np.where(
@@ -188,6 +193,7 @@ def _grid_losses(
     log_d: np.ndarray,
     log_l: np.ndarray,
     delta: float,
+    scale: np.ndarray,
 ) -> np.ndarray:
     losses = np.empty(len(grid))
     step = grid_chunk(4 * len(log_l))
@@ -195,7 +201,8 @@ def _grid_losses(
         terms = layout.terms(grid[start : start + step], log_n, log_d)  # (P, K, M)
         peak = terms.max(axis=1)
         prediction = peak + np.log(np.exp(terms - peak[:, None, :]).sum(axis=1))
-        losses[start : start + step] = _huber(prediction - log_l[None, :], delta).sum(axis=1)
+        residual = (prediction - log_l[None, :]) / scale[None, :]
+        losses[start : start + step] = _huber(residual, delta).sum(axis=1)
     return losses
 
 
@@ -223,13 +230,14 @@ def _optimise(
     log_d: np.ndarray,
     log_l: np.ndarray,
     delta: float,
+    scale: np.ndarray,
 ) -> tuple[np.ndarray, float]:
     best: tuple[np.ndarray, float] | None = None
     for start in starts:
         result = minimize(
             _objective,
             start,
-            args=(layout, log_n, log_d, log_l, delta),
+            args=(layout, log_n, log_d, log_l, delta, scale),
             jac=True,
             method="L-BFGS-B",
             bounds=_bounds(layout),
@@ -263,6 +271,7 @@ class Fit:
     method: str = "lbfgs"
     groups: int = 0  # run groups the bootstrap resampled (0: no bootstrap)
     flags: list[str] = field(default_factory=list)  # what the fit cannot determine, and why
+    weights: str = "none"  # "seed-noise": rows weighted by their seed noise
 
     def predict(self, n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
         """L at (N, D) (N or D is ignored by the one-variable forms)."""
@@ -290,6 +299,7 @@ class Fit:
                 self.objective
             ),
             "rms_log_residual": self.rms_log_residual,
+            "weights": self.weights,
             "at_bound": self.at_bound,
             "method": self.method,
             "groups": self.groups,
@@ -317,6 +327,7 @@ class Points:
     log_d: np.ndarray
     target: np.ndarray
     codes: np.ndarray  # run group of each row (see llama_train.scaling.bootstrap)
+    scale: np.ndarray  # relative noise of each row, median 1 (llama_train.scaling.noise)
 
     @property
     def count(self) -> int:
@@ -336,6 +347,7 @@ class Points:
             self.log_d[index],
             self.target[index],
             self.codes[index],
+            self.scale[index],
         )
 
 
@@ -348,12 +360,15 @@ def prepare_points(
     fixed_e: float | None,
     free_parameters: int,
     groups: Sequence[Any] | np.ndarray | None = None,
+    noise: Sequence[float | None] | np.ndarray | None = None,
 ) -> Points:
     """Check a table for a fit (one-line errors) and take logs.
 
     Refuses what no method can fit: non-finite or non-positive values, and designs that
     cannot identify the law (a single N for a law in N, a single D for a law in D, fewer
     distinct points than free parameters). Twenty copies of one row are one point.
+    `noise`: the seed sd of each row's loss, which weights the rows
+    (:mod:`llama_train.scaling.noise`); None weighs them alike.
     """
     if form not in FORMS:
         raise LlamaTrainError(f"form {form!r}: choose one of {', '.join(FORMS)}")
@@ -394,6 +409,7 @@ def prepare_points(
         np.log(d_array),
         loss_array,
         group_codes(groups, count),
+        relative_scale(noise, loss_array),
     )
 
 
@@ -411,12 +427,14 @@ def fit_law(
     starts: int = 20,
     groups: Sequence[Any] | np.ndarray | None = None,
     resample_starts: int = 5,
+    noise: Sequence[float | None] | np.ndarray | None = None,
 ) -> Fit:
     """Fit a law to points (N, D, L); `fixed_e` = None frees E, 0 drops it (pure power law).
 
     `groups` labels the run group of each row (the bootstrap resamples groups). A
     resample starts from the full fit's optimum, and, when that optimum is on the
     search box, also from the `resample_starts` best grid points of the resample.
+    `noise` (the seed sd of each row's loss) weights the log residuals by it.
     Deterministic: the bootstrap draws from `seed`.
     """
     if form not in FORMS:
@@ -428,20 +446,21 @@ def fit_law(
     )
     free = len(layout.names)
     points = prepare_points(
-        n, d, loss, form=form, fixed_e=fixed_e, free_parameters=free, groups=groups
+        n, d, loss, form=form, fixed_e=fixed_e, free_parameters=free, groups=groups, noise=noise
     )
     log_n, log_d, log_l = points.log_n, points.log_d, np.log(points.target)
+    scale = points.scale
     grid = layout.grid()
 
-    losses = _grid_losses(grid, layout, log_n, log_d, log_l, delta)
+    losses = _grid_losses(grid, layout, log_n, log_d, log_l, delta, scale)
     chosen = grid[np.argsort(losses, kind="stable")[:starts]]
-    theta, objective = _optimise(chosen, layout, log_n, log_d, log_l, delta)
+    theta, objective = _optimise(chosen, layout, log_n, log_d, log_l, delta, scale)
     at_bound = _at_bound(layout, theta)
     resampler = GroupResampler(points.codes, seed)
     samples = []
     for _ in range(bootstrap):
         index = resampler.draw()
-        args = (log_n[index], log_d[index], log_l[index], delta)
+        args = (log_n[index], log_d[index], log_l[index], delta, scale[index])
         starting = theta[None, :]
         if at_bound:
             # Pinned to the box, the full fit's optimum would hold every resample there
@@ -465,6 +484,7 @@ def fit_law(
         at_bound=at_bound,
         method="lbfgs",
         groups=resampler.n_groups if bootstrap else 0,
+        weights="none" if noise is None else "seed-noise",
     )
     add_intervals(fit, [_natural(layout, sample, fixed_e) for sample in samples])
     return fit

@@ -40,6 +40,7 @@ def fit_points(
     level: float = 0.95,
     seed: int = 0,
     groups: Sequence[Any] | np.ndarray | None = None,
+    noise: Sequence[float | None] | np.ndarray | None = None,
 ) -> Fit:
     """Fit with the named method (the arguments of :func:`fit_law`)."""
     common: dict[str, Any] = {
@@ -49,6 +50,7 @@ def fit_points(
         "level": level,
         "seed": seed,
         "groups": groups,
+        "noise": noise,
     }
     if method == "vpnls":
         return fit_vpnls(n, d, loss, **common)

@@ -10,6 +10,10 @@ For each regime:
 - ``<regime>-excess.png``: excess loss (loss - exact entropy) against N and D on
   log-log axes with the pure power-law fit, and the residuals of the E-free fit
   (log L observed - log L fitted) against N;
+- ``<regime>-isoflop.png``: approach 2's isoFLOP profiles, loss against N at each
+  compute level it fits (the points, the parabola in log N, its minimum marked), and
+  the minima's N_opt against compute with approach 2's power law; not drawn (and said)
+  when no level holds 3 distinct N;
 - ``<regime>-epochs.png``: the data-constrained view, test loss against epochs over
   the same unique data (each evaluation of each run), one curve per D, for the
   largest model.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ import numpy as np
 
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import atomic_write
+from llama_train.scaling.approaches import approach2, isoflop_profiles
 from llama_train.scaling.fit import Fit
 from llama_train.scaling.report import RegimeFits
 
@@ -103,8 +109,15 @@ def _label_fit(fit: Fit, name: str) -> str:
     return f"{name}: E={p['E']:.3f}, α={p['alpha']:.2f}, β={p['beta']:.2f}"
 
 
-def plot_study(directory: str | Path, fits: list[RegimeFits], out_dir: str | Path) -> list[Path]:
-    """Write every figure of every regime to `out_dir`; return the paths."""
+def plot_study(
+    directory: str | Path,
+    fits: list[RegimeFits],
+    out_dir: str | Path,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write every figure of every regime to `out_dir`; return the paths. A figure the
+    table cannot give (no isoFLOP level) is named in `log` with the reason."""
+    say = log or (lambda message: None)
     plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +125,11 @@ def plot_study(directory: str | Path, fits: list[RegimeFits], out_dir: str | Pat
     for regime in fits:
         paths.append(_loss_figure(plt, regime, out_dir / f"{regime.regime}-loss.png"))
         paths.append(_excess_figure(plt, regime, out_dir / f"{regime.regime}-excess.png"))
+        isoflop = _isoflop_figure(plt, regime, out_dir / f"{regime.regime}-isoflop.png")
+        if isinstance(isoflop, Path):
+            paths.append(isoflop)
+        else:
+            say(f"{regime.regime}: no isoFLOP figure: {isoflop}")
         epochs = _epochs_figure(plt, regime, out_dir / f"{regime.regime}-epochs.png")
         if epochs is not None:
             paths.append(epochs)
@@ -205,6 +223,65 @@ def _loss_figure(plt: Any, regime: RegimeFits, path: Path) -> Path:
         f"{_label_fit(regime.exact, 'E = exact')}",
         fontsize=11,
     )
+    save_png(figure, path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _isoflop_figure(plt: Any, regime: RegimeFits, path: Path) -> Path | str:
+    """Approach 2 drawn: the figure's path, or why there is none.
+
+    Left: loss against N at each compute level approach 2 fits (points, the parabola in
+    log N over the level's N range, a star at its minimum when it has one inside the
+    range). Right: the minima's N_opt against compute with approach 2's power law.
+    """
+    data = _arrays(regime)
+    profiles = isoflop_profiles(data["N"], data["D"], data["loss"])
+    if not profiles:
+        return (
+            "no compute level holds 3 distinct N (approach 2 needs an isoFLOP grid: N and D "
+            "geometric with one ratio)"
+        )
+    allocation = approach2(data["N"], data["D"], data["loss"])
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    ax = axes[0]
+    for colour, profile in zip(_colours(plt, len(profiles)), profiles, strict=True):
+        members = np.asarray(profile.members)
+        label = f"C={_si(profile.compute)}"
+        ax.scatter(data["N"][members], data["loss"][members], color=colour, s=25, label=label)
+        low, high = profile.log_n_range
+        x = np.linspace(low - 0.1 * (high - low), high + 0.1 * (high - low), 100)
+        ax.plot(np.exp(x), profile.c2 * x * x + profile.c1 * x + profile.c0, color=colour)
+        if profile.n_opt is not None:
+            x_opt = math.log(profile.n_opt)
+            loss_opt = profile.c2 * x_opt * x_opt + profile.c1 * x_opt + profile.c0
+            ax.plot(profile.n_opt, loss_opt, "*", color=colour, markersize=14, mec="black")
+    ax.set_xscale("log")
+    readable_log_axis(ax.xaxis, data["N"])
+    ax.set_xlabel(_n_label(regime))
+    _floor(ax, regime.entropy)
+    ax.set_ylabel("test loss (nats / token)")
+    _bits_axis(ax)
+    ax.set_title("isoFLOP profiles (C = 6ND; star: the parabola's minimum)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    if allocation.compute:
+        ax.plot(allocation.compute, allocation.n_opt, "*", markersize=12, color="crimson")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        readable_log_axis(ax.xaxis, np.asarray(allocation.compute))
+        readable_log_axis(ax.yaxis, np.asarray(allocation.n_opt))
+    if allocation.a is not None and allocation.coefficient is not None:
+        grid = np.geomspace(min(allocation.compute) / 1.5, max(allocation.compute) * 1.5, 50)
+        ax.plot(grid, allocation.coefficient * grid**allocation.a, "--", color="black")
+        ax.set_title(f"approach 2: N_opt ~ C^{allocation.a:.3f}")
+    else:
+        ax.set_title("approach 2: " + "; ".join(allocation.notes or ["no exponent"]), fontsize=8)
+    ax.set_xlabel("compute C = 6ND (FLOPs)")
+    ax.set_ylabel("N_opt")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.25)
+    figure.suptitle(f"{regime.regime}: isoFLOP profiles (approach 2)", fontsize=11)
     save_png(figure, path, dpi=110)
     plt.close(figure)
     return path

@@ -19,6 +19,7 @@ import numpy as np
 
 from llama_train.errors import LlamaTrainError
 from llama_train.scaling.fit import Fit, fit_law
+from llama_train.scaling.noise import table_noise
 from llama_train.scaling.vpnls import fit_vpnls
 
 
@@ -76,7 +77,8 @@ def fit_regimes(
 
     A point whose loss is not above the exact entropy (possible by sampling noise on a
     small evaluation set, once a model is at the floor) has no log excess: it is left
-    out of the excess fit only.
+    out of the excess fit only. A regime with seed noise (`loss_seed_std`, 2+ seeds) is
+    fitted weighted by it (:mod:`llama_train.scaling.noise`).
     """
     say = log or (lambda message: None)
     results = []
@@ -95,20 +97,22 @@ def fit_regimes(
                 "out of the excess fit"
             )
         groups = np.asarray([str(row.get("group") or index) for index, row in enumerate(members)])
+        noise = table_noise(members)
         common = {"bootstrap": bootstrap, "seed": seed}
         try:
             fits = RegimeFits(
                 regime=regime,
                 entropy=entropy,
                 rows=members,
-                free=fit_law(n, d, loss, groups=groups, **common),
-                exact=fit_vpnls(n, d, loss, fixed_e=entropy, groups=groups, **common),
+                free=fit_law(n, d, loss, groups=groups, noise=noise, **common),
+                exact=fit_vpnls(n, d, loss, fixed_e=entropy, groups=groups, noise=noise, **common),
                 excess=fit_vpnls(
                     n[above],
                     d[above],
                     loss[above] - entropy,
                     fixed_e=0.0,
                     groups=groups[above],
+                    noise=None if noise is None else noise[above],
                     **common,
                 ),
             )

@@ -28,6 +28,7 @@ import numpy as np
 from llama_train.errors import LlamaTrainError
 from llama_train.scaling.fit import Fit, Form
 from llama_train.scaling.methods import DEFAULT_METHOD, fit_points
+from llama_train.scaling.noise import table_noise
 
 TOLERANCE = 0.01  # of the loss: the prediction goal
 FUTURE_FRACTION = 0.25  # leave-future-out: the largest quarter of the compute
@@ -53,6 +54,7 @@ class Design:
     level: float = 0.95
     offset: float = 0.0
     floor: float | None = None
+    noise: np.ndarray | None = None  # the seed sd of each row's loss: the fit's weights
 
     def refit(
         self,
@@ -74,6 +76,7 @@ class Design:
             level=self.level,
             seed=seed,
             groups=None if self.groups is None else self.groups[index],
+            noise=None if self.noise is None else self.noise[index],
         )
 
 
@@ -341,7 +344,8 @@ def validate_table(
     d = np.asarray([float(row["D"]) for row in rows])
     loss = np.asarray([float(row["loss"]) for row in rows])
     groups = np.asarray([str(row.get("group") or index) for index, row in enumerate(rows)])
-    design = design_of(fit, n, d, loss, groups=groups, floor=entropy)
+    noise = table_noise(rows) if fit.weights == "seed-noise" else None
+    design = design_of(fit, n, d, loss, groups=groups, floor=entropy, noise=noise)
     return validate(
         design, fit, recovery_replicates=recovery_replicates, bootstrap=bootstrap, seed=seed
     )

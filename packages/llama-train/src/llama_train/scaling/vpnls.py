@@ -14,8 +14,10 @@ log residual to first order, so the fit weighs points the way approach 3's
 log-space objective does near its optimum (:mod:`llama_train.scaling.fit`: Huber on
 log residuals, quadratic within delta). It is least squares, not Huber: NNLS is what
 makes the inner problem exact, and on a study's table (no outlying run) the two
-agree. In the ``--excess`` mode (E = 0, target L - entropy) the residual is relative to
-the excess, as the log-excess fit of approach 3 is.
+agree. With seed noise each relative residual is divided by its row's relative noise
+(weighted least squares, :mod:`llama_train.scaling.noise`). In the ``--excess`` mode
+(E = 0, target L - entropy) the residual is relative to the excess, as the log-excess
+fit of approach 3 is.
 
 The inner NNLS is solved exactly and vectorised over the grid by enumerating the
 supports: with at most three columns, the NNLS optimum is the least-squares solution
@@ -91,7 +93,7 @@ def project(
     """
     alphas = np.asarray(alphas, dtype=np.float64)
     betas = np.asarray(betas, dtype=np.float64)
-    weight = 1.0 / points.target
+    weight = 1.0 / (points.target * points.scale)
     y = (points.target - (points.fixed_e or 0.0)) * weight  # (M,)
     n_columns = len(coefficient_names(points))
     step = grid_chunk(4 * n_columns * points.count)
@@ -325,15 +327,17 @@ def fit_vpnls(
     level: float = 0.95,
     seed: int = 0,
     groups: Sequence[Any] | np.ndarray | None = None,
+    noise: Sequence[float | None] | np.ndarray | None = None,
 ) -> Fit:
     """Fit L = E + A/N^alpha + B/D^beta by variable projection (E free, fixed, or 0).
 
     Same arguments and result as :func:`llama_train.scaling.fit.fit_law`; the bootstrap
-    resamples run groups and refits each from the whole grid. Deterministic.
+    resamples run groups and refits each from the whole grid; `noise` (the seed sd of
+    each row's loss) weights the rows. Deterministic.
     """
     free = (form in ("ND", "N")) * 2 + (form in ("ND", "D")) * 2 + (fixed_e is None)
     points = prepare_points(
-        n, d, loss, form=form, fixed_e=fixed_e, free_parameters=free, groups=groups
+        n, d, loss, form=form, fixed_e=fixed_e, free_parameters=free, groups=groups, noise=noise
     )
     alpha, beta, coefficients, objective = _search(points)
     parameters = _natural(points, alpha, beta, coefficients)
@@ -358,6 +362,7 @@ def fit_vpnls(
         method="vpnls",
         groups=resampler.n_groups if bootstrap else 0,
         flags=flags,
+        weights="none" if noise is None else "seed-noise",
     )
     prediction = fit.predict(np.exp(points.log_n), np.exp(points.log_d))
     with np.errstate(divide="ignore"):
