@@ -173,7 +173,8 @@ def test_a_sweep_runs_as_one_array_job_and_status_and_best_read_its_run_director
             "sweep": {"optim.lr": [1e-3, 3e-3, 1e-2]},
         },
     )
-    submitted = cli("llama-train", "submit", "lr.yaml")
+    # One process per point (--no-stack): the stacked submission has its own test below.
+    submitted = cli("llama-train", "submit", "lr.yaml", "--no-stack")
     array = re.search(r"submitted Slurm array job (\d+): 3 points", submitted.stdout)
     assert array, submitted.stdout
     directory = tmp_path / "runs" / "lr"
