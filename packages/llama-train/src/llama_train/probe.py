@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gssm_data.humanize import format_duration
 from gssm_data.posterior import split_posterior
 from gssm_data.resources import available_cpus, describe_threads, set_torch_threads
 from gssm_data.store import Store, open_store
@@ -296,15 +297,6 @@ def estimate_seconds(fits: Sequence[FitSize], device: torch.device) -> float:
     return sum(evaluations * fit.rows * per_row[fit.features, fit.states] for fit in fits)
 
 
-def describe_seconds(seconds: float) -> str:
-    """A duration for a start-up line: seconds, minutes or hours, two figures."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def _bayes(labels: np.ndarray, beliefs: np.ndarray) -> dict[str, float]:
     """The filter's own scores: argmax of the exact posterior, and -log posterior(true)."""
     picked = beliefs[np.arange(len(labels)), labels]
@@ -453,7 +445,7 @@ def _probe(
         announce(
             f"probing {len(sets)} feature sets x {len(nodes)} nodes x 2 models ({len(fits)} "
             f"fits) on {device} with {describe_threads(threads)}: about "
-            f"{describe_seconds(seconds)} at the current load (up to {linear_probe.MAX_ITERATIONS} "
+            f"{format_duration(seconds)} at the current load (up to {linear_probe.MAX_ITERATIONS} "
             "L-BFGS iterations per fit)"
         )
     counter = _Counter(len(nodes) * len(sets) * 2, progress)

@@ -58,7 +58,7 @@ from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, task
 from llama_train.launch.stacks import StackJob, stack_groups, stack_units
 from llama_train.launch.status import point_status
 from llama_train.launch.sweep import Plan, Point, write_manifest
-from llama_train.rundir import SUMMARY_FILENAME
+from llama_train.rundir import SUMMARY_FILENAME, atomic_write
 
 STUDY_FILENAME = "study.json"
 VALIDATION_FILENAME = "validation.json"
@@ -694,11 +694,7 @@ def write_study_record(expanded: ExpandedStudy) -> Path:
         "points": [point.__dict__ for point in expanded.all_points],
     }
     expanded.directory.mkdir(parents=True, exist_ok=True)
-    path = expanded.directory / STUDY_FILENAME
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, path)
-    return path
+    return atomic_write(expanded.directory / STUDY_FILENAME, json.dumps(record, indent=1) + "\n")
 
 
 def read_study_record(directory: str | Path) -> dict[str, Any]:
@@ -776,10 +772,7 @@ def write_validation(run_dir: Path, first: int, sequences: int, device: str = "a
         "entropy": result.entropy,
         "excess": result.excess,
     }
-    path = run_dir / VALIDATION_FILENAME
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, path)
+    atomic_write(run_dir / VALIDATION_FILENAME, json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -971,10 +964,7 @@ def widen_edges(expanded: ExpandedStudy, log: Log | None = None) -> int:
             log(f"{key}: lr optimum on the {edge} edge of the sweep; adding multiplier {new:g}")
     if added:
         expanded.directory.mkdir(parents=True, exist_ok=True)
-        path = expanded.directory / WIDENED_FILENAME
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(widened, indent=1) + "\n")
-        os.replace(partial, path)
+        atomic_write(expanded.directory / WIDENED_FILENAME, json.dumps(widened, indent=1) + "\n")
     return added
 
 
