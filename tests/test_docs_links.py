@@ -99,3 +99,27 @@ def test_the_readme_stays_an_index() -> None:
     assert len(readme.splitlines()) < 400
     for page in (ROOT / "docs").glob("*.md"):
         assert f"](docs/{page.name})" in readme, f"README does not link docs/{page.name}"
+
+
+@pytest.mark.parametrize(
+    ("package", "source"),
+    [
+        ("llama_train", ROOT / "packages/llama-train/src/llama_train"),
+        ("gssm_data", ROOT / "packages/gssm-data/src/gssm_data"),
+    ],
+)
+def test_the_design_gives_every_module_a_row(package, source):
+    """docs/design.md, section Modules, names each module (a package by its folder)."""
+    design = (ROOT / "docs/design.md").read_text()
+    section = design[design.index(f"### {package}") :]
+    section = re.split(r"\n##+ ", section[4:], maxsplit=1)[0]
+    rows = set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE))
+    modules = set()
+    for path in source.rglob("*.py"):
+        relative = path.relative_to(source)
+        if relative.name == "__init__.py" and len(relative.parts) > 1:
+            modules.add("/".join(relative.parts[:-1]) + "/")
+        else:
+            modules.add(relative.as_posix())
+    assert sorted(modules - rows) == [], "modules without a row in docs/design.md"
+    assert sorted(rows - modules) == [], "rows in docs/design.md for modules that do not exist"

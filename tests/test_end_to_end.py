@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gssm_data.store import open_store
-from llama_train.core.metrics import read_metrics
+from llama_train.rundir import read_metrics
 
 # The installed commands end to end, as a user runs them: excluded from `make test-fast`.
 pytestmark = pytest.mark.integration

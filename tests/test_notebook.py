@@ -8,8 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from llama_train.config import resolve_config
-from llama_train.train import train
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 # A real kernel running the notebook on a trained run: excluded from `make test-fast`.
 pytestmark = pytest.mark.integration

@@ -23,11 +23,10 @@ import pytest
 import yaml
 
 from gssm_data.store import open_store
-from llama_train.config import resolve_config
-from llama_train.core.metrics import read_metrics
-from llama_train.launch.status import sweep_status
-from llama_train.rundir import read_state
-from llama_train.train import train
+from llama_train.analysis.status import sweep_status
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
+from llama_train.rundir import read_metrics, read_state
 
 # What starts a local cluster (as root); named in the skip message, never run from here.
 START_SCRIPT = "tests/slurm/start-local-cluster.sh"

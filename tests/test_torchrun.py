@@ -39,7 +39,7 @@ import yaml
 from llama_train import load_model
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE
-from llama_train.core.metrics import read_metrics
+from llama_train.rundir import read_metrics
 
 # Real launchers, ranks and signals: excluded from `make test-fast`.
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ import os
 if os.environ.get("TEST_STEP_DELAY_S") or os.environ.get("TEST_FAIL_RANK"):
     import time
 
-    from llama_train import train as recipe
+    from llama_train.recipe import train as recipe
     from llama_train.errors import LlamaTrainError
 
     if os.environ.get("TEST_STEP_DELAY_S"):
@@ -82,7 +82,7 @@ if os.environ.get("TEST_STEP_DELAY_S") or os.environ.get("TEST_FAIL_RANK"):
 KILLER = """
 import os, signal, sys
 from llama_train.cli import main
-from llama_train.train import Trainer
+from llama_train.recipe.train import Trainer
 
 original = Trainer.train_step
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from llama_train.core.generation import generate_batch, generate_recompute
+from llama_train.core.decoding import generate_batch, generate_recompute
 from llama_train.core.model import Llama, ModelConfig
 
 BATCH, NEW_TOKENS, REPEATS = 16, 128, 2

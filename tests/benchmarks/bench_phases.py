@@ -29,10 +29,10 @@ import pytest
 
 from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
-from llama_train.config import resolve_config
-from llama_train.plot import plot_runs
-from llama_train.runs import load_runs
-from llama_train.train import train
+from llama_train.analysis.plot import plot_runs
+from llama_train.analysis.runs import load_runs
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "packages/llama-train/configs/demo.yaml"

@@ -161,8 +161,8 @@ def _overrides(run_dir: Path, index: int) -> list[str]:
 
 _STACK_SCRIPT = """
 import sys
-from llama_train.config import resolve_config
-from llama_train.train_stack import train_stack
+from llama_train.recipe.train_config import resolve_config
+from llama_train.recipe.train_stack import train_stack
 base, *groups = sys.argv[1:]
 configs = [resolve_config(base, group.split("\x1f")) for group in groups]
 result = train_stack(configs, progress=False)

@@ -31,10 +31,10 @@ import torch
 from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store
-from llama_train.config import resolve_config
 from llama_train.core.model import Llama
 from llama_train.core.optim import build_optimizer, clip_gradients
-from llama_train.train import train
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "packages/llama-train/configs/studies/base-small.yaml"

@@ -3,7 +3,7 @@
 Both run the demo model (packages/llama-train/configs/demo.yaml) on the same
 batches of a small `hmm` store, in this process, with the same thread count:
 
-- trainer: `llama_train.train.train(config)`, the function `llama-train run`
+- trainer: `llama_train.recipe.train.train(config)`, the function `llama-train run`
   calls, with everything it does per step (loader, learning-rate schedule,
   clipping, loss window, metrics lines, progress bookkeeping). Its steady
   rate is read from its own metrics.jsonl: tokens between the first and the
@@ -30,11 +30,11 @@ import pytest
 import torch
 
 from gssm_data.sampler import BLOCK_SIZE
-from llama_train.config import TrainConfig, resolve_config
 from llama_train.core.data import build_loader
-from llama_train.core.metrics import read_metrics
 from llama_train.core.model import Llama
-from llama_train.train import train
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import TrainConfig, resolve_config
+from llama_train.rundir import read_metrics
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "packages/llama-train/configs/demo.yaml"
 STEPS, LOG_EVERY, REPEATS = 60, 10, 2

@@ -11,8 +11,8 @@ import yaml
 
 from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
-from llama_train.config import resolve_config
-from llama_train.train import train
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 
 def write_debug_store(

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_train.branches import branch_dir
-from llama_train.config import TrainConfig, read_run_config, resolve_config
+from llama_train.analysis.runs import find_runs
 from llama_train.core.checkpoint import CheckpointManager
-from llama_train.core.metrics import read_metrics
 from llama_train.core.weights import WEIGHTS_FILE, read_weights
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR
-from llama_train.runs import find_runs
-from llama_train.train import Preempted, Trainer, train
+from llama_train.recipe.branches import branch_dir
+from llama_train.recipe.train import Preempted, Trainer, train
+from llama_train.recipe.train_config import TrainConfig, read_run_config, resolve_config
+from llama_train.rundir import CHECKPOINT_DIR, read_metrics
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
 DETERMINISTIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "epoch", "eval/loss")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_train.config import (
+from llama_train.errors import LlamaTrainError
+from llama_train.recipe.train_config import (
     TrainConfig,
     apply_overrides,
     config_schema,
@@ -16,7 +17,6 @@ from llama_train.config import (
     resolve_config,
     write_config,
 )
-from llama_train.errors import LlamaTrainError
 
 STABLE_KEYS = [
     "data.path",
@@ -227,8 +227,8 @@ def test_a_config_ships_for_every_preset_regime_plus_the_demo_and_online():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
 def test_every_shipped_config_is_valid(path):
     """Keys and values check out; the store each names is filled in as a manifest would."""
-    from llama_train.config import validate
-    from llama_train.core.configuration import load_yaml
+    from llama_train.recipe.train_config import validate
+    from llama_train.rundir import load_yaml
 
     raw = load_yaml(path)
     raw.setdefault("model", {}).update(vocab_size=64, max_seq_len=257)

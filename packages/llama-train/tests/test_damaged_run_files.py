@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from llama_train.cli import app
-from llama_train.core.metrics import read_metrics
+from llama_train.rundir import read_metrics
 
 runner = CliRunner()
 

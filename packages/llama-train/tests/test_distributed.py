@@ -19,7 +19,6 @@ import torch.distributed as dist
 from typer.testing import CliRunner
 
 from llama_train.cli import app
-from llama_train.config import resolve_config
 from llama_train.core import distributed
 from llama_train.core.checkpoint import CheckpointManager, CorruptCheckpointWarning, DcpPayload
 from llama_train.core.distributed import (
@@ -32,12 +31,12 @@ from llama_train.core.distributed import (
     resolve_backend,
     together,
 )
-from llama_train.core.metrics import read_metrics
 from llama_train.errors import LlamaTrainError
-from llama_train.eval import evaluate_run
 from llama_train.launch import torchrun
-from llama_train.rundir import CHECKPOINT_DIR
-from llama_train.train import Preempted, Trainer, train
+from llama_train.recipe.evaluate_run import evaluate_run
+from llama_train.recipe.train import Preempted, Trainer, train
+from llama_train.recipe.train_config import resolve_config
+from llama_train.rundir import CHECKPOINT_DIR, read_metrics
 
 runner = CliRunner()
 TINY = ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "data.batch_size=8"]
@@ -353,7 +352,7 @@ def _write_config(store: Path, tmp_path: Path, **extra) -> Path:
 
 
 def test_run_exits_3_and_names_the_checkpoint_when_preempted(store, tmp_path, monkeypatch):
-    import llama_train.train as recipe
+    import llama_train.recipe.train as recipe
 
     def preempted(config, *, progress=None):
         raise Preempted(5, Path("runs/x/checkpoints/step_000005"))

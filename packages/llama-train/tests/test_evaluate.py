@@ -15,13 +15,13 @@ from gssm_data.entropy import rows_entropy, write_split_entropy
 from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store
-from llama_train.config import resolve_config
 from llama_train.core.data import DataConfig, resolve_data
 from llama_train.core.evaluate import EvalResult, EvalSet, evaluate
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.errors import LlamaTrainError
-from llama_train.eval import evaluate_run
-from llama_train.train import train
+from llama_train.recipe.evaluate_run import evaluate_run
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 SEQ_LEN, N_TEST, SEED = 17, 48, 3
 

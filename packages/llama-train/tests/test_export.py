@@ -17,7 +17,7 @@ from llama_train.core.checkpoint import CheckpointManager, TorchPayload
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.core.rope import ROPE_METHODS, RopeScaling
 from llama_train.core.weights import WEIGHTS_FILE, read_weights, write_weights
-from llama_train.export import export_run, hf_state_dict
+from llama_train.recipe.export import export_run, hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
@@ -81,7 +81,9 @@ def test_without_the_rotary_reorder_the_logits_differ(tmp_path, monkeypatch):
     # Guards the test above: the reorder is what makes HF agree.
     config = CONFIGS["gqa-untied"]
     run_dir, model = _run_dir(tmp_path, config)
-    monkeypatch.setattr("llama_train.export.rotary_to_rotate_half", lambda weight, heads: weight)
+    monkeypatch.setattr(
+        "llama_train.recipe.export.rotary_to_rotate_half", lambda weight, heads: weight
+    )
     export_run(run_dir, tmp_path / "hf", format="hf")
     tokens = torch.arange(config.max_seq_len)[None] % config.vocab_size
     with torch.no_grad():

@@ -17,14 +17,14 @@ from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store
 from llama_train.cli import app
-from llama_train.config import resolve_config
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.core.rope import ROPE_METHODS, RopeScaling
 from llama_train.errors import LlamaTrainError
-from llama_train.eval import evaluate_run
-from llama_train.extrapolate import extrapolate_run, parse_methods
-from llama_train.train import train
+from llama_train.recipe.evaluate_run import evaluate_run
+from llama_train.recipe.extrapolate import extrapolate_run, parse_methods
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 SEQ_LEN, LONG, N_TEST, N_LONG, SEED = 17, 129, 24, 12, 3  # LONG - 1 = 8 x (SEQ_LEN - 1)
 runner = CliRunner()

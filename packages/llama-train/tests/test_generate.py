@@ -18,7 +18,7 @@ from gssm_data.store import open_store
 from llama_train.cli import app
 from llama_train.core.data import DataSpec
 from llama_train.errors import LlamaTrainError
-from llama_train.generate import generate_run, read_prompts, true_nll
+from llama_train.recipe.generate import generate_run, read_prompts, true_nll
 
 runner = CliRunner()
 SEQ_LEN = 12  # the sequence length of the shared tiny run (conftest)
@@ -89,7 +89,7 @@ def test_samples_are_scored_against_the_store_s_graph_and_entropy_curve(run_dir,
 
 
 def resolve_config_path(run_dir: Path) -> Path:
-    from llama_train.config import read_run_config
+    from llama_train.recipe.train_config import read_run_config
 
     return read_run_config(run_dir).data.path
 
@@ -156,7 +156,7 @@ def test_cli_user_errors_are_one_line_and_exit_1(run_dir, arguments, message):
 
 def test_a_prompt_file_is_read_with_bounded_memory(tmp_path, monkeypatch):
     """A file over the limit is refused by its size, before a byte of it is read."""
-    import llama_train.generate as generate_module
+    import llama_train.recipe.generate as generate_module
 
     monkeypatch.setattr(generate_module, "MAX_PROMPT_BYTES", 100)
     big = tmp_path / "big.txt"
@@ -218,7 +218,7 @@ def _full_logits(run_dir: Path, sequences: np.ndarray) -> np.ndarray:
     """The model's logits for whole sequences in one forward pass (no cache, no sampler)."""
     import torch
 
-    from llama_train.loading import load_model
+    from llama_train.recipe.loading import load_model
 
     model, _ = load_model(run_dir)
     with torch.no_grad():

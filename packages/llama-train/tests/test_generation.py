@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama_train.core.attention import flex_unavailable_reason
-from llama_train.core.generation import (
+from llama_train.core.decoding import (
     generate_batch,
     generate_recompute,
     row_uniforms,
@@ -194,8 +194,8 @@ def test_flex_training_on_cpu_is_one_clear_error():
 
 
 def test_a_run_may_resume_with_another_attention_kernel_but_not_another_model(tmp_path):
-    from llama_train.config import resolve_config, write_config
-    from llama_train.train import check_resumable
+    from llama_train.recipe.train import check_resumable
+    from llama_train.recipe.train_config import resolve_config, write_config
 
     base = ["data.preset=debug", "data.source=online", "data.seq_len=9", f"run.dir={tmp_path}"]
     write_config(resolve_config(None, base))

@@ -3,13 +3,16 @@
 Every import is read from the source with `ast`, at module level and inside
 functions alike (a function-level import hides a cycle from Python, not from
 this test). The layers of llama_train, lowest first (docs/design.md, section
-Architecture): the leaves `errors` and `rundir`; `core`; the recipe (`config`,
-`train`, `eval`, `plot`); `launch`; `cli`. gssm_data never imports llama_train.
+Architecture): the leaves `errors` and `rundir`; the torch-free readers `scaling`
+and `analysis`; `core`; `recipe`; `launch`; `cli`. gssm_data never imports
+llama_train, and llama_train reaches it only through its public face.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -20,10 +23,14 @@ import llama_train
 
 Graph = dict[str, set[str]]
 
-SUBPACKAGES = ("llama_train.core", "llama_train.launch", "llama_train.cli", "llama_train.scaling")
-# Torch-free analysis of finished runs (fits, tables, plots): above the leaves only.
-ANALYSIS = ("llama_train.scaling",)
 LEAVES = ("llama_train.errors", "llama_train.rundir")
+# Torch-free readers of finished runs (fits, tables, plots, status): above the leaves only.
+ANALYSIS = ("llama_train.scaling", "llama_train.analysis")
+CORE = ("llama_train.core",)
+RECIPE = ("llama_train.recipe",)
+LAUNCH = ("llama_train.launch",)
+CLI = ("llama_train.cli",)
+LAYERS = (LEAVES, ANALYSIS, CORE, RECIPE, LAUNCH, CLI)
 ENTRY_POINTS = ("llama_train", "llama_train.__main__")
 
 # ---------------------------------------------------------------------------
@@ -152,23 +159,14 @@ def test_the_checker_names_an_import_that_reaches_up_a_layer():
 # llama_train
 
 
-def recipe_modules(graph: Graph) -> list[str]:
-    """The recipe is every top-level module that is neither a leaf nor an entry point."""
-    return sorted(
-        name
-        for name in graph
-        if name.count(".") == 1
-        and name not in (*LEAVES, *ENTRY_POINTS)
-        and not _within(name, SUBPACKAGES)
-    )
-
-
 def test_every_module_belongs_to_one_layer(llama_graph):
-    recipe = recipe_modules(llama_graph)
-    assert {"llama_train.config", "llama_train.train", "llama_train.eval"} <= set(recipe)
-    placed = set(recipe) | set(LEAVES) | set(ENTRY_POINTS)
-    placed |= {name for name in llama_graph if _within(name, SUBPACKAGES)}
+    assert {"llama_train.recipe.train_config", "llama_train.recipe.train"} <= set(llama_graph)
+    placed = set(ENTRY_POINTS) | {
+        name for name in llama_graph if any(_within(name, layer) for layer in LAYERS)
+    }
     assert placed == set(llama_graph)
+    for layer in LAYERS:  # every folder the design names exists
+        assert any(_within(name, layer) for name in llama_graph), layer
 
 
 def test_llama_train_has_no_import_cycle(llama_graph):
@@ -176,18 +174,16 @@ def test_llama_train_has_no_import_cycle(llama_graph):
     assert find_cycle(llama_graph) is None
 
 
-def test_the_leaves_import_nothing_of_llama_train(llama_graph):
-    assert forbidden_imports(llama_graph, LEAVES, ["llama_train"]) == []
+def test_the_leaves_import_only_each_other(llama_graph):
+    others = [n for n in llama_graph if "." in n and not _within(n, LEAVES)]
+    assert forbidden_imports(llama_graph, LEAVES, others) == []
+    assert forbidden_imports(llama_graph, ["llama_train.errors"], ["llama_train"]) == []
 
 
-def test_core_imports_neither_the_recipe_nor_the_launchers_nor_the_cli(llama_graph):
-    upper = [*recipe_modules(llama_graph), "llama_train.launch", "llama_train.cli"]
-    assert forbidden_imports(llama_graph, ["llama_train.core"], upper) == []
-
-
-def test_the_recipe_imports_neither_the_launchers_nor_the_cli(llama_graph):
-    upper = ["llama_train.launch", "llama_train.cli"]
-    assert forbidden_imports(llama_graph, recipe_modules(llama_graph), upper) == []
+@pytest.mark.parametrize("level", range(1, len(LAYERS)), ids=lambda i: LAYERS[i][-1])
+def test_each_layer_imports_only_the_layers_below_it(llama_graph, level):
+    above = [prefix for layer in LAYERS[level + 1 :] for prefix in layer]
+    assert forbidden_imports(llama_graph, LAYERS[level], above) == []
 
 
 def test_the_analysis_imports_only_the_leaves(llama_graph):
@@ -195,8 +191,8 @@ def test_the_analysis_imports_only_the_leaves(llama_graph):
     assert forbidden_imports(llama_graph, ANALYSIS, others) == []
 
 
-def test_the_launchers_do_not_import_the_cli(llama_graph):
-    assert forbidden_imports(llama_graph, ["llama_train.launch"], ["llama_train.cli"]) == []
+def test_the_fits_do_not_import_the_run_readers(llama_graph):
+    assert forbidden_imports(llama_graph, ["llama_train.scaling"], ["llama_train.analysis"]) == []
 
 
 def test_the_cli_app_is_a_leaf_of_the_cli(llama_graph):
@@ -220,3 +216,15 @@ def test_gssm_data_never_imports_llama_train(gssm_graph):
 
 def test_the_gssm_data_cli_app_imports_no_command_module(gssm_graph):
     assert forbidden_imports(gssm_graph, ["gssm_data.cli.app"], ["gssm_data.cli"]) == []
+
+
+def test_the_readers_of_runs_load_no_torch(llama_graph):
+    """Every module of `analysis` and `scaling` imports without torch (quick on any machine)."""
+    modules = sorted(name for name in llama_graph if _within(name, ANALYSIS))
+    assert "llama_train.analysis.status" in modules and "llama_train.scaling.fit" in modules
+    code = "import sys\n" + "".join(f"import {name}\n" for name in modules)
+    code += "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from llama_train.core.metrics import MetricLogger, read_metrics, system_metrics, truncate_after
-from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME
+from llama_train.core.metrics import MetricLogger, system_metrics, truncate_after
+from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME, read_metrics
 
 
 def test_each_log_call_is_one_json_line_with_its_step(tmp_path):

@@ -10,11 +10,11 @@ import matplotlib
 import pytest
 from typer.testing import CliRunner
 
+from llama_train.analysis.html_report import nice_ticks
+from llama_train.analysis.plot import draw_runs
+from llama_train.analysis.runs import load_runs
 from llama_train.cli import app
 from llama_train.errors import LlamaTrainError
-from llama_train.plot import draw_runs
-from llama_train.report import nice_ticks
-from llama_train.runs import load_runs
 
 matplotlib.use("Agg")
 runner = CliRunner()
@@ -136,7 +136,7 @@ def test_saving_the_plot_renders_the_figure_once_and_keeps_every_label_inside(
     """A layout engine left on the figure makes savefig render it twice (a third of the cost)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from llama_train.plot import plot_runs
+    from llama_train.analysis.plot import plot_runs
 
     runs = load_runs([sweep / "optim.lr=0.001"])
     figure = draw_runs(runs)

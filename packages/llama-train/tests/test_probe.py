@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
-from llama_train import linear_probe
 from llama_train.cli import app
 from llama_train.cli.probe import probe_table
-from llama_train.config import resolve_config
-from llama_train.probe import ProbeOptions, parse_layers, probe_rows, probe_run
-from llama_train.train import train
+from llama_train.core import linear_probe
+from llama_train.recipe.probe import ProbeOptions, parse_layers, probe_rows, probe_run
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 SEQ_LEN = 17
 
@@ -228,7 +228,7 @@ def test_probe_uses_training_s_threads_and_announces_every_fit_before_it_starts(
     """The run sets train.threads=1: every fit runs on one thread, whatever the caller
     had, and the caller's setting is back afterwards. The announced plan lists exactly
     the fits that are made (rows, features, states), and comes before the first one."""
-    from llama_train import probe as probe_module
+    from llama_train.recipe import probe as probe_module
 
     events: list[tuple] = []
     real_fit, real_plan = linear_probe.fit, probe_module.planned_fits
@@ -261,7 +261,7 @@ def test_probe_uses_training_s_threads_and_announces_every_fit_before_it_starts(
 
 
 def test_the_time_estimate_scales_the_timed_evaluation_by_rows_and_iterations(monkeypatch):
-    from llama_train.probe import FitSize, estimate_seconds
+    from llama_train.recipe.probe import FitSize, estimate_seconds
 
     monkeypatch.setattr(linear_probe, "evaluation_seconds", lambda rows, d, c, device: rows * d)
     fits = [FitSize(100, 16, 4), FitSize(50, 16, 4), FitSize(100, 32, 4)]

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from llama_train.config import resolve_config
 from llama_train.core import metrics
 from llama_train.core.model import Llama
 from llama_train.core.profiler import COLUMNS, flops_per_token, read_profile
-from llama_train.train import train
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
 
@@ -92,8 +92,8 @@ def test_no_mfu_on_the_cpu_without_a_peak_and_nothing_when_disabled(store, tmp_p
 
 KILLER = """
 import os, signal, sys
-from llama_train.config import resolve_config
-from llama_train.train import Trainer, train
+from llama_train.recipe.train_config import resolve_config
+from llama_train.recipe.train import Trainer, train
 
 original = Trainer.train_step
 

@@ -206,8 +206,8 @@ def test_bad_settings_are_refused_with_what_to_fix(fields: dict, message: str) -
 
 
 def test_a_run_config_sets_the_scaling_by_key_and_refuses_bad_values(make_debug_store) -> None:
-    from llama_train.config import config_to_yaml, resolve_config
     from llama_train.errors import LlamaTrainError
+    from llama_train.recipe.train_config import config_to_yaml, resolve_config
 
     store = make_debug_store(n_train=16, n_test=4, seq_len=9)
     base = [f"data.path={store}", "model.dim=16", "model.n_heads=2"]

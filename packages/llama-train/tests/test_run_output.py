@@ -84,9 +84,9 @@ def test_both_commands_print_their_version() -> None:
 def test_threads_leave_a_cpu_per_loader_worker_and_one_per_rank(monkeypatch) -> None:
     import torch
 
-    from llama_train import train as recipe
-    from llama_train.config import TrainSection
     from llama_train.core.distributed import RankInfo
+    from llama_train.recipe import train as recipe
+    from llama_train.recipe.train_config import TrainSection
 
     before = torch.get_num_threads()
     monkeypatch.setattr(recipe, "default_threads", lambda processes=1: 4)  # 4 idle CPUs

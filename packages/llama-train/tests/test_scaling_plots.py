@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llama_train.scaling.plots import plot_study, readable_log_axis
-from llama_train.scaling.report import fit_regimes
+from llama_train.scaling.regime_fits import fit_regimes
 
 matplotlib = pytest.importorskip("matplotlib")
 

@@ -128,7 +128,7 @@ def test_fit_without_the_column_is_unweighted_and_refuses_seed_noise(tmp_path: P
 
 
 def test_study_plot_fits_weight_by_the_collected_seed_noise():
-    from llama_train.scaling.report import fit_regimes
+    from llama_train.scaling.regime_fits import fit_regimes
 
     n, d, loss, std = seed_table(1)
     rows = [

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_train.config import TrainConfig, read_run_config, resolve_config
-from llama_train.core.metrics import read_metrics
 from llama_train.core.optim import OptimConfig, lr_at
-from llama_train.rundir import CHECKPOINT_DIR
-from llama_train.train import train
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import TrainConfig, read_run_config, resolve_config
+from llama_train.rundir import CHECKPOINT_DIR, read_metrics
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
 

@@ -10,13 +10,13 @@ import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 from typer.testing import CliRunner
 
-from llama_train import train as recipe
 from llama_train.cli import app
-from llama_train.core.configuration import validate
+from llama_train.core.config_files import validate
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE
 from llama_train.errors import LlamaTrainError
-from llama_train.launch.config import SlurmConfig, SubmitConfig
 from llama_train.launch.slurm import TrainJob, executor_parameters, parse_time_limit
+from llama_train.launch.submit_config import SlurmConfig, SubmitConfig
+from llama_train.recipe import train as recipe
 from llama_train.rundir import current_job_id, read_state
 
 runner = CliRunner()

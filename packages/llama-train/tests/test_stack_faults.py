@@ -23,8 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from llama_train.cli import app
-from llama_train.core.metrics import read_metrics
-from llama_train.rundir import read_state
+from llama_train.rundir import read_metrics, read_state
 
 runner = CliRunner()
 SEQ_LEN = 17
@@ -37,9 +36,9 @@ DETERMINISTIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "epoch", "eva
 #   fork:N     once a branch fork has done its N-th copy (records or checkpoint)
 KILLER = """
 import os, signal, sys
-from llama_train import branches, train
+from llama_train.recipe import branches, train
 from llama_train.cli import app
-from llama_train.train_stack import StackTrainer
+from llama_train.recipe.train_stack import StackTrainer
 
 kind, _, value = os.environ["KILL"].partition(":")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_train.config import resolve_config
-from llama_train.train import train
+from llama_train.recipe.train import train
+from llama_train.recipe.train_config import resolve_config
 
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:

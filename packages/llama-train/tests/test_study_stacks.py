@@ -11,9 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from llama_train.cli import app
-from llama_train.config import resolve_config
 from llama_train.launch.stacks import stack_groups
 from llama_train.launch.study import plan_study
+from llama_train.recipe.train_config import resolve_config
 from llama_train.rundir import read_state
 
 runner = CliRunner()

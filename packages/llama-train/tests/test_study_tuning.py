@@ -302,7 +302,7 @@ def test_study_plot_draws_the_sweeps_and_lr_star_of_n(tmp_path):
 
 
 def test_the_html_report_marks_an_lr_optimum_on_the_edge_of_its_sweep(tmp_path):
-    from llama_train.report import LrMark, lr_marks
+    from llama_train.analysis.html_report import LrMark, lr_marks
 
     runs = [_run("small", lr=lr, val_loss=abs(math.log(lr / 0.001))) for lr in (0.005, 0.01, 0.02)]
     runs += [_run("large", lr=lr, val_loss=abs(math.log(lr / 0.01))) for lr in (0.005, 0.01, 0.02)]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from llama_train.analysis.status import point_status, rank_points, read_manifest, sweep_status
 from llama_train.cli import app
-from llama_train.core.configuration import validate
+from llama_train.core.config_files import validate
 from llama_train.errors import LlamaTrainError
-from llama_train.launch.config import SubmitConfig, format_value, normalise_grid
-from llama_train.launch.status import point_status, rank_points, read_manifest, sweep_status
+from llama_train.launch.submit_config import SubmitConfig, format_value, normalise_grid
 from llama_train.launch.sweep import expand_grid, plan, point_name, write_manifest
 from llama_train.rundir import write_state
 

@@ -13,14 +13,13 @@ import pytest
 import torch
 import yaml
 
-from llama_train.config import TrainConfig, resolve_config
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.distributed import resolve_amp
-from llama_train.core.metrics import read_metrics
 from llama_train.core.model import Llama, ModelOutput
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR
-from llama_train.train import NonFiniteLoss, build_trainer, train
+from llama_train.recipe.train import NonFiniteLoss, build_trainer, train
+from llama_train.recipe.train_config import TrainConfig, resolve_config
+from llama_train.rundir import CHECKPOINT_DIR, read_metrics
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
 # What depends on the arithmetic only (not on time or the machine): compared exactly.
@@ -205,8 +204,8 @@ KILL_AT_STEP = 8  # killed as step 9 starts: checkpoints at 3 and 6; lines 7, 8 
 
 KILLER = """
 import os, signal, sys
-from llama_train.config import resolve_config
-from llama_train.train import Trainer, train
+from llama_train.recipe.train_config import resolve_config
+from llama_train.recipe.train import Trainer, train
 
 original = Trainer.train_step
 

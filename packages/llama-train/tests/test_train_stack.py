@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_train.config import TrainConfig, resolve_config
 from llama_train.core.checkpoint import CheckpointManager
-from llama_train.core.metrics import read_metrics
 from llama_train.errors import LlamaTrainError
-from llama_train.eval import evaluate_run
-from llama_train.rundir import CHECKPOINT_DIR
-from llama_train.train import Preempted, train
-from llama_train.train_stack import StackTrainer, train_stack
+from llama_train.recipe.evaluate_run import evaluate_run
+from llama_train.recipe.train import Preempted, train
+from llama_train.recipe.train_config import TrainConfig, resolve_config
+from llama_train.recipe.train_stack import StackTrainer, train_stack
+from llama_train.rundir import CHECKPOINT_DIR, read_metrics
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
 CADENCE = ["train.steps=12", "train.log_every=3", "eval.every=6", "checkpoint.every=4"]
@@ -172,9 +171,9 @@ def test_members_that_differ_in_shape_or_data_cannot_share_a_stack(store, tmp_pa
 
 
 def test_a_stack_larger_than_the_memory_allows_splits_itself(store, tmp_path, monkeypatch):
-    from llama_train import train_stack as recipe
     from llama_train.core import budget
     from llama_train.core.model import ModelConfig
+    from llama_train.recipe import train_stack as recipe
 
     config = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=8, max_seq_len=17)
     per_member = budget.parameter_count(config) * 28 + budget.activation_bytes(

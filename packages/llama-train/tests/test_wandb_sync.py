@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from llama_train.analysis.wandb_sync import history, run_id_for, sync_run
 from llama_train.cli import app
-from llama_train.wandb_sync import history, run_id_for, sync_run
 
 runner = CliRunner()
 
@@ -165,9 +165,9 @@ def test_live_logging_names_a_sweep_point_by_its_overrides_with_its_facts(
     make_debug_store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gssm_data.store import open_store
-    from llama_train.config import resolve_config
     from llama_train.core import metrics
-    from llama_train.train import train
+    from llama_train.recipe.train import train
+    from llama_train.recipe.train_config import resolve_config
 
     store = make_debug_store(n_train=64, n_test=16, seq_len=9)
     started: dict[str, Any] = {}
@@ -204,7 +204,8 @@ def test_live_logging_names_a_sweep_point_by_its_overrides_with_its_facts(
 
 
 def test_a_run_started_with_overrides_is_named_by_them() -> None:
-    from llama_train.core.run_identity import command_line_name, wandb_name_and_group
+    from llama_train.core.run_identity import command_line_name
+    from llama_train.rundir import wandb_name_and_group
 
     overrides = ["optim.lr=1e-3", "run.dir=runs/x", "logging.wandb.project=p", "model.dim=64"]
     assert command_line_name("demo", overrides) == "demo optim.lr=1e-3 model.dim=64"

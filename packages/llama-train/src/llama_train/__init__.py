@@ -4,7 +4,7 @@ The training API in a few names (the command line, `llama-train run`, is a thin
 layer over them)::
 
     from llama_train import evaluate_run, load_model, resolve_config
-    from llama_train.train import train  # (a submodule shares the name)
+    from llama_train.recipe.train import train  # (a submodule shares the name)
 
     config = resolve_config("packages/llama-train/configs/debug.yaml", ["optim.lr=1e-3"])
     summary = train(config)          # or resumes: the same call again continues the run
@@ -26,12 +26,12 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "TrainConfig": "llama_train.config",
-    "resolve_config": "llama_train.config",
-    "evaluate_run": "llama_train.eval",
+    "TrainConfig": "llama_train.recipe.train_config",
+    "resolve_config": "llama_train.recipe.train_config",
+    "evaluate_run": "llama_train.recipe.evaluate_run",
     "EvalResult": "llama_train.core.evaluate",
     "LlamaTrainError": "llama_train.errors",
-    "load_model": "llama_train.loading",
+    "load_model": "llama_train.recipe.loading",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,6 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from gssm_data.errors import GssmDataError
+from gssm_data.yamlfile import load_yaml_file
+from llama_train.errors import LlamaTrainError
+
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.jsonl"
 SUMMARY_FILENAME = "summary.json"
@@ -115,3 +119,70 @@ def current_job_id(environ: dict[str, str] | None = None) -> str | None:
     if "SLURM_JOB_ID" in env:
         return env["SLURM_JOB_ID"]
     return env.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+# ---------------------------------------------------------------------------
+# Reading the run's files
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping from a user's file; anything wrong is a one-line user error.
+
+    gssm_data.yamlfile does the reading: a regular file of at most 1 MB (never a
+    directory or /dev/zero), UTF-8, nesting at most 64 deep, finite numbers,
+    plain data only, and `1e4` / `3e-4` read as floats, as overrides read them.
+    The run's own `config.yaml` and every config a user passes are read this way.
+    """
+    try:
+        data = load_yaml_file(path, what="config file")
+    except GssmDataError as error:
+        raise LlamaTrainError(str(error)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LlamaTrainError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The lines of a metrics file, each a mapping with an integer step.
+
+    A torn last line (a killed writer) is skipped, and so is any other line that is
+    not such a record (a damaged file): every reader (plots, reports, wandb-sync, the
+    resume that truncates the file) may then index records without checking them.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILENAME
+    if not path.is_file():
+        raise LlamaTrainError(f"no metrics file at {path}")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        raise LlamaTrainError(f"cannot read {path}: {error.strerror or error}") from None
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and _is_step(record.get("step")):
+            records.append(record)
+    return records
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def wandb_name_and_group(
+    run_name: str | None, name: str | None = None
+) -> tuple[str | None, str | None]:
+    """(name, group) on wandb: `sweep/point` gives (`point`, `sweep`); else (run name, None).
+
+    `name` (logging.wandb.name) replaces the derived name, keeping the group.
+    """
+    group = None
+    if run_name and "/" in run_name:
+        group, _, run_name = run_name.rpartition("/")
+    return name or run_name, group

@@ -42,7 +42,7 @@ def export_command(
     model (fused projections split, rotary channel pairs reordered for HF's
     rotate_half).
     """
-    from llama_train.export import export_run
+    from llama_train.recipe.export import export_run
 
     with user_errors():
         exported = export_run(run_dir, out, format=format, checkpoint=checkpoint)  # type: ignore[arg-type]

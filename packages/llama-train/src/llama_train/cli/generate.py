@@ -1,6 +1,6 @@
 """`llama-train generate`: samples of a run, scored under the true generating process.
 
-A thin command over :func:`llama_train.generate.generate_run`; importing this module
+A thin command over :func:`llama_train.recipe.generate.generate_run`; importing this module
 registers it on the `llama-train` app (`llama_train.cli` does).
 """
 
@@ -19,7 +19,7 @@ from llama_train.cli.app import app, console, err_console, user_errors
 from llama_train.errors import LlamaTrainError
 
 if TYPE_CHECKING:
-    from llama_train.generate import GenerationResult
+    from llama_train.recipe.generate import GenerationResult
 
 # Off a terminal, a progress line at most this often.
 PROGRESS_EVERY_S = 10.0
@@ -80,7 +80,7 @@ def generate_command(
     estimates the per-token KL of the samples' distribution from the process. At
     temperature 1 a model that learned the process gives true NLL = entropy.
     """
-    from llama_train.generate import generate_run, write_samples
+    from llama_train.recipe.generate import generate_run, write_samples
 
     with user_errors():
         if device not in ("auto", "cpu", "cuda"):

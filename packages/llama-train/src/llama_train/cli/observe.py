@@ -38,8 +38,8 @@ def wandb_sync_command(
     steps it has not sent. A sweep point is named by its overrides and grouped
     by its sweep.
     """
-    from llama_train.runs import find_runs
-    from llama_train.wandb_sync import sync_run
+    from llama_train.analysis.runs import find_runs
+    from llama_train.analysis.wandb_sync import sync_run
 
     with user_errors():
         if mode not in ("offline", "online"):
@@ -71,7 +71,7 @@ def report_command(
     directory, the run that won each point's lr sweep is marked in an "lr sweep" column,
     and one whose optimum is on the sweep's edge gets "[lr edge: low|high]" in the legend.
     """
-    from llama_train.report import write_report
+    from llama_train.analysis.html_report import write_report
 
     with user_errors():
         if x not in ("tokens", "steps"):

@@ -1,6 +1,6 @@
 """`llama-train probe`: linear probes of a run's hidden states against the Bayes filter.
 
-A thin command over `llama_train.probe.probe_run`: a table per latent node on
+A thin command over `llama_train.recipe.probe.probe_run`: a table per latent node on
 stdout (or the report as JSON), progress on stderr, user errors one line.
 """
 
@@ -85,7 +85,7 @@ def probe_command(
     <run dir>/probe/. Before the fits start, a line on stderr gives the threads and
     how long they will take at the current load.
     """
-    from llama_train.probe import ProbeOptions, probe_run, strict_json
+    from llama_train.recipe.probe import ProbeOptions, probe_run, strict_json
 
     with user_errors():
         if device not in ("auto", "cpu", "cuda"):

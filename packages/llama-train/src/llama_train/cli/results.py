@@ -1,8 +1,8 @@
 """`llama-train eval` and `plot`: measure a saved run against the exact entropy, draw it.
 
-Thin commands over :func:`llama_train.eval.evaluate_run`,
-:func:`llama_train.extrapolate.extrapolate_run` (`eval --rope-scaling`) and
-:func:`llama_train.plot.plot`, imported inside the commands so
+Thin commands over :func:`llama_train.recipe.evaluate_run.evaluate_run`,
+:func:`llama_train.recipe.extrapolate.extrapolate_run` (`eval --rope-scaling`) and
+:func:`llama_train.analysis.plot.plot`, imported inside the commands so
 `llama-train --help` does not load torch.
 """
 
@@ -65,8 +65,8 @@ def eval_command(
 
     With --rope-scaling: excess loss by position on a longer store, once per scaling method.
     """
-    from llama_train.eval import evaluate_run
-    from llama_train.extrapolate import check_context
+    from llama_train.recipe.evaluate_run import evaluate_run
+    from llama_train.recipe.extrapolate import check_context
 
     if rope_scaling is not None or factor is not None or plot is not None:
         _extrapolate(
@@ -124,7 +124,7 @@ def _extrapolate(
     as_json: bool,
 ) -> None:
     """`eval --rope-scaling`: a table of excess loss by position range, the plot, or JSON."""
-    from llama_train.extrapolate import (
+    from llama_train.recipe.extrapolate import (
         PLOT_FILE,
         extrapolate_run,
         parse_methods,
@@ -193,7 +193,7 @@ def plot_command(
     Several runs (or every run of a sweep) are overlaid. Nats on the left,
     bits on the right; the exact entropy of the evaluation set is the floor.
     """
-    from llama_train.plot import plot
+    from llama_train.analysis.plot import plot
 
     with user_errors():
         path = plot(list(paths), out, x=x)

@@ -1,7 +1,7 @@
 """`llama-train run` (train or resume, one process or `--nproc N`) and `config-schema`.
 
-Thin commands over :func:`llama_train.config.resolve_config` and
-:func:`llama_train.train.train`; the recipe is imported inside the commands so
+Thin commands over :func:`llama_train.recipe.train_config.resolve_config` and
+:func:`llama_train.recipe.train.train`; the recipe is imported inside the commands so
 `llama-train --help` does not load torch.
 """
 
@@ -19,7 +19,7 @@ from llama_train.cli.tables import summary_table
 from llama_train.errors import LlamaTrainError
 
 if TYPE_CHECKING:
-    from llama_train.config import TrainConfig
+    from llama_train.recipe.train_config import TrainConfig
 
 
 @app.command("run")
@@ -56,12 +56,12 @@ def run_command(
     and exits with code 3; the same command resumes it. Works unchanged as
     every rank of `torchrun -m llama_train run ...`.
     """
-    from llama_train.config import resolve_config
     from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
+    from llama_train.recipe.train_config import resolve_config
 
     if nproc is not None and nproc > 1:
         _launch(nproc, config, overrides or [], ["--json"] if as_json else [])
-    from llama_train.train import Preempted, train
+    from llama_train.recipe.train import Preempted, train
 
     with user_errors():
         is_main = rank_info().is_main
@@ -93,9 +93,9 @@ def _named(config: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 def _launch(nproc: int, config: Path, overrides: list[str], flags: list[str]) -> None:
     """`run --nproc N`: check the config once here, then start N ranks; exit with their code."""
-    from llama_train.config import resolve_config
     from llama_train.core.distributed import rank_info
     from llama_train.launch.torchrun import launch_torchrun
+    from llama_train.recipe.train_config import resolve_config
 
     with user_errors():
         if rank_info().distributed:
@@ -111,6 +111,6 @@ def _launch(nproc: int, config: Path, overrides: list[str], flags: list[str]) ->
 @app.command("config-schema")
 def config_schema_command() -> None:
     """Print the JSON schema of the training config (every section, key and default)."""
-    from llama_train.config import config_schema
+    from llama_train.recipe.train_config import config_schema
 
     sys.stdout.write(json.dumps(config_schema(), indent=2) + "\n")

@@ -170,8 +170,8 @@ def study_status_command(
 ) -> None:
     """Every point: state, step, test loss, excess (--json adds the validation loss, the lr
     criterion)."""
+    from llama_train.analysis.status import point_status, sweep_status
     from llama_train.cli.submit import status_table
-    from llama_train.launch.status import point_status, sweep_status
     from llama_train.launch.study import edge_optima, read_study_record, read_validation
 
     with user_errors():
@@ -313,7 +313,7 @@ def study_plot_command(
     from llama_train.rundir import atomic_write
     from llama_train.scaling.plots import plot_lr_sweeps, plot_study
     from llama_train.scaling.points import collect
-    from llama_train.scaling.report import fit_regimes
+    from llama_train.scaling.regime_fits import fit_regimes
     from llama_train.scaling.validate import validate_table
 
     with user_errors():
@@ -652,7 +652,7 @@ def _target(
 ) -> tuple[float | None, float | None, list[float]]:
     """(fixed E, exact entropy, the values fitted): the loss, or the excess with E = 0."""
     from llama_train.scaling.points import numeric_column
-    from llama_train.scaling.report import exact_entropy
+    from llama_train.scaling.regime_fits import exact_entropy
 
     entropy: float | None = None
     if fix_e == "exact" or excess:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from llama_train.analysis.status import PointStatus, rank_points, state_counts, sweep_status
 from llama_train.cli.app import app, console, err_console, user_errors
 from llama_train.core.plain_text import control_character
 from llama_train.errors import LlamaTrainError
-from llama_train.launch.status import PointStatus, rank_points, state_counts, sweep_status
 
 if TYPE_CHECKING:
     from llama_train.launch.slurm import Submission

@@ -256,7 +256,7 @@ class CheckpointManager:
 
     `keep` is how many of the newest checkpoints survive a save (None keeps
     all); a checkpoint marked pending evaluation, or of a `pinned` step (a
-    trunk's fork points, :mod:`llama_train.branches`), survives regardless. Saved
+    trunk's fork points, :mod:`llama_train.recipe.branches`), survives regardless. Saved
     states may hold tensors, numbers, strings, None, and lists, tuples and
     dicts of them: they are loaded with ``weights_only=True``.
     """

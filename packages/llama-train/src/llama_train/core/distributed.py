@@ -374,7 +374,7 @@ def _fully_shard(
     if not is_initialized():
         raise LlamaTrainError(
             "distributed.strategy=fsdp needs a process group; train through "
-            "llama_train.train.train() or the llama-train command"
+            "llama_train.recipe.train.train() or the llama-train command"
         )
     if amp_dtype == torch.float16:
         raise LlamaTrainError(

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME, atomic_write
+from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME, atomic_write, read_metrics
 
 
 class WandbConfig(BaseModel):
@@ -72,37 +72,6 @@ def system_metrics(device: torch.device) -> dict[str, Any]:
         figures["gpu_mem_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
         figures["gpu_max_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return figures
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The lines of a metrics file, each a mapping with an integer step.
-
-    A torn last line (a killed writer) is skipped, and so is any other line that is
-    not such a record (a damaged file): every reader (plots, reports, wandb-sync, the
-    resume that truncates the file) may then index records without checking them.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILENAME
-    if not path.is_file():
-        raise LlamaTrainError(f"no metrics file at {path}")
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as error:
-        raise LlamaTrainError(f"cannot read {path}: {error.strerror or error}") from None
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and _is_step(record.get("step")):
-            records.append(record)
-    return records
-
-
-def _is_step(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def truncate_after(path: Path, step: int) -> None:

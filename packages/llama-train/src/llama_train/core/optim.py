@@ -163,7 +163,7 @@ def decay_start(total_steps: int, cfg: OptimConfig) -> int:
     Before it the lr depends on the step only, not on the run's length: warmup,
     then the peak. That is what lets a cooldown branch of length S fork from a
     longer run's stable phase at step `decay_start(S, cfg)` and continue exactly
-    as a run of S steps would have (:mod:`llama_train.branches`). For cosine and
+    as a run of S steps would have (:mod:`llama_train.recipe.branches`). For cosine and
     linear the decay starts right after warmup; for wsd it covers the last
     round(decay_fraction * total_steps) steps (at least one), never the warmup.
     """

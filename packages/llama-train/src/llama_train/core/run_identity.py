@@ -14,19 +14,6 @@ from gssm_data.sampler import BLOCK_SIZE
 from llama_train.core.data import DataSpec
 
 
-def wandb_name_and_group(
-    run_name: str | None, name: str | None = None
-) -> tuple[str | None, str | None]:
-    """(name, group) on wandb: `sweep/point` gives (`point`, `sweep`); else (run name, None).
-
-    `name` (logging.wandb.name) replaces the derived name, keeping the group.
-    """
-    group = None
-    if run_name and "/" in run_name:
-        group, _, run_name = run_name.rpartition("/")
-    return name or run_name, group
-
-
 def command_line_name(run_name: str, overrides: list[str]) -> str | None:
     """`run.name` and the overrides that change the run (`demo optim.lr=1e-3`), None if none.
 

@@ -14,7 +14,7 @@ MASTER_PORT, which srun does not set, for the process group.
 Preemption, as lingua's stool.py does it: Slurm is asked to send SIGUSR1
 ``signal_delay_s`` seconds before the time limit (``--signal=USR1@120``, and
 ``--requeue``); the trainer checkpoints on SIGUSR1 or SIGTERM and raises
-``llama_train.train.Preempted``; the wrapper then requeues the job with
+``llama_train.recipe.train.Preempted``; the wrapper then requeues the job with
 ``scontrol requeue`` and exits with ``PREEMPTED_EXIT_CODE``. The requeued job
 runs the same TrainJob, which resumes from that checkpoint (the same command is
 a resume). Rank 0 records every transition in ``<run.dir>/job_state.json``: that
@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gssm_data.errors import GssmDataError
-from llama_train import train as recipe
+from llama_train.analysis.status import point_status, queued_jobs, read_manifest
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
 from llama_train.core.plain_text import visible
 from llama_train.errors import LlamaTrainError
-from llama_train.launch.config import SlurmConfig, SubmitConfig
-from llama_train.launch.status import point_status, queued_jobs, read_manifest
+from llama_train.launch.submit_config import SlurmConfig, SubmitConfig
 from llama_train.launch.sweep import Plan, Point, plan, write_manifest
+from llama_train.recipe import train as recipe
 from llama_train.rundir import LOG_DIR, current_job_id, write_state
 
 if TYPE_CHECKING:

@@ -16,15 +16,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llama_train import train as recipe
-from llama_train.config import TrainConfig
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE
 from llama_train.errors import LlamaTrainError
-from llama_train.launch.config import SubmitConfig
 from llama_train.launch.slurm import TrainJob, describe_error
+from llama_train.launch.submit_config import SubmitConfig
 from llama_train.launch.sweep import Point
+from llama_train.recipe import train as recipe
+from llama_train.recipe.train_config import TrainConfig
+from llama_train.recipe.train_stack import check_stack_configs, stack_key, train_stack
 from llama_train.rundir import read_state, write_state
-from llama_train.train_stack import check_stack_configs, stack_key, train_stack
 
 
 def can_stack(config: TrainConfig) -> bool:

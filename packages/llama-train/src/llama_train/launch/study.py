@@ -45,19 +45,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error, parse_count
 from gssm_data.yamlfile import load_yaml_file
-from llama_train.config import TrainConfig, link_to_data, raw_config
-from llama_train.core import configuration
+from llama_train.analysis.status import point_status
+from llama_train.core import config_files
 from llama_train.core.distributed import rank_info
 from llama_train.core.model import ModelConfig
 from llama_train.core.runlock import directory_lock
 from llama_train.errors import LlamaTrainError
-from llama_train.eval import evaluate_run
-from llama_train.launch.config import SubmitConfig, format_value
 from llama_train.launch.lifeline import die_with_parent
 from llama_train.launch.slurm import TrainJob, describe_error, submit_plan, tasks_per_node
 from llama_train.launch.stacks import StackJob, stack_groups, stack_units
-from llama_train.launch.status import point_status
+from llama_train.launch.submit_config import SubmitConfig, format_value
 from llama_train.launch.sweep import Plan, Point, write_manifest
+from llama_train.recipe.evaluate_run import evaluate_run
+from llama_train.recipe.train_config import TrainConfig, link_to_data, raw_config
 from llama_train.rundir import SUMMARY_FILENAME, atomic_write
 
 STUDY_FILENAME = "study.json"
@@ -175,9 +175,9 @@ class ModelSize(BaseModel):
         if (self.parameters is None) == (not self.model):
             raise ValueError("give either parameters (a target count) or model (settings)")
         for key in self.model:
-            configuration.check_key(["model", key], TrainConfig)
+            config_files.check_key(["model", key], TrainConfig)
         for key in self.overrides:
-            configuration.check_key(key.split("."), TrainConfig)
+            config_files.check_key(key.split("."), TrainConfig)
         return self
 
 
@@ -294,7 +294,7 @@ class StudyConfig(BaseModel):
             if len(set(values)) != len(values):
                 raise ValueError(f"{label}: a value is listed twice")
         for key in self.overrides:
-            configuration.check_key(key.split("."), SubmitConfig)
+            config_files.check_key(key.split("."), SubmitConfig)
         if self.stores is not None:
             index = self.stores.index
             if self.index is None:
@@ -606,7 +606,7 @@ def _with(raw: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]
 
 def _validate(raw: dict[str, Any], name: str) -> Any:
     try:
-        return configuration.validate(link_to_data(raw), SubmitConfig)
+        return config_files.validate(link_to_data(raw), SubmitConfig)
     except LlamaTrainError as error:
         raise LlamaTrainError(f"study point {name}: {error}") from None
 

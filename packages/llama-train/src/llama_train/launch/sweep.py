@@ -14,8 +14,8 @@ and validates every point's full config before anything is queued;
 in ``<sweep dir>/sweep.json`` (:func:`write_manifest`). A single run is a sweep
 of one point, ``.``, whose run directory is the sweep directory itself.
 
-Where the points stand and which one won is read by :mod:`llama_train.launch.status`;
-the grid's validation and the `sweep` section live in :mod:`llama_train.launch.config`.
+Where the points stand and which one won is read by :mod:`llama_train.analysis.status`;
+the grid's validation and the `sweep` section live in :mod:`llama_train.launch.submit_config`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llama_train.config import link_to_data, raw_config
-from llama_train.core.configuration import validate
+from llama_train.analysis.status import SINGLE_POINT, manifest_path, read_manifest
+from llama_train.core.config_files import validate
 from llama_train.errors import LlamaTrainError
-from llama_train.launch.config import SubmitConfig, format_value
-from llama_train.launch.status import SINGLE_POINT, manifest_path, read_manifest
+from llama_train.launch.submit_config import SubmitConfig, format_value
+from llama_train.recipe.train_config import link_to_data, raw_config
 from llama_train.rundir import atomic_write
 
 MANIFEST_VERSION = 1

@@ -37,7 +37,7 @@ from llama_train.errors import LlamaTrainError
 from llama_train.rundir import atomic_write
 from llama_train.scaling.approaches import approach2, isoflop_profiles
 from llama_train.scaling.fit import Fit
-from llama_train.scaling.report import RegimeFits
+from llama_train.scaling.regime_fits import RegimeFits
 
 LN2 = math.log(2.0)
 

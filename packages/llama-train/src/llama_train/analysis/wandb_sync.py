@@ -36,11 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from llama_train.core.configuration import load_yaml
-from llama_train.core.metrics import read_metrics
-from llama_train.core.run_identity import wandb_name_and_group
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CONFIG_FILENAME, METRICS_FILENAME, WANDB_ID_FILENAME, atomic_write
+from llama_train.rundir import (
+    CONFIG_FILENAME,
+    METRICS_FILENAME,
+    WANDB_ID_FILENAME,
+    atomic_write,
+    load_yaml,
+    read_metrics,
+    wandb_name_and_group,
+)
 
 SYNC_FILENAME = "wandb_sync.json"
 DEFAULT_PROJECT = "llama-train"

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_train.config import TrainConfig, write_config
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.optim import OptimConfig, decay_start
 from llama_train.errors import LlamaTrainError
+from llama_train.recipe.train_config import TrainConfig, write_config
 from llama_train.rundir import CHECKPOINT_DIR, CONFIG_FILENAME, EVAL_DIR, METRICS_FILENAME
 
 BRANCH_DIR = "branches"

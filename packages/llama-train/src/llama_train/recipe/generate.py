@@ -35,14 +35,14 @@ from gssm_data.errors import GssmDataError
 from gssm_data.kernels import draw_kernels
 from gssm_data.sampler import STREAMS
 from gssm_data.yamlfile import read_bounded
-from llama_train.config import read_run_config
 from llama_train.core.data import DataSpec, online_sampler, resolve_data
+from llama_train.core.decoding import generate_batch
 from llama_train.core.distributed import RankInfo, resolve_device
 from llama_train.core.evaluate import LN2, EvalSet
-from llama_train.core.generation import generate_batch
 from llama_train.core.model import Llama
 from llama_train.errors import LlamaTrainError
-from llama_train.loading import build_model, read_checkpoint_weights
+from llama_train.recipe.loading import build_model, read_checkpoint_weights
+from llama_train.recipe.train_config import read_run_config
 from llama_train.rundir import atomic_write
 
 START_TOKEN = 0

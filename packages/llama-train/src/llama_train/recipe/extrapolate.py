@@ -29,14 +29,14 @@ from gssm_data.errors import GssmDataError
 from gssm_data.manifest import Manifest, fingerprint
 from gssm_data.sampler import BLOCK_SIZE
 from gssm_data.store import Store, open_store
-from llama_train.config import read_run_config
 from llama_train.core.data import DataSpec, resolve_data
 from llama_train.core.distributed import RankInfo, resolve_amp, resolve_device
 from llama_train.core.evaluate import LN2, EvalSet, evaluate
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.core.rope import ROPE_METHODS, RopeScaling, rotary_frequencies
 from llama_train.errors import LlamaTrainError
-from llama_train.loading import read_checkpoint_weights
+from llama_train.recipe.loading import read_checkpoint_weights
+from llama_train.recipe.train_config import read_run_config
 
 PLOT_FILE = "extrapolation.png"
 

@@ -1,7 +1,7 @@
 """Export a run's model: a Hugging Face `LlamaForCausalLM` folder, or a plain state dict.
 
 Both formats are safetensors plus JSON, read from the checkpoint's own
-safetensors weights (:mod:`llama_train.loading`), so exporting a run directory
+safetensors weights (:mod:`llama_train.recipe.loading`), so exporting a run directory
 someone else wrote never unpickles anything.
 
 Hugging Face's Llama differs from ours in three ways, all undone here:
@@ -45,7 +45,7 @@ from llama_train.core.budget import parameter_count
 from llama_train.core.model import ModelConfig
 from llama_train.core.weights import WEIGHTS_FILE, give_usual_permissions, write_weights
 from llama_train.errors import LlamaTrainError
-from llama_train.loading import StoredWeights, check_weights_fit, read_checkpoint_weights
+from llama_train.recipe.loading import StoredWeights, check_weights_fit, read_checkpoint_weights
 
 ExportFormat = Literal["hf", "state-dict"]
 FORMATS: tuple[ExportFormat, ...] = ("hf", "state-dict")

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_train.analysis.runs import LN2, RunData, load_runs
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import atomic_write
-from llama_train.runs import LN2, RunData, load_runs
 
 PALETTE = (
     "#1f77b4",

@@ -1,6 +1,6 @@
 """Linear probes: softmax regression with an L2 penalty chosen by cross-validation.
 
-One model serves both probes of ``llama_train.probe``: a linear map of the
+One model serves both probes of ``llama_train.recipe.probe``: a linear map of the
 (standardised) features followed by a softmax, fitted to *soft* targets by
 minimising the cross-entropy -sum_s q_s log p_s plus (penalty / 2) |W|^2.
 

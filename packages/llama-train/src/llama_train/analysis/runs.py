@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_train.core.metrics import read_metrics
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import METRICS_FILENAME
+from llama_train.rundir import METRICS_FILENAME, read_metrics
 
 LN2 = math.log(2)
 
@@ -82,7 +81,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     """The run directories named, or found below the folders named, in a stable order.
 
     A run directory named is taken with its cooldown branches (`<run>/branches/*`,
-    :mod:`llama_train.branches`): a trunk and its branches are one run's data points.
+    :mod:`llama_train.recipe.branches`): a trunk and its branches are one run's data points.
     """
     found: list[Path] = []
     for path in map(Path, paths):

@@ -1,6 +1,6 @@
 """The stack recipe: several configs of one model shape trained in one process.
 
-Each member is an ordinary run: :func:`~llama_train.train.build_trainer` builds it
+Each member is an ordinary run: :func:`~llama_train.recipe.train.build_trainer` builds it
 (its run directory, config.yaml, seeded model, loader, eval set, and its own latest
 checkpoint when resuming), and it writes what a single run writes (metrics.jsonl,
 eval/, checkpoints in the usual format, summary.json), so every command that reads
@@ -20,7 +20,7 @@ seeds read their own.
 A member whose loss or gradient norm is not finite stops, as a single run does
 (its last good checkpoint is kept, no summary), and the others go on unchanged.
 Preemption (SIGTERM, SIGUSR1) checkpoints every member and raises
-:class:`~llama_train.train.Preempted`; running the same stack again resumes all.
+:class:`~llama_train.recipe.train.Preempted`; running the same stack again resumes all.
 Members resuming from different steps (one finished, one preempted earlier) are
 trained as separate stacks, one per starting step.
 """
@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-from llama_train.config import TrainConfig
 from llama_train.core import distributed
 from llama_train.core.budget import stack_capacity
 from llama_train.core.checkpoint import CheckpointManager
@@ -50,8 +49,7 @@ from llama_train.core.stack import (
     clip_member_gradients,
 )
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR
-from llama_train.train import (
+from llama_train.recipe.train import (
     LossWindow,
     NonFiniteLoss,
     Preempted,
@@ -64,6 +62,8 @@ from llama_train.train import (
     progress_bar,
     train_branches,
 )
+from llama_train.recipe.train_config import TrainConfig
+from llama_train.rundir import CHECKPOINT_DIR
 
 # Config keys (dotted prefixes) in which the members of one stack may differ.
 MEMBER_KEYS = ("optim.", "run.", "logging.")

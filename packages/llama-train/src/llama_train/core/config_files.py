@@ -23,12 +23,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error
 from gssm_data.yamlfile import Loader as YamlLoader
-from gssm_data.yamlfile import load_yaml_file
 from llama_train.core.plain_text import visible
 from llama_train.errors import LlamaTrainError
+from llama_train.rundir import load_yaml
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -38,24 +37,6 @@ Config = TypeVar("Config", bound=BaseModel)
 
 def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: plain data only
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping from a user's file; anything wrong is a one-line user error.
-
-    gssm_data.yamlfile does the reading: a regular file of at most 1 MB (never a
-    directory or /dev/zero), UTF-8, nesting at most 64 deep, finite numbers,
-    plain data only, and `1e4` / `3e-4` read as floats, as overrides read them.
-    """
-    try:
-        data = load_yaml_file(path, what="config file")
-    except GssmDataError as error:
-        raise LlamaTrainError(str(error)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LlamaTrainError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llama_train.analysis.runs import LN2, RunData, load_runs
 from llama_train.errors import LlamaTrainError
-from llama_train.runs import LN2, RunData, load_runs
 
 
 def _pyplot() -> Any:

@@ -8,9 +8,9 @@
 belong to the training recipe itself (`train`, `run`) are defined here. Every
 section forbids unknown keys, so a typo is an error rather than a silently
 ignored setting. The launcher's sections (`slurm`, `sweep`) are not part of it:
-they belong to `llama-train submit` (:class:`~llama_train.launch.config.SubmitConfig`).
+they belong to `llama-train submit` (:class:`~llama_train.launch.submit_config.SubmitConfig`).
 
-Precedence (:mod:`llama_train.core.configuration`), lowest first: field
+Precedence (:mod:`llama_train.core.config_files`), lowest first: field
 defaults < the YAML file < command-line overrides. Then the data section is
 opened (:func:`link_to_data`): the store's manifest (or the online graph)
 supplies `model.vocab_size` and `model.max_seq_len` when the config leaves them
@@ -35,7 +35,7 @@ from pydantic import (
 
 from gssm_data.errors import GssmDataError
 from gssm_data.humanize import parse_count
-from llama_train.core import configuration
+from llama_train.core import config_files
 from llama_train.core.checkpoint import CheckpointConfig
 from llama_train.core.data import DataConfig, resolve_data
 from llama_train.core.distributed import DistributedConfig
@@ -103,7 +103,7 @@ class TrainSection(BaseModel):
         description="cooldown branches (optim.schedule wsd): the predicted tokens of each, "
         "shorter than the run; each forks from this run's stable phase where its own decay "
         "starts and is a run directory of its own under <run.dir>/branches/ "
-        "(llama_train.branches)",
+        "(llama_train.recipe.branches)",
     )
 
     @field_validator("branches", mode="before")
@@ -189,17 +189,17 @@ class TrainConfig(BaseModel):
 
 def known_keys() -> list[str]:
     """Every dotted key of TrainConfig (sections and leaves), for messages and docs."""
-    return configuration.known_keys(TrainConfig)
+    return config_files.known_keys(TrainConfig)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of `raw` with each `key.sub=value` set; unknown keys name close matches."""
-    return configuration.apply_overrides(raw, overrides, TrainConfig)
+    return config_files.apply_overrides(raw, overrides, TrainConfig)
 
 
 def validate(raw: Mapping[str, Any]) -> TrainConfig:
     """Validate a raw mapping as a TrainConfig; errors become one line per field."""
-    return configuration.validate(raw, TrainConfig)
+    return config_files.validate(raw, TrainConfig)
 
 
 def raw_config(
@@ -214,7 +214,7 @@ def raw_config(
     model = model or TrainConfig
     if model is TrainConfig:
         _refuse_launcher_sections(path, overrides)
-    raw = configuration.merge_sources(path, overrides, model)
+    raw = config_files.merge_sources(path, overrides, model)
     run_raw = raw.setdefault("run", {})
     if isinstance(run_raw, dict) and path is not None:
         run_raw.setdefault("name", Path(path).stem)
@@ -223,7 +223,7 @@ def raw_config(
 
 def _refuse_launcher_sections(path: str | Path | None, overrides: Iterable[str]) -> None:
     """`run` trains one config: a grid would silently train only its base point."""
-    raw = configuration.load_yaml(path) if path is not None else {}
+    raw = config_files.load_yaml(path) if path is not None else {}
     named: dict[str, list[str]] = {
         section: _leaf_keys(raw[section]) for section in LAUNCHER_SECTIONS if section in raw
     }
@@ -264,15 +264,15 @@ def link_to_data(raw: Mapping[str, Any]) -> dict[str, Any]:
     `max_seq_len` defaults to `seq_len` and may be larger but not shorter than
     `seq_len - 1`.
     """
-    configuration.reject_non_finite(raw)
-    result = configuration.deep_copy(raw)
+    config_files.reject_non_finite(raw)
+    result = config_files.deep_copy(raw)
     data_raw = result.get("data")
     if not isinstance(data_raw, Mapping):
         raise LlamaTrainError("invalid config: data: Field required (set data.path to a store)")
     try:
         data_config = DataConfig.model_validate(data_raw)
     except ValidationError as error:
-        raise LlamaTrainError(configuration.invalid_config(error, prefix="data")) from None
+        raise LlamaTrainError(config_files.invalid_config(error, prefix="data")) from None
     spec = resolve_data(data_config)
     model_raw = result.setdefault("model", {})
     if not isinstance(model_raw, dict):
@@ -330,7 +330,7 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILENAME
     if not path.is_file():
         raise LlamaTrainError(f"{run_dir} is not a run directory (no {CONFIG_FILENAME})")
-    raw = configuration.load_yaml(path)
+    raw = config_files.load_yaml(path)
     # Run directories written before the launcher had its own config hold its sections.
     for section in LAUNCHER_SECTIONS:
         raw.pop(section, None)
@@ -339,7 +339,7 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
 
 def with_legacy_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config.yaml with the :data:`LEGACY_DEFAULTS` it lacks filled in."""
-    result = configuration.deep_copy(raw)
+    result = config_files.deep_copy(raw)
     for dotted, value in LEGACY_DEFAULTS.items():
         section, key = dotted.split(".")
         node = result.get(section)

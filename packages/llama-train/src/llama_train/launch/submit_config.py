@@ -16,10 +16,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from llama_train.config import TrainConfig
-from llama_train.core import configuration
+from llama_train.core import config_files
 from llama_train.core.plain_text import PlainPath, PlainScalar, PlainStr
 from llama_train.errors import LlamaTrainError
+from llama_train.recipe.train_config import TrainConfig
 
 # Keys a grid may not vary: each point's run directory and name are derived from the
 # sweep's, and one array job shares one set of Slurm resources.
@@ -82,10 +82,10 @@ def _check_grid_key(key: str) -> None:
             f"{key} cannot be swept: the points of a sweep share one array job and its resources"
         )
     try:
-        configuration.check_key(parts, TrainConfig)
+        config_files.check_key(parts, TrainConfig)
     except LlamaTrainError as error:
         raise ValueError(str(error)) from None
-    if any(other.startswith(key + ".") for other in configuration.known_keys(TrainConfig)):
+    if any(other.startswith(key + ".") for other in config_files.known_keys(TrainConfig)):
         raise ValueError(f"{key} is a section; sweep its keys, e.g. {key}.<key>: [...]")
 
 

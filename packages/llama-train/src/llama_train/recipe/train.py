@@ -61,18 +61,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from gssm_data.humanize import format_si
 from gssm_data.progress import progress_display, progress_mode
 from gssm_data.resources import default_threads, describe_threads, set_torch_threads
-from llama_train.branches import fork, plan_branches
-from llama_train.config import (
-    TrainConfig,
-    TrainSection,
-    keep_legacy_settings,
-    with_legacy_defaults,
-    write_config,
-)
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
-from llama_train.core.configuration import load_yaml
 from llama_train.core.data import DataSpec, TrainLoader, build_loader, resolve_data
 from llama_train.core.distributed import (
     PreemptionWatch,
@@ -100,11 +91,26 @@ from llama_train.core.optim import (
     set_lr,
 )
 from llama_train.core.profiler import StepProfiler, TraceWindow, flops_per_token
-from llama_train.core.run_identity import data_fingerprint, wandb_name_and_group
+from llama_train.core.run_identity import data_fingerprint
 from llama_train.core.runlock import run_dir_lock
 from llama_train.core.weights import WEIGHTS_FILE, full_model_state, write_weights
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import CHECKPOINT_DIR, CONFIG_FILENAME, SUMMARY_FILENAME, atomic_write
+from llama_train.recipe.branches import fork, plan_branches
+from llama_train.recipe.train_config import (
+    TrainConfig,
+    TrainSection,
+    keep_legacy_settings,
+    with_legacy_defaults,
+    write_config,
+)
+from llama_train.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILENAME,
+    SUMMARY_FILENAME,
+    atomic_write,
+    load_yaml,
+    wandb_name_and_group,
+)
 from llama_train.scaling.compute import training_compute
 
 console = Console(stderr=True)
@@ -775,7 +781,7 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
         raise LlamaTrainError(
             f"this is rank {ranks.rank} of {ranks.world_size} ({ranks.launcher}) with "
             f"distributed.strategy={config.distributed.strategy}, but no process group is up; "
-            "train through llama_train.train.train(config) or the llama-train command"
+            "train through llama_train.recipe.train.train(config) or the llama-train command"
         )
     threads = _set_threads(config.train, ranks, config.data.num_workers)
     device = resolve_device(config.train, ranks)
@@ -914,7 +920,7 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any
     benchmark and tests turn it off). On SIGUSR1 or SIGTERM the run
     checkpoints at an agreed step and raises :class:`Preempted` on every rank.
     With `train.branches`, the run is a trunk: once it is done, each cooldown
-    branch that is not is forked and trained (:mod:`llama_train.branches`).
+    branch that is not is forked and trained (:mod:`llama_train.recipe.branches`).
     """
     summary = _train_run(config, progress=progress)
     if config.train.branches:

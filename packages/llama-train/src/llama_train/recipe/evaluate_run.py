@@ -1,7 +1,7 @@
 """Evaluate a run directory: rebuild a saved model and measure it against the exact entropy.
 
 `llama-train eval RUN_DIR` and :func:`evaluate_run`: the model comes from the
-checkpoint's safetensors weights (:mod:`llama_train.loading`), the defaults
+checkpoint's safetensors weights (:mod:`llama_train.recipe.loading`), the defaults
 (split, sequences, batch size, precision) from the run's config, and the
 measurement from :func:`llama_train.core.evaluate.evaluate`.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llama_train.config import read_run_config
 from llama_train.core.data import DataConfig, DataSpec, resolve_data
 from llama_train.core.distributed import RankInfo, resolve_amp, resolve_device
 from llama_train.core.evaluate import EvalResult, EvalSet, evaluate
 from llama_train.errors import LlamaTrainError
-from llama_train.loading import build_model, read_checkpoint_weights
+from llama_train.recipe.loading import build_model, read_checkpoint_weights
+from llama_train.recipe.train_config import read_run_config
 
 
 def evaluate_run(

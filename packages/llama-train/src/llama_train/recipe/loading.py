@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from llama_train.config import TrainConfig, read_run_config
 from llama_train.core.budget import check_model_fits
 from llama_train.core.checkpoint import CheckpointManager, CorruptCheckpointWarning
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.core.rope import RopeScaling
 from llama_train.core.weights import WEIGHTS_FILE, read_weights
 from llama_train.errors import LlamaTrainError
+from llama_train.recipe.train_config import TrainConfig, read_run_config
 from llama_train.rundir import CHECKPOINT_DIR
 
 

@@ -4,7 +4,7 @@ The data's exact filtered posterior p(z_t | x_<=t) (``gssm_data.posterior``)
 is what an ideal next-token predictor must track: it is the best any probe of
 any representation can recover. For every residual stream of the model (token
 embeddings, each block's output, the final normed stream) and for all of them
-concatenated, two linear probes (``llama_train.linear_probe``) are fitted on
+concatenated, two linear probes (``llama_train.core.linear_probe``) are fitted on
 test sequences of a store written ``--with-latents``:
 
 - a classifier of the true latent state z_t: accuracy and cross-entropy;
@@ -47,12 +47,12 @@ from gssm_data.humanize import format_duration
 from gssm_data.posterior import split_posterior
 from gssm_data.resources import available_cpus, describe_threads, set_torch_threads
 from gssm_data.store import Store, open_store
-from llama_train import linear_probe
-from llama_train.config import TrainConfig, read_run_config
+from llama_train.core import linear_probe
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.distributed import RankInfo, resolve_device
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.errors import LlamaTrainError
+from llama_train.recipe.train_config import TrainConfig, read_run_config
 from llama_train.rundir import CHECKPOINT_DIR, atomic_write
 
 DEFAULT_SEQUENCES = 256
