@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gssm_data import generate as generate_module
+from gssm_data.common.humanize import parse_count
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import (
     GenerateOptions,
@@ -22,7 +23,6 @@ from gssm_data.generate import (
     format_count,
     generate,
 )
-from gssm_data.humanize import parse_count
 from gssm_data.kernels import draw_kernels
 from gssm_data.presets import load_preset
 from gssm_data.sampler import STREAMS, BlockSampler

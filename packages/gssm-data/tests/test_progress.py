@@ -13,7 +13,12 @@ from typer.testing import CliRunner
 
 from gssm_data import generate as generate_module
 from gssm_data.cli import app
-from gssm_data.progress import PeriodicProgress, default_every, progress_display, progress_mode
+from gssm_data.common.progress import (
+    PeriodicProgress,
+    default_every,
+    progress_display,
+    progress_mode,
+)
 
 runner = CliRunner()
 SMALL = ["--preset", "debug", "--n", "200", "--n-test", "50", "--seq-len", "17", "--workers", "1"]
@@ -32,7 +37,7 @@ def test_the_mode_follows_the_stream() -> None:
 
 def test_lines_are_printed_every_interval_without_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr("gssm_data.progress.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("gssm_data.common.progress.time.monotonic", lambda: clock[0])
     out = io.StringIO()
     console = Console(file=out, width=200)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())

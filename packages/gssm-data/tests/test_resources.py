@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gssm_data import resources
+from gssm_data.common import resources
 
 
 @pytest.fixture

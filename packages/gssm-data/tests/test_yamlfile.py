@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gssm_data.common.yamlfile import load_yaml_file, load_yaml_text
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import load_graph
-from gssm_data.yamlfile import load_yaml_file, load_yaml_text
 
 
 def refused(path: str | Path, **limits: int) -> str:

@@ -214,6 +214,28 @@ def test_gssm_data_never_imports_llama_train(gssm_graph):
     assert forbidden_imports(gssm_graph, ["gssm_data"], ["llama_train"]) == []
 
 
+def test_llama_train_reaches_gssm_data_only_through_its_public_face(llama_graph):
+    """`gssm_data` itself (the data API) and `gssm_data.common` (the shared utilities)."""
+    inside = [
+        f"{module} -> {target}"
+        for module, targets in llama_graph.items()
+        for target in targets
+        if _within(target, ["gssm_data"])
+        and target != "gssm_data"
+        and not _within(target, ["gssm_data.common"])
+    ]
+    assert inside == []
+
+
+def test_the_shared_utilities_import_nothing_else_of_gssm_data(gssm_graph):
+    others = [
+        name
+        for name in gssm_graph
+        if not _within(name, ["gssm_data.common", "gssm_data.errors"]) and name != "gssm_data"
+    ]
+    assert forbidden_imports(gssm_graph, ["gssm_data.common"], others) == []
+
+
 def test_the_gssm_data_cli_app_imports_no_command_module(gssm_graph):
     assert forbidden_imports(gssm_graph, ["gssm_data.cli.app"], ["gssm_data.cli"]) == []
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from gssm_data.resources import MAX_THREADS_PER_CPU, available_cpus
+from gssm_data.common.resources import MAX_THREADS_PER_CPU, available_cpus
 from llama_train.cli import app
 
 runner = CliRunner()

@@ -10,6 +10,11 @@ The reading API the trainer uses::
     table = store.conditional("X")               # p(x_t | parents), float64
 
 Writing is `gssm_data.generate.generate(GenerateOptions(...))` or `gssm-data generate`.
+
+This module is the package's public face: the names below are what other packages
+(llama-train) may use, and :mod:`gssm_data.common` holds the utilities both command lines
+share (count parsing, bounded YAML files, progress, resources). Everything else is internal
+and may change between versions.
 """
 
 from __future__ import annotations
@@ -33,12 +38,20 @@ _EXPORTS = {
     "SampledBlock": "gssm_data.sampler",
     "SplitInfo": "gssm_data.manifest",
     "Store": "gssm_data.store",
+    "block_checksum": "gssm_data.store",
+    "block_rows": "gssm_data.store",
+    "complete_stores": "gssm_data.scaling",
     "draw_kernels": "gssm_data.kernels",
+    "fingerprint": "gssm_data.manifest",
+    "iter_split_entropy": "gssm_data.entropy",
     "load_graph": "gssm_data.graph",
     "load_preset": "gssm_data.presets",
+    "materialise": "gssm_data.scaling",
     "open_store": "gssm_data.store",
     "parse_graph": "gssm_data.graph",
     "preset_names": "gssm_data.presets",
+    "sequence_entropy": "gssm_data.entropy",
+    "split_posterior": "gssm_data.posterior",
     "verify_store": "gssm_data.store",
 }
 

@@ -56,11 +56,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from gssm_data.common.progress import as_mode, progress_display
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
 from gssm_data.kernels import draw_conditional
 from gssm_data.manifest import Baselines, EntropyStats
-from gssm_data.progress import as_mode, progress_display
 from gssm_data.sampler import STREAMS, block_rng, state_dtype
 from gssm_data.store import ENTROPY_DIMENSIONS
 

@@ -61,14 +61,15 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from gssm_data import resources
+from gssm_data.common import resources
+from gssm_data.common.humanize import format_si
+from gssm_data.common.progress import as_mode, progress_display
+from gssm_data.common.version import package_version
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
-from gssm_data.humanize import format_si
 from gssm_data.kernels import FIXED_KERNEL_DRAW, draw_kernels
 from gssm_data.manifest import Manifest, SplitInfo, fingerprint
 from gssm_data.preflight import check_generatable, check_memory, check_sizes
-from gssm_data.progress import as_mode, progress_display
 from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler, state_dtype
 from gssm_data.store import (
     PROGRESS_DIR,
@@ -84,7 +85,6 @@ from gssm_data.store import (
     write_checksums,
 )
 from gssm_data.storelock import identity, refuse_foreign, store_lock
-from gssm_data.version import package_version
 
 # The manifest's entropy of a split is a mean over its first sequences, measured
 # until its standard error is at most this many bits (or the split ends): the

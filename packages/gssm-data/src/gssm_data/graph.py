@@ -18,9 +18,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gssm_data.common.humanize import format_validation_error
+from gssm_data.common.yamlfile import load_yaml_file
 from gssm_data.errors import GssmDataError
-from gssm_data.humanize import format_validation_error
-from gssm_data.yamlfile import load_yaml_file
 
 KernelKind = Literal["product", "fullrank"]
 Mode = Literal["default", "transition", "slow", "dead"]
@@ -251,7 +251,7 @@ def parse_graph(data: object, *, source: str = "graph") -> GraphSpec:
 def load_graph(path: str | Path) -> GraphSpec:
     """Load a graph spec from a YAML file (a mapping with a `nodes` list).
 
-    The file is read through :mod:`gssm_data.yamlfile`: size and nesting are
+    The file is read through :mod:`gssm_data.common.yamlfile`: size and nesting are
     bounded and non-finite numbers refused before validation.
     """
     path = Path(path)

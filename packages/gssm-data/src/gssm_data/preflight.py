@@ -21,9 +21,9 @@ alone:
 from __future__ import annotations
 
 import math
-import os
 import re
 
+from gssm_data.common.resources import available_memory_bytes
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
 from gssm_data.sampler import state_dtype
@@ -108,21 +108,6 @@ def block_memory_bytes(graph: GraphSpec, seq_len: int, block_size: int) -> int:
     token_bytes = state_dtype(graph.vocab_size).itemsize
     latent_bytes = sum(state_dtype(node.states).itemsize for node in graph.latents)
     return cells * (8 * len(graph.nodes) + 2 * (token_bytes + latent_bytes))
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this machine can still give (MemAvailable on Linux), None if unknown."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_sizes(*, n_train: int, n_test: int, seq_len: int, block_size: int) -> None:

@@ -37,6 +37,8 @@ from gssm_data.calibrate import (
     cache_key,
     calibrate,
 )
+from gssm_data.common.humanize import format_duration, format_validation_error, parse_count
+from gssm_data.common.yamlfile import load_yaml_file
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import (
     GenerateOptions,
@@ -45,11 +47,9 @@ from gssm_data.generate import (
     generate,
 )
 from gssm_data.graph import GraphSpec, Mode, load_graph
-from gssm_data.humanize import format_duration, format_validation_error, parse_count
 from gssm_data.manifest import FORMAT_VERSION, Baselines, EntropyStats
 from gssm_data.presets import load_preset
 from gssm_data.store import open_store
-from gssm_data.yamlfile import load_yaml_file
 
 INDEX_VERSION = 1
 CALIBRATIONS_FILE = "calibrations.json"

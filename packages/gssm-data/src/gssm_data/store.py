@@ -35,9 +35,9 @@ from pydantic import ValidationError
 from zarr.codecs import ZstdCodec
 from zarr.errors import GroupNotFoundError
 
+from gssm_data.common.humanize import format_validation_error
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
-from gssm_data.humanize import format_validation_error
 from gssm_data.manifest import FORMAT_VERSION, Baselines, EntropyStats, Manifest
 from gssm_data.sampler import BlockSampler, state_dtype
 

@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from gssm_data.errors import GssmDataError
-from gssm_data.yamlfile import load_yaml_file
+from gssm_data import GssmDataError
+from gssm_data.common.yamlfile import load_yaml_file
 from llama_train.errors import LlamaTrainError
 
 CONFIG_FILENAME = "config.yaml"
@@ -128,7 +128,7 @@ def current_job_id(environ: dict[str, str] | None = None) -> str | None:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping from a user's file; anything wrong is a one-line user error.
 
-    gssm_data.yamlfile does the reading: a regular file of at most 1 MB (never a
+    gssm_data.common.yamlfile does the reading: a regular file of at most 1 MB (never a
     directory or /dev/zero), UTF-8, nesting at most 64 deep, finite numbers,
     plain data only, and `1e4` / `3e-4` read as floats, as overrides read them.
     The run's own `config.yaml` and every config a user passes are read this way.

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gssm_data.version import package_version
+from gssm_data.common.version import package_version
 
 app = typer.Typer(
     name="gssm-data",

@@ -35,6 +35,7 @@ from gssm_data.cli.options import (
     WithLatentsOption,
     store_options,
 )
+from gssm_data.common.progress import progress_display, progress_mode
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import (
     DEFAULT_ENTROPY_STDERR_BITS,
@@ -45,7 +46,6 @@ from gssm_data.generate import (
 from gssm_data.graph import GraphSpec
 from gssm_data.preflight import finite
 from gssm_data.presets import load_preset, preset_names
-from gssm_data.progress import progress_display, progress_mode
 from gssm_data.store import PROGRESS_DIR, Store, name_dimensions, open_store, verify_store
 
 

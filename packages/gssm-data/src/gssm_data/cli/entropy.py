@@ -48,10 +48,10 @@ def _device(device: str) -> str | None:
 
 
 def _set_threads(threads: int | None) -> None:
-    """Set torch's CPU threads for this command (None: the idle CPUs, see gssm_data.resources)."""
+    """Set torch's CPU threads for this command (None: the idle CPUs, `common.resources`)."""
     if threads is not None and threads < 1:
         raise GssmDataError("--threads must be at least 1")
-    from gssm_data.resources import set_torch_threads
+    from gssm_data.common.resources import set_torch_threads
 
     set_torch_threads(threads)
 

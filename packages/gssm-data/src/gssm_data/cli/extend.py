@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 
 from gssm_data.cli.app import app, fail, progress_wanted, say
+from gssm_data.common.humanize import parse_count
 from gssm_data.errors import GssmDataError
 from gssm_data.extend import extend
 from gssm_data.generate import available_cpus
-from gssm_data.humanize import parse_count
 
 
 @app.command("extend")

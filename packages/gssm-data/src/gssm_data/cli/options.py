@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
+from gssm_data.common.humanize import parse_count
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import GenerateOptions, Shard, default_store_path
 from gssm_data.graph import MODES, GraphSpec, load_graph
-from gssm_data.humanize import parse_count
 from gssm_data.preflight import check_generatable, check_sizes, finite
 from gssm_data.presets import load_preset
 from gssm_data.sampler import BLOCK_SIZE

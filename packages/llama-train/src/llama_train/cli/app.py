@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gssm_data.errors import GssmDataError
+from gssm_data import GssmDataError
 from llama_train.errors import LlamaTrainError
 
 app = typer.Typer(
@@ -31,7 +31,7 @@ err_console = Console(stderr=True)
 
 def _print_version(value: bool) -> None:
     if value:
-        from gssm_data.version import package_version
+        from gssm_data.common.version import package_version
 
         typer.echo(
             f"llama-train {package_version('llama-train')} "

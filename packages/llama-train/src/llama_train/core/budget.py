@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gssm_data.preflight import available_memory_bytes
+from gssm_data.common.resources import available_memory_bytes
 from llama_train.core.model import ModelConfig
 from llama_train.errors import LlamaTrainError
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gssm_data.errors import GssmDataError
-from gssm_data.store import Store, block_checksum, block_rows, open_store
+from gssm_data import GssmDataError, Store, block_checksum, block_rows, open_store
 from llama_train.errors import LlamaTrainError
 
 

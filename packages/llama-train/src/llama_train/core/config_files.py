@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gssm_data.humanize import format_validation_error
-from gssm_data.yamlfile import Loader as YamlLoader
+from gssm_data.common.humanize import format_validation_error
+from gssm_data.common.yamlfile import Loader as YamlLoader
 from llama_train.core.plain_text import visible
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import load_yaml
@@ -57,7 +57,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-_MAX_NESTING = 64  # as for config files (gssm_data.yamlfile)
+_MAX_NESTING = 64  # as for config files (gssm_data.common.yamlfile)
 
 
 def _check_nesting(text: str, key: str) -> None:

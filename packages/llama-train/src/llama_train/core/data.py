@@ -42,14 +42,20 @@ from pydantic import (
 )
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gssm_data.errors import GssmDataError
-from gssm_data.graph import GraphSpec, load_graph
-from gssm_data.humanize import format_validation_error, parse_count
-from gssm_data.kernels import draw_kernels
-from gssm_data.manifest import fingerprint
-from gssm_data.presets import load_preset
-from gssm_data.sampler import BLOCK_SIZE, STREAMS, BlockSampler
-from gssm_data.store import Store, open_store
+from gssm_data import (
+    BLOCK_SIZE,
+    STREAMS,
+    BlockSampler,
+    GraphSpec,
+    GssmDataError,
+    Store,
+    draw_kernels,
+    fingerprint,
+    load_graph,
+    load_preset,
+    open_store,
+)
+from gssm_data.common.humanize import format_validation_error, parse_count
 from llama_train.core.chunk_check import ChunkChecker, check_manifest
 from llama_train.errors import LlamaTrainError
 

@@ -37,10 +37,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from gssm_data.entropy import iter_split_entropy, sequence_entropy
-from gssm_data.errors import GssmDataError
-from gssm_data.kernels import draw_kernels
-from gssm_data.sampler import BLOCK_SIZE, STREAMS
+from gssm_data import (
+    BLOCK_SIZE,
+    STREAMS,
+    GssmDataError,
+    draw_kernels,
+    iter_split_entropy,
+    sequence_entropy,
+)
 from llama_train.core import distributed
 from llama_train.core.chunk_check import ChunkChecker
 from llama_train.core.data import DataSpec, online_sampler

@@ -9,8 +9,7 @@ runs can be compared only on the same data, stored or online.
 
 from __future__ import annotations
 
-from gssm_data.manifest import fingerprint
-from gssm_data.sampler import BLOCK_SIZE
+from gssm_data import BLOCK_SIZE, fingerprint
 from llama_train.core.data import DataSpec
 
 

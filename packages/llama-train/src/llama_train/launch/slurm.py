@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from gssm_data.errors import GssmDataError
+from gssm_data import GssmDataError
 from llama_train.analysis.status import point_status, queued_jobs, read_manifest
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
 from llama_train.core.plain_text import visible

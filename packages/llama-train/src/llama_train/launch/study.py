@@ -42,9 +42,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gssm_data.errors import GssmDataError
-from gssm_data.humanize import format_validation_error, parse_count
-from gssm_data.yamlfile import load_yaml_file
+from gssm_data import GssmDataError
+from gssm_data.common.humanize import format_validation_error, parse_count
+from gssm_data.common.yamlfile import load_yaml_file
 from llama_train.analysis.status import point_status
 from llama_train.core import config_files
 from llama_train.core.distributed import rank_info
@@ -612,7 +612,7 @@ def _validate(raw: dict[str, Any], name: str) -> Any:
 
 
 def _resolve_regimes(study: StudyConfig) -> list[Regime]:
-    from gssm_data.store import open_store
+    from gssm_data import open_store
 
     index = _read_index(study.index) if study.index is not None else {}
     regimes = []

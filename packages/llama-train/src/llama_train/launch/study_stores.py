@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from gssm_data.errors import GssmDataError
+from gssm_data import GssmDataError
 from llama_train.errors import LlamaTrainError
 
 Log = Callable[[str], None]
@@ -22,7 +22,7 @@ Log = Callable[[str], None]
 
 def missing_regimes(names: list[str], index: Path) -> list[str]:
     """The named regimes the index does not list with a complete store."""
-    from gssm_data.scaling import complete_stores
+    from gssm_data import complete_stores
 
     built = complete_stores(index)
     return [name for name in names if name not in built]
@@ -31,7 +31,7 @@ def missing_regimes(names: list[str], index: Path) -> list[str]:
 def ensure_stores(study_path: str | Path, *, log: Log) -> list[str]:
     """Build the missing stores of the regimes a study names (its `stores` recipe);
     return the names built. A study without `stores` is left as it is."""
-    from gssm_data.scaling import materialise
+    from gssm_data import materialise
     from llama_train.launch.study import load_study
 
     study = load_study(study_path)

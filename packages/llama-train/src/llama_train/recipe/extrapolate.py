@@ -25,10 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gssm_data.errors import GssmDataError
-from gssm_data.manifest import Manifest, fingerprint
-from gssm_data.sampler import BLOCK_SIZE
-from gssm_data.store import Store, open_store
+from gssm_data import BLOCK_SIZE, GssmDataError, Manifest, Store, fingerprint, open_store
 from llama_train.core.data import DataSpec, resolve_data
 from llama_train.core.distributed import RankInfo, resolve_amp, resolve_device
 from llama_train.core.evaluate import LN2, EvalSet, evaluate

@@ -30,11 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gssm_data.entropy import sequence_entropy
-from gssm_data.errors import GssmDataError
-from gssm_data.kernels import draw_kernels
-from gssm_data.sampler import STREAMS
-from gssm_data.yamlfile import read_bounded
+from gssm_data import STREAMS, GssmDataError, draw_kernels, sequence_entropy
+from gssm_data.common.yamlfile import read_bounded
 from llama_train.core.data import DataSpec, online_sampler, resolve_data
 from llama_train.core.decoding import generate_batch
 from llama_train.core.distributed import RankInfo, resolve_device

@@ -43,10 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gssm_data.humanize import format_duration
-from gssm_data.posterior import split_posterior
-from gssm_data.resources import available_cpus, describe_threads, set_torch_threads
-from gssm_data.store import Store, open_store
+from gssm_data import Store, open_store, split_posterior
+from gssm_data.common.humanize import format_duration
+from gssm_data.common.resources import available_cpus, describe_threads, set_torch_threads
 from llama_train.core import linear_probe
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.core.distributed import RankInfo, resolve_device

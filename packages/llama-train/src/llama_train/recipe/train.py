@@ -58,9 +58,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from gssm_data.humanize import format_si
-from gssm_data.progress import progress_display, progress_mode
-from gssm_data.resources import default_threads, describe_threads, set_torch_threads
+from gssm_data.common.humanize import format_si
+from gssm_data.common.progress import progress_display, progress_mode
+from gssm_data.common.resources import default_threads, describe_threads, set_torch_threads
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state

@@ -33,8 +33,8 @@ from pydantic import (
     model_validator,
 )
 
-from gssm_data.errors import GssmDataError
-from gssm_data.humanize import parse_count
+from gssm_data import GssmDataError
+from gssm_data.common.humanize import parse_count
 from llama_train.core import config_files
 from llama_train.core.checkpoint import CheckpointConfig
 from llama_train.core.data import DataConfig, resolve_data

@@ -127,3 +127,18 @@ def set_torch_threads(threads: int | None, processes: int = 1) -> int:
         chosen = limit
     torch.set_num_threads(chosen)
     return chosen
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this machine can still give (MemAvailable on Linux), None if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
