@@ -131,6 +131,13 @@ def test_without_time_the_cluster_default_applies_and_nothing_else_is_asked(tmp_
     assert "--cpus-per-task=1" in directives
 
 
+def test_every_task_of_a_large_array_may_run_at_once(tmp_path, fake_slurm):
+    slurm = fake_slurm()
+    submitted = submit_generate(_options(tmp_path / "s.zarr"), tasks=300, settings=SlurmSettings())
+    assert "--array=0-299%300" in _directives(slurm.calls()[0]["script"])
+    assert len(submitted.jobs) == 300
+
+
 @pytest.mark.parametrize(
     ("settings", "tasks", "message"),
     [

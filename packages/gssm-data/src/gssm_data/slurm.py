@@ -190,7 +190,8 @@ def submit_generate(
     if _already_complete(options):
         say(f"{options.out} is already complete")
         return SubmittedStore(options.out, None, tasks, folder)
-    executor = slurm_executor(folder, parameters)
+    # Every task may run at once, as in a plain array (submitit's default caps it at 256).
+    executor = slurm_executor(folder, {**parameters, "array_parallelism": tasks})
     options_file = write_options(options, folder)
     limit_known = settings.time is not None
     shards = [
