@@ -153,7 +153,8 @@ class SubmittedStore:
     job_id: str | None
     tasks: int
     job_dir: Path
-    jobs: tuple[Any, ...] = ()  # submitit's Job of each task, in task order
+    # submitit's Job of each task, in task order; out of the repr, as a Job's repr asks sacct.
+    jobs: tuple[Any, ...] = field(default=(), repr=False)
 
     @property
     def log_pattern(self) -> Path:
@@ -435,7 +436,7 @@ class SubmittedRecipe:
     stores: list[SubmittedStore]
     index_job_id: str
     index_dir: Path  # submitit's files and the index job's logs
-    index_job: Any = None
+    index_job: Any = field(default=None, repr=False)
 
 
 def index_path(recipe_path: Path, *, scale: str, out_dir: Path) -> Path:
