@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): constraints.txt packages/gssm-data/pyproject.toml packages/llama-train/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e packages/gssm-data -e "packages/llama-train[wandb,slurm,plot,hf]" \
+	$(PIP) install -c constraints.txt -e "packages/gssm-data[slurm]" -e "packages/llama-train[wandb,slurm,plot,hf]" \
 		pytest ruff xarray nbclient nbformat ipykernel
 	touch $(STAMP)
 

@@ -1,14 +1,13 @@
-"""No value reaches a generated sbatch script with a control character in it.
+"""No value reaches the sbatch script submitit writes with a control character in it.
 
 A newline inside a quoted `#SBATCH` value ends the directive and starts a shell
 command; the submit commands refuse such values in one line naming the option,
-before writing the script, the options or queueing anything.
+before writing the script, the options or queueing anything. Slurm is the
+stand-in of conftest.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,26 +16,10 @@ from typer.testing import CliRunner
 from gssm_data.cli import app
 from gssm_data.errors import GssmDataError
 from gssm_data.preflight import check_script_value
-from gssm_data.slurm import SlurmSettings, array_script, index_script
+from gssm_data.slurm import SlurmSettings, submit_scaling
 
 runner = CliRunner()
 BASE = ["submit", "--tasks", "2", "--preset", "debug", "--n", "1000", "--n-test", "100"]
-
-
-@pytest.fixture()
-def sbatch_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A stand-in `sbatch` on PATH that records every call."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "sbatch-calls.jsonl"
-    script = bin_dir / "sbatch"
-    script.write_text(
-        "#!/usr/bin/env python3\nimport json, sys\n"
-        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\nprint(101)\n"
-    )
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return log
 
 
 @pytest.mark.parametrize(
@@ -52,8 +35,9 @@ def sbatch_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ],
 )
 def test_submit_refuses_control_characters_and_writes_nothing(
-    option: str, value: str, tmp_path: Path, sbatch_log: Path, monkeypatch: pytest.MonkeyPatch
+    option: str, value: str, tmp_path: Path, fake_slurm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    slurm = fake_slurm()
     monkeypatch.chdir(tmp_path)
     if option == "--out":
         value = str(tmp_path / value)
@@ -62,13 +46,14 @@ def test_submit_refuses_control_characters_and_writes_nothing(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and option in lines[0] and "control character" in lines[0]
     assert "Traceback" not in result.output
-    assert not sbatch_log.exists(), "sbatch was called"
-    assert not list(tmp_path.rglob("*.sbatch")) and not list(tmp_path.rglob("options.json"))
+    assert slurm.calls() == [], "sbatch was called"
+    assert not list(tmp_path.rglob("*.slurm")) and not list(tmp_path.rglob("*.pkl"))
 
 
 def test_a_graph_file_name_with_a_newline_never_reaches_the_job_name(
-    tmp_path: Path, sbatch_log: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_slurm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    slurm = fake_slurm()
     monkeypatch.chdir(tmp_path)
     graph = tmp_path / "g\nrm -rf x.yaml"
     graph.write_text(
@@ -80,7 +65,7 @@ def test_a_graph_file_name_with_a_newline_never_reaches_the_job_name(
     )
     assert result.exit_code == 1, result.output
     assert "job name" in result.stderr and "control character" in result.stderr
-    assert not sbatch_log.exists()
+    assert slurm.calls() == []
 
 
 def test_every_kind_of_control_character_is_refused_and_printable_text_is_kept() -> None:
@@ -91,27 +76,27 @@ def test_every_kind_of_control_character_is_refused_and_printable_text_is_kept()
         assert check_script_value("--partition", good) == good
 
 
-def test_extra_sbatch_options_and_the_index_script_are_checked(tmp_path: Path) -> None:
-    settings = SlurmSettings(extra=("--qos=high\necho pwned",))
+def test_more_sbatch_options_and_the_recipe_job_are_checked(tmp_path: Path, fake_slurm) -> None:
+    slurm = fake_slurm()
     with pytest.raises(GssmDataError, match="sbatch option"):
-        array_script(tmp_path / "o.json", tasks=2, settings=settings, job_name="gssm-x")
-    with pytest.raises(GssmDataError, match="recipe path"):
-        index_script(
-            tmp_path / "r\n.yaml", scale="small", out_dir=tmp_path, settings=SlurmSettings()
-        )
-    with pytest.raises(GssmDataError, match="--scale"):
-        index_script(
-            tmp_path / "r.yaml", scale="small\nx", out_dir=tmp_path, settings=SlurmSettings()
-        )
+        SlurmSettings(additional={"qos": "high\necho pwned"}).executor_parameters(job_name="x")
+    recipe = tmp_path / "r.yaml"
+    for path, scale, option in [
+        (recipe, "small\nx", "--scale"),
+        (tmp_path / "r\n.yaml", "small", "recipe name"),
+    ]:
+        with pytest.raises(GssmDataError, match=option):
+            submit_scaling(path, scale=scale, out_dir=tmp_path, tasks=2, settings=SlurmSettings())
+    assert slurm.calls() == []
 
 
 def test_a_clean_submission_still_writes_its_script(
-    tmp_path: Path, sbatch_log: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_slurm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    slurm = fake_slurm()
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "s.zarr"
     result = runner.invoke(app, [*BASE, "--partition", "cpu", "--mem", "8G", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    script = (tmp_path / "s.zarr.slurm" / "generate.sbatch").read_text()
-    assert "#SBATCH --partition=cpu" in script and "#SBATCH --mem=8G" in script
-    assert len([json.loads(line) for line in sbatch_log.read_text().splitlines()]) == 1
+    [call] = slurm.calls()
+    assert "#SBATCH --partition=cpu" in call["script"] and "#SBATCH --mem=8G" in call["script"]

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gssm_data.common.version import package_version
 
@@ -44,8 +45,10 @@ def _options(
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print one clear line on stderr; return the Exit to raise (``raise fail(...)``)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one clear line on stderr; return the Exit to raise (``raise fail(...)``).
+
+    The message is escaped: a path or `pip install 'pkg[extra]'` is text, not markup."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

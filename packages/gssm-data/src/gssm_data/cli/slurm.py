@@ -1,9 +1,10 @@
 """`gssm-data submit` and `submit-scaling`: stores written by Slurm array tasks.
 
-Thin commands over :mod:`gssm_data.slurm`. `submit` takes the options of
-`gssm-data generate` that decide the store (not --workers, --shard or --force:
-each task gets --cpus-per-task writers and its own shard) plus the array's
-size and resources; stdout carries the job id and the store's path.
+Thin commands over :mod:`gssm_data.slurm` (submitit, the `slurm` extra).
+`submit` takes the options of `gssm-data generate` that decide the store (not
+--workers, --shard or --force: each task gets --cpus-per-task writers and its
+own shard) plus the array's size and resources; stdout carries the job id and
+the store's path.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ PartitionOption = Annotated[
     str | None, typer.Option(help="Slurm partition; default the cluster's.")
 ]
 TimeOption = Annotated[
-    str | None, typer.Option(help="Time limit per task: 90, 1:30:00 or 2-00:00:00.")
+    str | None,
+    typer.Option(
+        help="Time limit per task: 90, 1:30:00 or 2-00:00:00 (a task reaching it is requeued "
+        "and resumes); default the cluster's."
+    ),
 ]
 CpusOption = Annotated[int, typer.Option(help="CPUs per task, also its writer processes.")]
 MemOption = Annotated[str | None, typer.Option(help="Memory per task's node, e.g. 8G.")]
@@ -69,7 +74,7 @@ def submit_command(
     mem: MemOption = None,
     account: AccountOption = None,
     wait: Annotated[
-        bool, typer.Option("--wait", help="Return when every task has ended (sbatch --wait).")
+        bool, typer.Option("--wait", help="Return when every task has ended (asks squeue).")
     ] = False,
 ) -> None:
     """Write one store with a Slurm array of --tasks tasks; print the job id and the path.
@@ -119,7 +124,7 @@ def _print(submitted: SubmittedStore) -> None:
         typer.echo(f"complete: {submitted.path.absolute()}")
         return
     typer.echo(f"job {submitted.job_id} ({submitted.tasks} tasks): {submitted.path.absolute()}")
-    _say(f"logs: {submitted.log_pattern} (%A = job, %a = task)")
+    _say(f"logs: {submitted.log_pattern} (* = task; .err beside each)")
 
 
 @app.command("submit-scaling")
