@@ -27,21 +27,17 @@ result file.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import math
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gssm_data.common.slurm_jobs import require_commands, sbatch_errors, time_limit_minutes
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import GenerateOptions, Shard, available_cpus, generate
 from gssm_data.preflight import check_script_value
@@ -75,29 +71,6 @@ ENDED_STATES = frozenset(
 )
 
 Log = Callable[[str], None]
-
-_TIME_LIMIT = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", re.ASCII)
-
-
-def time_limit_minutes(text: str) -> int:
-    """Minutes, rounded up, of a Slurm time limit: 90, 1:30, 1:30:00, 1-12, 2-00:00:00.
-
-    submitit needs the limit as a number to tell a task reaching it from a
-    preempted one; Slurm's own spellings are what users type.
-    """
-    match = _TIME_LIMIT.fullmatch(text.strip())
-    if match is None:
-        raise GssmDataError(f"--time {text!r}: write 90, 1:30:00 or 2-00:00:00")
-    days, first, second, third = (int(part) if part else 0 for part in match.groups())
-    if match[1] is not None:  # days-hours[:minutes[:seconds]]
-        seconds = days * 86400 + first * 3600 + second * 60 + third
-    elif match[4] is not None:  # hours:minutes:seconds
-        seconds = first * 3600 + second * 60 + third
-    else:  # minutes[:seconds]
-        seconds = first * 60 + second
-    if seconds <= 0:
-        raise GssmDataError(f"--time {text!r}: write 90, 1:30:00 or 2-00:00:00")
-    return math.ceil(seconds / 60)
 
 
 @dataclass(frozen=True)
@@ -199,7 +172,7 @@ def submit_generate(
         ShardTask(options_file, Shard(index=k, count=tasks), limit_known=limit_known)
         for k in range(tasks)
     ]
-    with sbatch_errors():
+    with sbatch_errors(not_found=_not_found):
         jobs = executor.submit_array(shards)
     job_id = array_id(jobs[0].job_id)
     if wait:
@@ -255,32 +228,11 @@ def slurm_executor(folder: Path, parameters: dict[str, Any]) -> submitit.SlurmEx
         import submitit
     except ImportError:
         raise GssmDataError("submitting needs submitit: pip install 'gssm-data[slurm]'") from None
-    for command in ("sbatch", "srun"):
-        if shutil.which(command) is None:
-            raise GssmDataError(_not_found(command))
+    require_commands(("sbatch", "srun"), not_found=_not_found)
     check_script_value("python executable", sys.executable)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUT_REQUEUES)
     executor.update_parameters(**parameters)
     return executor
-
-
-@contextlib.contextmanager
-def sbatch_errors() -> Iterator[None]:
-    """sbatch's refusal as one GssmDataError line in sbatch's own words.
-
-    submitit raises FailedJobError with sbatch's stderr after printing that
-    stderr itself; the print is captured so that the user reads it once.
-    """
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            yield
-    except (FailedJobError, FailedSubmissionError) as error:
-        said = " / ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        said = said or captured.getvalue().strip() or "no message"
-        raise GssmDataError(f"sbatch refused the job: {said}") from None
 
 
 def _not_found(command: str) -> str:
@@ -498,6 +450,6 @@ def submit_scaling(
         tuple(regimes) if regimes is not None else None,
         limit_known=settings.time is not None,
     )
-    with sbatch_errors():
+    with sbatch_errors(not_found=_not_found):
         job = index_executor.submit(task)
     return SubmittedRecipe(stores, str(job.job_id), folder, job)

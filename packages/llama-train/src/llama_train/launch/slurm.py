@@ -23,22 +23,17 @@ file, not Slurm's accounting, is what ``llama-train sweep-status`` reads.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import math
 import os
-import re
-import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gssm_data import GssmDataError
+from gssm_data.common.slurm_jobs import require_commands, sbatch_errors, time_limit_minutes
 from llama_train.analysis.status import point_status, queued_jobs, read_manifest
 from llama_train.core.distributed import PREEMPTED_EXIT_CODE, rank_info
-from llama_train.core.plain_text import visible
 from llama_train.errors import LlamaTrainError
 from llama_train.launch.submit_config import SlurmConfig, SubmitConfig
 from llama_train.launch.sweep import Plan, Point, plan, write_manifest
@@ -56,35 +51,9 @@ WARNING_SIGNAL = "USR1"
 # Time limits
 
 
-_TIME_FORMATS = (
-    # Slurm's --time spellings: minutes, minutes:seconds, hours:minutes:seconds,
-    # days-hours, days-hours:minutes, days-hours:minutes:seconds.
-    (re.compile(r"(\d+)"), ("minutes",)),
-    (re.compile(r"(\d+):(\d+)"), ("minutes", "seconds")),
-    (re.compile(r"(\d+):(\d+):(\d+)"), ("hours", "minutes", "seconds")),
-    (re.compile(r"(\d+)-(\d+)"), ("days", "hours")),
-    (re.compile(r"(\d+)-(\d+):(\d+)"), ("days", "hours", "minutes")),
-    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("days", "hours", "minutes", "seconds")),
-)
-_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
-
-
 def parse_time_limit(text: str) -> int:
     """Minutes (rounded up) from a Slurm time limit: 90, 1:30:00, 2-00:00:00, 1-12."""
-    cleaned = text.strip()
-    for pattern, units in _TIME_FORMATS:
-        match = pattern.fullmatch(cleaned)
-        if match:
-            seconds = sum(
-                int(part) * _SECONDS[unit] for part, unit in zip(match.groups(), units, strict=True)
-            )
-            if seconds <= 0:
-                break
-            return math.ceil(seconds / 60)
-    raise LlamaTrainError(
-        f"--time {text!r} is not a Slurm time limit; write minutes (90), H:MM:SS (1:30:00) "
-        "or D-HH:MM:SS (2-00:00:00)"
-    )
+    return time_limit_minutes(text, error=LlamaTrainError)
 
 
 # ---------------------------------------------------------------------------
@@ -154,9 +123,7 @@ def build_executor(
             setup=list(slurm.setup),
         )
         return executor
-    for command in ("sbatch", "srun"):  # submitit's own srun check is a bare RuntimeError
-        if shutil.which(command) is None:
-            raise LlamaTrainError(_not_found(command))
+    require_commands(("sbatch", "srun"), not_found=_not_found, error=LlamaTrainError)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=slurm.max_requeues)
     executor.update_parameters(**executor_parameters(slurm, job_name=job_name))
     return executor
@@ -394,7 +361,7 @@ def submit_plan(
             say(f"running {names} locally (job {running.job_id}; log {running.paths.stdout})")
             running.wait()
         return submission
-    with sbatch_errors():
+    with sbatch_errors(not_found=_not_found, error=LlamaTrainError):
         if len(jobs) == 1:
             submitted = [executor.submit(jobs[0][1])]
         else:
@@ -404,29 +371,6 @@ def submit_plan(
         submission.jobs.update({point.name: running for point in points})
     submission.manifest = record(submission.job_ids)
     return submission
-
-
-@contextlib.contextmanager
-def sbatch_errors() -> Iterator[None]:
-    """sbatch's refusal (or its absence) as one LlamaTrainError line with sbatch's own words.
-
-    submitit raises FailedJobError with sbatch's stderr and also prints that
-    stderr itself; the print is captured so the user reads the message once.
-    """
-    from submitit.core.utils import FailedJobError
-
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            yield
-    except FailedJobError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        said = " / ".join(lines) or captured.getvalue().strip() or "no message"
-        raise LlamaTrainError(f"sbatch refused the job: {visible(said)}") from None
-    except FileNotFoundError as error:
-        if "sbatch" not in str(error):
-            raise
-        raise LlamaTrainError(_not_found("sbatch")) from None
 
 
 def _not_found(command: str) -> str:
