@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from llama_train.cli import app
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import (
     SUMMARY_VERSION,
@@ -37,6 +39,8 @@ from llama_train.rundir import (
     write_state,
 )
 from llama_train.scaling.points import point_rows
+
+runner = CliRunner()
 
 FIRST = {  # f4c85a6: the first trainer
     "step": 40,
@@ -275,3 +279,52 @@ def test_importing_the_run_directory_loads_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_a_run_directory_with_a_first_layout_summary_still_reads_everywhere(
+    make_debug_store, tmp_path
+):
+    """An old run directory: resuming knows it is finished; best, sweep-status and the plot
+    read its summary."""
+    store = make_debug_store(n_train=64, n_test=16, seq_len=9)
+    run_dir = tmp_path / "old"
+    config = tmp_path / "tiny.yaml"
+    config.write_text("run: {seed: 0}\n")
+    command = [
+        "run",
+        str(config),
+        f"data.path={store}",
+        f"run.dir={run_dir}",
+        "model.dim=16",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "data.batch_size=8",
+        "train.steps=4",
+        "eval.every=4",
+        "checkpoint.every=4",
+    ]
+    first = runner.invoke(app, command)
+    assert first.exit_code == 0, first.output
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["version"] == SUMMARY_VERSION
+    (run_dir / "summary.json").write_text(json.dumps({key: written[key] for key in FIRST}))
+    metrics = (run_dir / "metrics.jsonl").read_text()
+
+    again = runner.invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert "is complete (step 4 of 4)" in again.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained again
+
+    best = runner.invoke(app, ["best", str(run_dir), "--by", "tokens", "--json"])
+    assert best.exit_code == 0, best.output
+    assert json.loads(best.stdout)["best"]["value"] == written["tokens"]
+    status = runner.invoke(app, ["sweep-status", str(run_dir), "--json", "--no-queue"])
+    assert status.exit_code == 0, status.output
+    (point,) = json.loads(status.stdout)
+    assert (point["state"], point["step"], point["test_loss"]) == (
+        "done",
+        4,
+        written["test_loss"],
+    )
+    plot = runner.invoke(app, ["plot", str(run_dir), "--out", str(tmp_path / "loss.png")])
+    assert plot.exit_code == 0, plot.output
