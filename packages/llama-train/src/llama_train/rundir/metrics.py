@@ -6,8 +6,8 @@ evaluation line holds `step` and the `eval/` figures of
 :meth:`llama_train.core.evaluate.EvalResult.metrics`. The set of keys is open, so a
 line is read as its mapping (:func:`read_metrics`: the resume that truncates the file
 and wandb-sync pass lines on whole) or as a :class:`MetricsRecord`, the figures the
-readers use, typed, with the line kept. A typed record costs about 1.2x the plain
-read of a 100k-line file; a pydantic model per line cost 2.5x (docs/design.md,
+readers use, typed, with the line kept. Typed records cost 1.3x to 1.5x the plain
+read of a 100k-line file; a pydantic model per line cost 1.9x to 2.5x (docs/design.md,
 section The run directory).
 """
 
