@@ -23,16 +23,19 @@ baselines from the store's manifest (unigram frequencies, zstd compression).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from llama_train.rundir import RunSummary
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "packages" / "llama-train" / "configs" / "demo.yaml"
@@ -86,21 +89,21 @@ def store_lacks_latents() -> bool:
         return False  # not a complete store: generate says what to do
 
 
-def results_table(summary: dict) -> Table:
+def results_table(summary: RunSummary) -> Table:
     """Final test loss, exact entropy, excess loss and baselines, in nats and bits."""
     table = Table(
-        title=f"demo: {summary['parameters']:,}-parameter model, "
-        f"{summary['step']} steps, {summary['eval_sequences']} test sequences"
+        title=f"demo: {summary.parameters:,}-parameter model, "
+        f"{summary.step} steps, {summary.eval_sequences} test sequences"
     )
     table.add_column("per predicted token")
     table.add_column("nats", justify="right")
     table.add_column("bits", justify="right")
     rows = [
-        ("model test loss", summary["test_loss"]),
-        ("exact entropy (the floor)", summary["test_entropy"]),
-        ("excess loss (model - floor)", summary["excess_loss"]),
+        ("model test loss", summary.test_loss),
+        ("exact entropy (the floor)", summary.test_entropy),
+        ("excess loss (model - floor)", summary.excess_loss),
     ]
-    baselines = summary.get("baselines") or {}
+    baselines = summary.baselines or {}
     if "unigram_bits" in baselines:
         rows.append(("unigram baseline", baselines["unigram_bits"] * math.log(2)))
     if "zstd_bits" in baselines:
@@ -128,14 +131,17 @@ def main() -> None:
         run([command("gssm-data"), *GENERATE])
     run([command("llama-train"), "run", str(CONFIG), f"data.path={STORE}", f"run.dir={RUN_DIR}"])
     run([command("llama-train"), "plot", str(RUN_DIR), "--out", str(args.image)])
-    summary = json.loads((RUN_DIR / "summary.json").read_text())
+    from llama_train.rundir import read_summary
+
+    summary = read_summary(RUN_DIR)
+    assert summary is not None, f"llama-train run left no summary in {RUN_DIR}"
     console.print()
     console.print(results_table(summary))
     image = args.image.resolve()
     shown = image.relative_to(ROOT) if image.is_relative_to(ROOT) else image
     console.print(
-        f"trained {summary['tokens']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s "
-        f"in {summary['train_seconds']:.0f} s; loss curves: {shown}",
+        f"trained {summary.tokens:,} tokens at {summary.tokens_per_s:,.0f} tokens/s "
+        f"in {summary.train_seconds:.0f} s; loss curves: {shown}",
         highlight=False,
     )
     total = sum(seconds for _, seconds in TIMINGS)

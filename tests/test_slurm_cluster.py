@@ -238,11 +238,11 @@ def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # what --signal sends
 
     state = _wait_for(
-        lambda: (read_state(run_dir) or {}).get("state") == "preempted" and read_state(run_dir),
+        lambda: getattr(read_state(run_dir), "state", None) == "preempted" and read_state(run_dir),
         "the run to checkpoint and requeue",
     )
-    preempted_at = state["step"]
-    assert 0 < preempted_at < 600 and state["message"].endswith("requeued")
+    preempted_at = state.step
+    assert 0 < preempted_at < 600 and state.message.endswith("requeued")
     assert (run_dir / "checkpoints" / f"step_{preempted_at:06d}").is_dir()
     # Slurm holds a requeued job for 120 s; a test need not wait.
     _wait_for(lambda: _queue_state(job_id) == "PENDING", "the requeued job to be pending")
@@ -256,10 +256,10 @@ def test_a_preempted_run_checkpoints_requeues_itself_and_ends_with_uninterrupted
     reference = resolve_config(reference_file)
     train(reference, progress=False)  # meanwhile, the uninterrupted run, in this process
 
-    _wait_for(lambda: (read_state(run_dir) or {}).get("state") in ("done", "failed"), "the end")
+    _wait_for(lambda: getattr(read_state(run_dir), "state", None) in ("done", "failed"), "the end")
     final = read_state(run_dir)
-    assert final["state"] == "done", _logs(run_dir / "slurm")
-    assert final["restarts"] == 1 and final["step"] == 600
+    assert final.state == "done", _logs(run_dir / "slurm")
+    assert final.restarts == 1 and final.step == 600
     log = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
     assert f"resuming runs/preempted from step {preempted_at}" in log
 
@@ -293,7 +293,7 @@ def test_a_two_task_job_trains_as_two_ranks_and_resumes_them_after_preemption(
     _wait_for(lambda: read_metrics_or_none(run_dir), "the first metrics line")
     subprocess.run(["scancel", "--signal=USR1", jobs["preempted"]], check=True)
     _wait_for(lambda: _queue_state(jobs["preempted"]) == "PENDING", "the requeue")
-    preempted_at = read_state(run_dir)["step"]
+    preempted_at = read_state(run_dir).step
     subprocess.run(
         ["scontrol", "update", f"JobId={jobs['preempted']}", "StartTime=now"], check=True
     )
@@ -301,15 +301,15 @@ def test_a_two_task_job_trains_as_two_ranks_and_resumes_them_after_preemption(
     for directory in (run_dir, reference_dir):
         _wait_for(
             lambda directory=directory: (
-                (read_state(directory) or {}).get("state") in ("done", "failed")
+                getattr(read_state(directory), "state", None) in ("done", "failed")
             ),
             f"{directory.name} to end",
         )
-        assert read_state(directory)["state"] == "done", _logs(directory / "slurm")
+        assert read_state(directory).state == "done", _logs(directory / "slurm")
     log = (run_dir / "slurm" / f"{jobs['preempted']}_0_log.err").read_text()
     assert "256 tokens per step on 2 x cpu (ddp)" in log  # 8 rows x 16 targets x 2 ranks
     assert f"resuming runs/preempted from step {preempted_at}" in log
-    assert read_state(run_dir)["restarts"] == 1
+    assert read_state(run_dir).restarts == 1
     assert _deterministic(run_dir) == _deterministic(reference_dir)
 
 
@@ -354,12 +354,12 @@ def test_a_preempted_array_task_holding_a_stack_requeues_and_resumes_every_membe
 
     states = _wait_for(
         lambda: (
-            all((read_state(directory / n) or {}).get("state") == "preempted" for n in members)
+            all(getattr(read_state(directory / n), "state", None) == "preempted" for n in members)
             and [read_state(directory / n) for n in members]
         ),
         "the stack to checkpoint and requeue",
     )
-    preempted_at = {state["step"] for state in states}
+    preempted_at = {state.step for state in states}
     assert len(preempted_at) == 1, states  # the members stop at one step
     step = preempted_at.pop()
     assert 0 < step < 400
@@ -376,13 +376,13 @@ def test_a_preempted_array_task_holding_a_stack_requeues_and_resumes_every_membe
     for name in [p["name"] for p in manifest["points"]]:
         _wait_for(
             lambda name=name: (
-                (read_state(directory / name) or {}).get("state") in ("done", "failed")
+                getattr(read_state(directory / name), "state", None) in ("done", "failed")
             ),
             f"{name} to end",
         )
         final = read_state(directory / name)
-        assert final["state"] == "done", _logs(directory / "slurm")
-        assert final["restarts"] == (1 if name in members else 0), final
+        assert final.state == "done", _logs(directory / "slurm")
+        assert final.restarts == (1 if name in members else 0), final
         assert _deterministic(directory / name) == _deterministic(reference / name), name
         summaries = [json.loads((d / name / "summary.json").read_text()) for d in runs]
         assert summaries[0]["test_loss"] == summaries[1]["test_loss"], name

@@ -19,6 +19,7 @@ from llama_train.errors import LlamaTrainError
 matplotlib.use("Agg")
 runner = CliRunner()
 TOKENS_PER_STEP = 128
+LN2 = math.log(2)
 ENTROPY = 2.75  # a narrow loss range: 2.76 .. 2.9 nats
 
 
@@ -44,8 +45,17 @@ def _write_run(run_dir: Path, scale: float, steps: int = 8) -> Path:
                 json.dumps(
                     {
                         "step": step,
+                        "split": "test",
+                        "n_sequences": 16,
+                        "loss": ENTROPY + excess,
+                        "entropy": ENTROPY,
+                        "entropy_method": "exact",
                         "loss_per_position": [ENTROPY + excess * (9 - t) / 4 for t in range(1, 9)],
                         "entropy_per_position": [ENTROPY] * positions,
+                        "excess": excess,
+                        "loss_bits": (ENTROPY + excess) / LN2,
+                        "entropy_bits": ENTROPY / LN2,
+                        "excess_bits": excess / LN2,
                     }
                 )
             )

@@ -136,7 +136,7 @@ def test_a_finished_run_is_recorded_done(job, monkeypatch):
     monkeypatch.setattr(recipe, "train", lambda config, progress=None: {"step": 7})
     assert job() == {"step": 7}
     state = read_state(job.config.run_dir)
-    assert state["state"] == "done" and state["step"] == 7 and state["job_id"] == "42"
+    assert state.state == "done" and state.step == 7 and state.job_id == "42"
 
 
 def test_a_preempted_run_is_requeued_and_exits_with_the_preempted_code(job, monkeypatch, requeues):
@@ -146,15 +146,15 @@ def test_a_preempted_run_is_requeued_and_exits_with_the_preempted_code(job, monk
     assert exit_.value.code == PREEMPTED_EXIT_CODE == 3
     assert requeues == ["42"]
     state = read_state(job.config.run_dir)
-    assert (state["state"], state["step"]) == ("preempted", 12)
-    assert state["message"] == "checkpoint at step 12; requeued"
+    assert (state.state, state.step) == ("preempted", 12)
+    assert state.message == "checkpoint at step 12; requeued"
 
 
 def test_a_signal_before_the_first_step_says_nothing_was_saved(job, monkeypatch, requeues):
     monkeypatch.setattr(recipe, "train", _preempt_at(0))
     with pytest.raises(SystemExit):
         job()
-    assert read_state(job.config.run_dir)["message"] == "stopped before step 1; requeued"
+    assert read_state(job.config.run_dir).message == "stopped before step 1; requeued"
 
 
 def test_an_array_task_requeues_itself_not_the_whole_array(job, monkeypatch, requeues):
@@ -173,8 +173,8 @@ def test_after_max_requeues_a_preempted_run_waits_for_a_resubmission(job, monkey
         job()
     assert requeues == []
     state = read_state(job.config.run_dir)
-    assert state["state"] == "preempted" and state["restarts"] == 2
-    assert "not requeued after 2 requeues (slurm.max_requeues)" in state["message"]
+    assert state.state == "preempted" and state.restarts == 2
+    assert "not requeued after 2 requeues (slurm.max_requeues)" in state.message
 
 
 def test_a_failed_requeue_is_recorded_with_what_to_do(job, monkeypatch):
@@ -182,7 +182,7 @@ def test_a_failed_requeue_is_recorded_with_what_to_do(job, monkeypatch):
     monkeypatch.setattr(recipe, "train", _preempt_at(5))
     with pytest.raises(SystemExit):
         job()
-    message = read_state(job.config.run_dir)["message"]
+    message = read_state(job.config.run_dir).message
     assert message.startswith("checkpoint at step 5; requeue failed (Requeue of job denied);")
     assert message.endswith("submit again to resume")
 
@@ -193,9 +193,7 @@ def test_a_local_preempted_run_is_not_requeued(job, monkeypatch, requeues):
     with pytest.raises(SystemExit):
         job()
     assert requeues == []
-    assert (
-        read_state(job.config.run_dir)["message"] == "checkpoint at step 5; submit again to resume"
-    )
+    assert read_state(job.config.run_dir).message == "checkpoint at step 5; submit again to resume"
 
 
 def test_only_rank_zero_records_and_requeues(job, monkeypatch, requeues):
@@ -219,7 +217,7 @@ def test_an_error_is_recorded_failed_and_raised(job, monkeypatch):
     with pytest.raises(LlamaTrainError):
         job()
     state = read_state(job.config.run_dir)
-    assert state["state"] == "failed" and state["message"] == "data.path: no store at unused.zarr"
+    assert state.state == "failed" and state.message == "data.path: no store at unused.zarr"
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +249,7 @@ def test_submit_local_trains_records_done_and_a_second_submit_skips_the_run(stor
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 4
-    assert read_state(run_dir)["state"] == "done"
+    assert read_state(run_dir).state == "done"
     manifest = json.loads((run_dir / "sweep.json").read_text())
     assert manifest["kind"] == "single" and manifest["executor"] == "local"
     assert "1 point(s): 1 done" in " ".join(result.output.split())

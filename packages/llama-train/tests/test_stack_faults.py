@@ -250,9 +250,9 @@ def test_a_diverging_member_is_recorded_and_the_others_equal_a_stack_without_it(
     diverged = ["debug_small_n64_lr1e+30_s0", "debug_small_n64_lr1e+30_s1"]
     for name in diverged:
         state = read_state(directory / name)
-        assert state["state"] == "failed", state
-        assert state["message"].startswith("gradient norm nan at step "), state
-        assert "\n" not in state["message"]
+        assert state.state == "failed", state
+        assert state.message.startswith("gradient norm nan at step "), state
+        assert "\n" not in state.message
         assert not (directory / name / "summary.json").exists()
         assert f"failed {name}: gradient norm nan at step " in said
 
@@ -261,7 +261,7 @@ def test_a_diverging_member_is_recorded_and_the_others_equal_a_stack_without_it(
     by_name = {point["name"]: point for point in json.loads(status.output)}
     for name in diverged:
         assert by_name[name]["state"] == "failed"
-        assert by_name[name]["message"] == read_state(directory / name)["message"]
+        assert by_name[name]["message"] == read_state(directory / name).message
     table = " ".join(runner.invoke(app, ["study", "status", str(directory)]).output.split())
     assert "2 failed" in table and "4 done" in table
 
@@ -269,4 +269,4 @@ def test_a_diverging_member_is_recorded_and_the_others_equal_a_stack_without_it(
     bad = _runs(directory)
     for name, run in plain.items():
         assert bad[name] == run, name
-        assert read_state(directory / name)["state"] == "done"
+        assert read_state(directory / name).state == "done"

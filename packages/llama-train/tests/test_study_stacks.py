@@ -185,7 +185,7 @@ def test_a_sweep_submitted_here_trains_each_stack_as_one_job(tmp_path, store):
         manifest = json.loads((root / "sweep.json").read_text())
         names = [point["name"] for point in manifest["points"]]
         assert len(names) == 4
-        jobs = {read_state(root / name)["job_id"] for name in names}
+        jobs = {read_state(root / name).job_id for name in names}
         assert len(jobs) == (1 if mode == "stacked" else 4)
         losses[mode] = {
             name: json.loads((root / name / "summary.json").read_text())["test_loss"]

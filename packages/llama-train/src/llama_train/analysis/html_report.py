@@ -17,13 +17,14 @@ the optimum may lie outside the sweep, so the point's loss may not be its tuned 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llama_train.analysis.runs import LN2, RunData, load_runs
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import atomic_write
+from llama_train.rundir import RunSummary, atomic_write
 
 PALETTE = (
     "#1f77b4",
@@ -227,20 +228,20 @@ def report_figure(
 def _table(runs: list[RunData], marks: list[LrMark | None]) -> Any:
     import plotly.graph_objects as go
 
-    def cell(summary: dict[str, Any], key: str, fmt: str) -> str:
-        value = summary.get(key)
-        return format(value, fmt) if isinstance(value, int | float) else "-"
+    def column(figure: Callable[[RunSummary], float | None], fmt: str) -> list[str]:
+        values = [figure(run.summary) if run.summary else None for run in runs]
+        return ["-" if value is None else format(value, fmt) for value in values]
 
     columns = {
         "run": [run.name for run in runs],
-        "step": [cell(run.summary, "step", "d") for run in runs],
-        "test loss (nats)": [cell(run.summary, "test_loss", ".5f") for run in runs],
-        "exact entropy": [cell(run.summary, "test_entropy", ".5f") for run in runs],
-        "excess (nats)": [cell(run.summary, "excess_loss", ".5f") for run in runs],
-        "excess (bits)": [cell(run.summary, "excess_loss_bits", ".5f") for run in runs],
-        "parameters": [cell(run.summary, "parameters", ",") for run in runs],
-        "tokens": [cell(run.summary, "tokens", ",") for run in runs],
-        "tokens/s": [cell(run.summary, "tokens_per_s", ",.0f") for run in runs],
+        "step": column(lambda summary: summary.step, "d"),
+        "test loss (nats)": column(lambda summary: summary.test_loss, ".5f"),
+        "exact entropy": column(lambda summary: summary.test_entropy, ".5f"),
+        "excess (nats)": column(lambda summary: summary.excess_loss, ".5f"),
+        "excess (bits)": column(lambda summary: summary.excess_loss_bits, ".5f"),
+        "parameters": column(lambda summary: summary.parameters, ","),
+        "tokens": column(lambda summary: summary.tokens, ","),
+        "tokens/s": column(lambda summary: summary.tokens_per_s, ",.0f"),
     }
     if any(marks):
         columns["lr sweep"] = [mark.text() if mark else "-" for mark in marks]

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import METRICS_FILENAME, read_metrics
+from llama_train.rundir import (
+    METRICS_FILENAME,
+    PROFILE_FILENAME,
+    RunSummary,
+    latest_evaluation,
+    read_metric_records,
+    read_summary,
+)
 
 LN2 = math.log(2)
 
@@ -40,7 +45,7 @@ class RunData:
     entropy: float | None = None  # the floor of the evaluation set (latest evaluation)
     position_excess: list[float] = field(default_factory=list)  # latest evaluation, t = 1..
     position_step: int | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: RunSummary | None = None  # None while the run is not finished
     profile: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -52,29 +57,8 @@ class RunData:
 
     def baseline_nats(self, key: str) -> float | None:
         """A baseline of the evaluation data (`unigram_bits`, `zstd_bits`) in nats."""
-        baselines = self.summary.get("baselines") or {}
+        baselines = (self.summary.baselines if self.summary else None) or {}
         return baselines[key] * LN2 if key in baselines else None
-
-
-def _numbers(record: dict[str, Any], *keys: str) -> list[float] | None:
-    """The values of `keys` as floats, or None when one is missing or not a number."""
-    values = [record.get(key) for key in keys]
-    if all(isinstance(value, int | float) and not isinstance(value, bool) for value in values):
-        return [float(value) for value in values]  # type: ignore[arg-type]
-    return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a run directory; a damaged file is one line naming it."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise LlamaTrainError(f"cannot read {path}: {error}") from None
-    except ValueError as error:
-        raise LlamaTrainError(f"{path} is damaged (not valid JSON: {error})") from None
-    if not isinstance(data, dict):
-        raise LlamaTrainError(f"{path} is damaged (not a JSON object)")
-    return data
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -113,39 +97,27 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
     """One run directory's curves (see :class:`RunData`)."""
     run_dir = Path(run_dir)
     run = RunData(name=name or run_dir.name, path=run_dir)
-    records = read_metrics(run_dir)
+    records = read_metric_records(run_dir)
     for record in records:
-        train = _numbers(record, "tokens", "loss")
-        if train is not None:
-            run.train_steps.append(record["step"])
-            run.train_tokens.append(train[0])
-            run.train_loss.append(train[1])
+        if record.tokens is not None and record.loss is not None:
+            run.train_steps.append(record.step)
+            run.train_tokens.append(float(record.tokens))
+            run.train_loss.append(float(record.loss))
     per_step = run.tokens_per_step
     for record in records:
-        evaluation = _numbers(record, "eval/loss", "eval/excess", "eval/entropy")
-        if evaluation is not None:
-            run.eval_steps.append(record["step"])
-            run.eval_tokens.append(record["step"] * per_step if per_step else math.nan)
-            run.eval_loss.append(evaluation[0])
-            run.eval_excess.append(evaluation[1])
-            run.entropy = evaluation[2]
-    evaluations = sorted((run_dir / "eval").glob("step_*.json"))
-    if evaluations:
-        latest = _read_json(evaluations[-1])
-        try:
-            run.position_step = int(latest["step"])
-            run.position_excess = [
-                float(loss) - float(floor)
-                for loss, floor in zip(
-                    latest["loss_per_position"], latest["entropy_per_position"], strict=True
-                )
-            ]
-        except (KeyError, TypeError, ValueError):
-            raise LlamaTrainError(f"{evaluations[-1]} is not an evaluation record") from None
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        run.summary = _read_json(summary_path)
-    profile_path = run_dir / "profile.csv"
+        loss, excess, entropy = record.eval_loss, record.eval_excess, record.eval_entropy
+        if loss is not None and excess is not None and entropy is not None:
+            run.eval_steps.append(record.step)
+            run.eval_tokens.append(record.step * per_step if per_step else math.nan)
+            run.eval_loss.append(float(loss))
+            run.eval_excess.append(float(excess))
+            run.entropy = float(entropy)
+    latest = latest_evaluation(run_dir)
+    if latest is not None:
+        run.position_step = latest.step
+        run.position_excess = latest.excess_per_position
+    run.summary = read_summary(run_dir)
+    profile_path = run_dir / PROFILE_FILENAME
     if profile_path.is_file():
         try:
             run.profile = list(csv.DictReader(io.StringIO(profile_path.read_text())))

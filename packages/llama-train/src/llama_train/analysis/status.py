@@ -22,15 +22,17 @@ from typing import Any
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import (
     CONFIG_FILENAME,
-    METRICS_FILENAME,
-    SUMMARY_FILENAME,
+    JobRecord,
     JobState,
+    Progress,
+    RunSummary,
+    read_progress,
     read_state,
+    sound_summary,
 )
 
 MANIFEST_FILENAME = "sweep.json"
 SINGLE_POINT = "."
-_STATES = ("pending", "running", "done", "failed", "preempted")
 
 
 # ---------------------------------------------------------------------------
@@ -75,7 +77,7 @@ class PointStatus:
     excess: float | None = None  # nats per token: final when done, else the latest eval
     restarts: int = 0
     message: str = ""
-    summary: dict[str, Any] | None = field(default=None, repr=False)
+    summary: RunSummary | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -104,8 +106,8 @@ def point_status(
     - pending: nothing written yet.
     """
     record = read_state(run_dir)
-    summary = _read_json(run_dir / SUMMARY_FILENAME)
-    progress = _progress(run_dir)
+    summary = sound_summary(run_dir)
+    progress = read_progress(run_dir)
     status = PointStatus(
         index=index,
         name=name,
@@ -113,37 +115,36 @@ def point_status(
         overrides=dict(overrides or {}),
         state="pending",
         steps=steps,
-        job_id=(record or {}).get("job_id") or job_id,
-        step=progress.get("step"),
-        test_loss=progress.get("eval/loss"),
-        excess=progress.get("eval/excess"),
-        restarts=int((record or {}).get("restarts") or 0),
-        message=str((record or {}).get("message") or ""),
+        job_id=(record.job_id if record else None) or job_id,
+        step=progress.step,
+        test_loss=progress.eval_loss,
+        excess=progress.eval_excess,
+        restarts=record.restarts if record else 0,
+        message=(record.message if record else None) or "",
     )
     status.state = _derive_state(record, summary is not None, progress, status.job_id, queue)
-    saved = (record or {}).get("step")
-    if status.state == "preempted" and isinstance(saved, int):
-        status.step = saved  # the checkpoint it resumes from (metrics lag by up to log_every)
+    if status.state == "preempted" and record is not None and record.step is not None:
+        status.step = record.step  # the checkpoint it resumes from (metrics lag by log_every)
     if status.state == "done" and summary is not None:
         status.summary = summary
-        status.step = summary.get("step", status.step)
-        status.test_loss = summary.get("test_loss")
-        status.excess = summary.get("excess_loss")
+        status.step = summary.step
+        status.test_loss = summary.test_loss
+        status.excess = summary.excess_loss
     if status.state == "failed" and not status.message and queue is not None:
         status.message = "the job left the queue without recording an end; see its log"
     return status
 
 
 def _derive_state(
-    record: Mapping[str, Any] | None,
+    record: JobRecord | None,
     has_summary: bool,
-    progress: Mapping[str, Any],
+    progress: Progress,
     job_id: str | None,
     queue: set[str] | None,
 ) -> JobState:
     gone = queue is not None and job_id is not None and job_id not in queue
     if record is not None:
-        state = record["state"] if record["state"] in _STATES else "running"
+        state = record.state
         if state == "done" and not has_summary:
             return "failed"  # the summary was deleted or never written: not a result
         if state == "running" and gone:
@@ -151,39 +152,9 @@ def _derive_state(
         return state
     if has_summary:
         return "done"
-    if progress:
+    if progress.step is not None:
         return "failed" if gone else "running"
     return "failed" if gone else "pending"
-
-
-def _progress(run_dir: Path) -> dict[str, Any]:
-    """The last step and the latest eval figures in metrics.jsonl (a torn line is skipped)."""
-    progress: dict[str, Any] = {}
-    try:
-        lines = (run_dir / METRICS_FILENAME).read_text().splitlines()
-    except OSError:
-        return progress
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        if isinstance(record.get("step"), int):
-            progress["step"] = max(progress.get("step", 0), record["step"])
-        for key, value in record.items():
-            if key.startswith("eval/"):
-                progress[key] = value
-    return progress
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def sweep_status(directory: str | Path, *, check_queue: bool = True) -> list[PointStatus]:
@@ -287,10 +258,10 @@ def metric_value(status: PointStatus, key: str) -> float | None:
     """A point's figure by name: `eval.<metric>` = its final (latest) evaluation's
     `eval/<metric>`; any other key is a summary.json key (`test_loss`, `excess_loss`...)."""
     if key.startswith("eval."):
-        value = _progress(status.run_dir).get("eval/" + key.removeprefix("eval."))
+        value = read_progress(status.run_dir).evaluation.get(key.removeprefix("eval."))
     else:
-        value = (status.summary or {}).get(key)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        value = status.summary.figures().get(key) if status.summary else None
+    return None if value is None else float(value)
 
 
 def rank_points(
@@ -309,16 +280,8 @@ def rank_points(
 
 
 def _available_keys(status: PointStatus) -> str:
-    summary_keys = [
-        key
-        for key, value in (status.summary or {}).items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
-    ]
-    eval_keys = [
-        "eval." + key.removeprefix("eval/")
-        for key in _progress(status.run_dir)
-        if key.startswith("eval/")
-    ]
+    summary_keys = list(status.summary.figures()) if status.summary else []
+    eval_keys = ["eval." + key for key in read_progress(status.run_dir).evaluation]
     return f"choose one of: {', '.join(eval_keys + summary_keys)}"
 
 

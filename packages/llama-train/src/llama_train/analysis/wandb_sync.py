@@ -40,16 +40,20 @@ from llama_train.errors import LlamaTrainError
 from llama_train.rundir import (
     CONFIG_FILENAME,
     METRICS_FILENAME,
+    PROFILE_FILENAME,
+    SUMMARY_FILENAME,
     WANDB_ID_FILENAME,
     atomic_write,
+    evaluation_paths,
     load_yaml,
-    read_metrics,
+    read_metric_records,
+    read_summary,
     wandb_name_and_group,
 )
 
 SYNC_FILENAME = "wandb_sync.json"
 DEFAULT_PROJECT = "llama-train"
-FILES = ("config.yaml", "summary.json", "profile.csv")
+FILES = (CONFIG_FILENAME, SUMMARY_FILENAME, PROFILE_FILENAME)
 # Run figures of summary.json that also go into the wandb config (filtering by size, data).
 SUMMARY_FACTS = ("parameters", "parameters_total", "parameters_non_embedding", "store_fingerprint")
 
@@ -79,11 +83,8 @@ def run_id_for(run_dir: Path) -> str:
 def history(run_dir: Path) -> list[dict[str, Any]]:
     """Metrics lines (and profiler rows) merged per step, later lines winning, sorted by step."""
     by_step: dict[int, dict[str, Any]] = {}
-    for record in read_metrics(run_dir / METRICS_FILENAME):
-        step = record.get("step")
-        if not isinstance(step, int):
-            continue
-        by_step.setdefault(step, {}).update(_numbers(record))
+    for record in read_metric_records(run_dir / METRICS_FILENAME):
+        by_step.setdefault(record.step, {}).update(_numbers(record.line))
     for row in _profile_rows(run_dir):
         step = int(row.pop("step"))
         if step in by_step:  # a row whose metrics line a resume dropped is not a step
@@ -104,7 +105,7 @@ def _numbers(record: dict[str, Any]) -> dict[str, float | int]:
 
 
 def _profile_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "profile.csv"
+    path = run_dir / PROFILE_FILENAME
     if not path.is_file():
         return []
     rows = []
@@ -158,7 +159,8 @@ def sync_run(
     config_path = run_dir / CONFIG_FILENAME
     config = load_yaml(config_path) if config_path.is_file() else {}
     logged = (config.get("logging") or {}).get("wandb") or {}
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_summary(run_dir)
+    facts = {} if summary is None else summary.model_dump(include=set(SUMMARY_FACTS))
     name, group = wandb_name_and_group(
         (config.get("run") or {}).get("name") or run_dir.name, logged.get("name")
     )
@@ -174,7 +176,7 @@ def sync_run(
         resume="allow",
         mode=mode,
         dir=os.environ.get("WANDB_DIR") or str(run_dir),
-        config={**config, **{key: summary[key] for key in SUMMARY_FACTS if key in summary}},
+        config={**config, **{key: value for key, value in facts.items() if value is not None}},
     )
     try:
         # A resumed online run knows its last step; never send a step at or below it.
@@ -182,10 +184,10 @@ def sync_run(
         steps = [line for line in history(run_dir) if line["step"] > floor]
         for line in steps:
             run.log({k: v for k, v in line.items() if k != "step"}, step=line["step"])
-        if summary:
-            run.summary.update(_numbers(summary))
+        if summary is not None:
+            run.summary.update(summary.figures())
         files = [run_dir / name for name in FILES if (run_dir / name).is_file()]
-        files += sorted((run_dir / "eval").glob("*.json"))
+        files += evaluation_paths(run_dir)
         for path in files:
             run.save(str(path), base_path=str(run_dir), policy="now")
     finally:

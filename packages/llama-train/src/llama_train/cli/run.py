@@ -17,6 +17,7 @@ import typer
 from llama_train.cli.app import app, console, err_console, user_errors
 from llama_train.cli.tables import summary_table
 from llama_train.errors import LlamaTrainError
+from llama_train.rundir import RunSummary
 
 if TYPE_CHECKING:
     from llama_train.recipe.train_config import TrainConfig
@@ -75,7 +76,7 @@ def run_command(
     if is_main and as_json:
         sys.stdout.write(json.dumps({**summary, "run_dir": str(resolved.run_dir)}) + "\n")
     elif is_main:
-        console.print(summary_table(summary))
+        console.print(summary_table(RunSummary.model_validate(summary)))
         console.print(f"run directory: {resolved.run_dir}", highlight=False)
 
 

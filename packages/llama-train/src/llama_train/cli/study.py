@@ -172,7 +172,8 @@ def study_status_command(
     criterion)."""
     from llama_train.analysis.status import point_status, sweep_status
     from llama_train.cli.submit import status_table
-    from llama_train.launch.study import edge_optima, read_study_record, read_validation
+    from llama_train.launch.study import edge_optima, read_study_record
+    from llama_train.rundir import read_validation
 
     with user_errors():
         record = read_study_record(directory)
@@ -191,7 +192,8 @@ def study_status_command(
         points = []
         for status in statuses:
             validation = read_validation(status.run_dir)
-            points.append({**status.to_dict(), "val_loss": (validation or {}).get("loss")})
+            loss = None if validation is None else validation.loss
+            points.append({**status.to_dict(), "val_loss": loss})
         console.print_json(json.dumps(points, default=str))
         return
     _print_table(status_table(statuses, title=f"{directory}: "))

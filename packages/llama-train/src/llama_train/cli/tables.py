@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.table import Table
+
+from llama_train.rundir import RunSummary
 
 
 def figures_table(title: str, rows: list[tuple[str, str, str]], caption: str = "") -> Table:
@@ -30,16 +30,16 @@ def entropy_label(method: str) -> str:
     return "exact entropy" if method.startswith("exact") else "known-kernel entropy (bound)"
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
+def summary_table(summary: RunSummary) -> Table:
     """The end-of-run table: test loss, exact entropy, excess loss and the data's baselines."""
     from llama_train.core.evaluate import LN2
 
-    rows = [
-        figures_row("test loss", summary["test_loss"]),
-        figures_row(entropy_label(summary["entropy_method"]), summary["test_entropy"]),
-        figures_row("excess loss", summary["excess_loss"]),
-    ]
-    baselines = summary.get("baselines") or {}
+    method = summary.entropy_method or "unknown"
+    rows = [figures_row("test loss", summary.test_loss)]
+    if summary.test_entropy is not None and summary.excess_loss is not None:
+        rows.append(figures_row(entropy_label(method), summary.test_entropy))
+        rows.append(figures_row("excess loss", summary.excess_loss))
+    baselines = summary.baselines or {}
     for key, label in (
         ("unigram_bits", "unigram baseline"),
         ("zstd_bits", "zstd baseline"),
@@ -48,7 +48,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         if key in baselines:
             rows.append(figures_row(label, baselines[key] * LN2))
     return figures_table(
-        f"step {summary['step']}, {summary['eval_sequences']} {summary['eval_split']} sequences",
+        f"step {summary.step}, {summary.eval_sequences} {summary.eval_split} sequences",
         rows,
-        caption=f"entropy: {summary['entropy_method']}",
+        caption=f"entropy: {method}",
     )

@@ -25,11 +25,9 @@ sharded (FSDP) model needs: each forward gathers parameters from all ranks.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +47,7 @@ from llama_train.core import distributed
 from llama_train.core.chunk_check import ChunkChecker
 from llama_train.core.data import DataSpec, online_sampler
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import EVAL_DIR, atomic_write
+from llama_train.rundir import EvalRecord
 
 LN2 = math.log(2)
 # Sequences evaluated when there is no store to hold a test split (online from a
@@ -123,34 +121,14 @@ class EvalResult:
             "excess_bits": self.excess_bits,
         }
 
+    def record(self) -> EvalRecord:
+        """The run directory's record of this evaluation (`eval/step_NNNNNN.json`)."""
+        return EvalRecord.model_validate(self.to_dict())
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
         fields = cls.__dataclass_fields__
         return cls(**{key: value for key, value in data.items() if key in fields})
-
-
-def eval_file(run_dir: Path, step: int) -> Path:
-    """Where the full result (curves included) of the evaluation at `step` is kept."""
-    return run_dir / EVAL_DIR / f"step_{step:06d}.json"
-
-
-def save_result(result: EvalResult, path: Path) -> None:
-    """Write a result as JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(result.to_dict(), indent=1))
-
-
-def drop_results_after(run_dir: Path, step: int) -> None:
-    """Forget evaluations past `step` (a resumed run replays those steps)."""
-    for path in (run_dir / EVAL_DIR).glob("step_*.json"):
-        if int(path.stem.removeprefix("step_")) > step:
-            path.unlink()
-
-
-def latest_result(run_dir: Path) -> EvalResult | None:
-    """The most recent evaluation saved in a run directory, if any."""
-    files = sorted((run_dir / EVAL_DIR).glob("step_*.json"))
-    return EvalResult.from_dict(json.loads(files[-1].read_text())) if files else None
 
 
 def _rank_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:

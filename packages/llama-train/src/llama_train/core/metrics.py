@@ -27,7 +27,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import METRICS_FILENAME, WANDB_ID_FILENAME, atomic_write, read_metrics
+from llama_train.rundir import (
+    METRICS_FILENAME,
+    WANDB_ID_FILENAME,
+    atomic_write,
+    read_metric_records,
+)
 
 
 class WandbConfig(BaseModel):
@@ -78,7 +83,7 @@ def truncate_after(path: Path, step: int) -> None:
     """Keep only the lines with `step` <= the given step (atomically rewritten)."""
     if not path.is_file():
         return
-    kept = [json.dumps(record) for record in read_metrics(path) if record.get("step", 0) <= step]
+    kept = [json.dumps(record.line) for record in read_metric_records(path) if record.step <= step]
     atomic_write(path, "".join(line + "\n" for line in kept))
 
 

@@ -68,10 +68,13 @@ class StackJob:
         except recipe.Preempted as stop:
             lead = self.jobs[0]
             lead._requeue(stop.step, saved=stop.checkpoint is not None)
-            record = read_state(lead.config.run_dir) or {}
+            record = read_state(lead.config.run_dir)
             for config in configs[1:]:
                 write_state(
-                    config.run_dir, "preempted", step=stop.step, message=record.get("message")
+                    config.run_dir,
+                    "preempted",
+                    step=stop.step,
+                    message=record.message if record else None,
                 )
             raise SystemExit(PREEMPTED_EXIT_CODE) from None
         except BaseException as error:

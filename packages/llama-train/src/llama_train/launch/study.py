@@ -58,10 +58,9 @@ from llama_train.launch.submit_config import SubmitConfig, format_value
 from llama_train.launch.sweep import Plan, Point, write_manifest
 from llama_train.recipe.evaluate_run import evaluate_run
 from llama_train.recipe.train_config import TrainConfig, link_to_data, raw_config
-from llama_train.rundir import SUMMARY_FILENAME, atomic_write
+from llama_train.rundir import SUMMARY_FILENAME, ValidationRecord, atomic_write, read_validation
 
 STUDY_FILENAME = "study.json"
-VALIDATION_FILENAME = "validation.json"
 WIDENED_FILENAME = "lr_widened.json"
 STUDY_VERSION = 1
 STUDY_LOCK_FILENAME = ".study.lock"
@@ -758,30 +757,24 @@ def describe_missing(missing: Mapping[str, str], directory: str | Path, *, shown
 # Validation (the held-out slice)
 
 
-def write_validation(run_dir: Path, first: int, sequences: int, device: str = "auto") -> dict:
+def write_validation(
+    run_dir: Path, first: int, sequences: int, device: str = "auto"
+) -> ValidationRecord:
     """Evaluate a run's final checkpoint on train rows [first, first + sequences)."""
     result = evaluate_run(
         run_dir, split="train", first=first, max_sequences=sequences, device=device
     )
-    record = {
-        "step": result.step,
-        "split": "train",
-        "first": first,
-        "sequences": result.n_sequences,
-        "loss": result.loss,
-        "entropy": result.entropy,
-        "excess": result.excess,
-    }
-    atomic_write(run_dir / VALIDATION_FILENAME, json.dumps(record, indent=1) + "\n")
+    record = ValidationRecord(
+        step=result.step,
+        split="train",
+        first=first,
+        sequences=result.n_sequences,
+        loss=result.loss,
+        entropy=result.entropy,
+        excess=result.excess,
+    )
+    record.write(run_dir)
     return record
-
-
-def read_validation(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((run_dir / VALIDATION_FILENAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def ensure_validation(directory: str | Path, log: Log | None = None) -> int:
@@ -795,7 +788,7 @@ def ensure_validation(directory: str | Path, log: Log | None = None) -> int:
         if status.state != "done":
             continue
         validation = read_validation(run_dir)
-        if validation is not None and validation.get("step") == status.step:
+        if validation is not None and validation.step == status.step:
             continue
         held_out = record["regimes"][point["regime"]]["validation"]
         if log:

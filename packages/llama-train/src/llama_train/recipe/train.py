@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import random
@@ -75,10 +74,7 @@ from llama_train.core.distributed import (
 from llama_train.core.evaluate import (
     EvalResult,
     EvalSet,
-    drop_results_after,
-    eval_file,
     evaluate,
-    save_result,
 )
 from llama_train.core.metrics import MetricLogger, system_metrics
 from llama_train.core.model import Llama
@@ -106,10 +102,13 @@ from llama_train.recipe.train_config import (
 from llama_train.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILENAME,
-    SUMMARY_FILENAME,
-    atomic_write,
+    SUMMARY_VERSION,
+    RunSummary,
+    drop_evaluations_after,
     load_yaml,
+    sound_summary,
     wandb_name_and_group,
+    write_evaluation,
 )
 from llama_train.scaling.compute import training_compute
 
@@ -676,7 +675,7 @@ class Trainer:
         self.state.last_eval = result.to_dict()
         if self.ranks.is_main:
             logger.log({"step": result.step, **result.metrics()})
-            save_result(result, eval_file(self.run_dir, result.step))
+            write_evaluation(self.run_dir, result.record())
         self.say(
             f"step {result.step}: {result.split} loss {result.loss:.4f}, exact entropy "
             f"{result.entropy:.4f}, excess {result.excess:.4f} nats ({result.excess_bits:.4f} bits)"
@@ -688,6 +687,7 @@ class Trainer:
         assert self.state.last_eval is not None
         result = EvalResult.from_dict(self.state.last_eval)
         summary: dict[str, Any] = {
+            "version": SUMMARY_VERSION,
             "step": self.state.step,
             "test_loss": result.loss,
             "test_entropy": result.entropy,
@@ -710,9 +710,10 @@ class Trainer:
             "baselines": self._baselines(),
             **self.scale_figures(),
         }
+        record = RunSummary.model_validate(summary)
         if self.ranks.is_main:
-            atomic_write(self.run_dir / SUMMARY_FILENAME, json.dumps(summary, indent=1))
-        return summary
+            record.write(self.run_dir)
+        return record.to_dict()
 
     def parameter_counts(self) -> dict[str, int]:
         """Total (embeddings and head) and non-embedding (head still in) parameter counts.
@@ -858,7 +859,7 @@ def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer
     if step is not None:
         trainer.resumed = True
         if ranks.is_main:
-            drop_results_after(run_dir, step)
+            drop_evaluations_after(run_dir, step)
         trainer.say(f"resuming {run_dir} from step {step}")
         for change in changes:
             trainer.say(f"  changed since the checkpoint: {change}")
@@ -896,20 +897,12 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     Finished means summary.json says so and the newest checkpoint is that same
     step (a summary without its checkpoint, or one of a shorter run, is not).
     """
-    path = config.run_dir / SUMMARY_FILENAME
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or not isinstance(summary.get("test_loss"), int | float):
-        return None  # damaged: the run resumes from its last checkpoint and writes it again
-    step = summary.get("step")
-    if not isinstance(step, int) or step < config.train.steps:
+    # A damaged summary is none: the run resumes from its last checkpoint and writes it again.
+    summary = sound_summary(config.run_dir)
+    if summary is None or summary.step < config.train.steps:
         return None
     steps = CheckpointManager(config.run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep).steps()
-    return summary if steps and steps[-1] == step else None
+    return summary.to_dict() if steps and steps[-1] == summary.step else None
 
 
 def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
@@ -937,9 +930,11 @@ def train_branches(
     others; the failures are raised together at the end, one line. A preemption
     stops at once: running the same command again resumes the branch.
     """
-    tokens_per_step = summary["tokens"] // summary["step"]
+    done = RunSummary.model_validate(summary)
+    assert done.tokens is not None and done.parameters_total is not None
+    tokens_per_step = done.tokens // done.step
     optim = resolve_warmup(
-        trunk.optim, parameters=summary["parameters_total"], tokens_per_step=tokens_per_step
+        trunk.optim, parameters=done.parameters_total, tokens_per_step=tokens_per_step
     )
     trunk_checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
     summaries, failures = [], []

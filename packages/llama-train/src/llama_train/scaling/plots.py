@@ -25,7 +25,6 @@ instead of a single power of ten.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import atomic_write
+from llama_train.rundir import atomic_write, read_metric_records, tokens_per_step
 from llama_train.scaling.approaches import approach2, isoflop_profiles
 from llama_train.scaling.fit import Fit
 from llama_train.scaling.regime_fits import RegimeFits
@@ -411,25 +410,17 @@ def _epochs_figure(plt: Any, regime: RegimeFits, path: Path) -> Path | None:
 def _eval_curve(run_dir: Path, unique_tokens: float) -> list[tuple[float, float]]:
     """(epochs, test loss) at every evaluation of a run, from its metrics.jsonl."""
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+        records = read_metric_records(run_dir)
+    except LlamaTrainError:
         return []
-    tokens_per_step = None
-    evals: list[tuple[int, float]] = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            continue
-        if "tokens" in record and record["step"] > 0 and tokens_per_step is None:
-            tokens_per_step = float(record["tokens"]) / record["step"]
-        if "eval/loss" in record:
-            evals.append((record["step"], float(record["eval/loss"])))
-    if tokens_per_step is None or unique_tokens <= 0:
+    per_step = tokens_per_step(records)
+    if per_step is None or unique_tokens <= 0:
         return []
-    return [(step * tokens_per_step / unique_tokens, loss) for step, loss in evals]
+    return [
+        (record.step * per_step / unique_tokens, record.eval_loss)
+        for record in records
+        if record.eval_loss is not None
+    ]
 
 
 # ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_train.errors import LlamaTrainError
-from llama_train.rundir import atomic_write
+from llama_train.rundir import atomic_write, read_validation, sound_summary
 
 LN2 = math.log(2.0)
 # What N counts: total parameters by default (the Chinchilla count; Pearce & Song 2024 and
@@ -101,20 +101,20 @@ def point_rows(
     rows = []
     for point in record["points"]:
         run_dir = directory / point["name"]
-        summary = _read(run_dir / "summary.json")
-        if summary is None or summary.get("step") != point["steps"]:
+        summary = sound_summary(run_dir)
+        if summary is None or summary.step != point["steps"]:
             continue
-        loss, entropy = summary.get("test_loss"), summary.get("test_entropy")
-        if not all(_is_number(value) for value in (loss, entropy)):
+        loss, entropy = summary.test_loss, summary.test_entropy
+        if entropy is None or not all(_is_number(value) for value in (loss, entropy)):
             continue  # a damaged summary: not a result (study collect names the point)
-        validation = _read(run_dir / "validation.json")
-        total = summary.get("parameters_total", summary.get("parameters"))
+        validation = read_validation(run_dir)
+        total = summary.parameters_total
         # A cooldown branch read a part of its trunk's prefix once: D is what it read.
-        unique, epochs = summary.get("unique_tokens"), summary.get("epochs")
-        if point.get("trunk") and summary.get("unique_tokens_seen"):
-            unique = summary["unique_tokens_seen"]
-            epochs = summary.get("tokens_seen", unique) / unique
-        non_embedding = summary.get("parameters_non_embedding")
+        unique, epochs = summary.unique_tokens, summary.epochs
+        if point.get("trunk") and summary.unique_tokens_seen:
+            unique = summary.unique_tokens_seen
+            epochs = (summary.tokens_seen or unique) / unique
+        non_embedding = summary.parameters_non_embedding
         rows.append(
             {
                 "regime": point["regime"],
@@ -125,15 +125,15 @@ def point_rows(
                 "N_count": parameters,
                 "D": unique,
                 "n_train": point["n_train"],
-                "tokens": summary.get("tokens_seen", summary.get("tokens")),
+                "tokens": summary.tokens_seen,
                 "epochs": epochs,
-                "flops_6nd": summary.get("flops_6nd"),
-                "flops_attention": summary.get("flops_attention"),
-                "flops": summary.get("flops"),
+                "flops_6nd": summary.flops_6nd,
+                "flops_attention": summary.flops_attention,
+                "flops": summary.flops,
                 "lr": point["lr"],
                 "seed": point["seed"],
                 "steps": point["steps"],
-                "val_loss": None if validation is None else validation.get("loss"),
+                "val_loss": None if validation is None else validation.loss,
                 "loss": loss,
                 "entropy": entropy,
                 "excess": loss - entropy,
