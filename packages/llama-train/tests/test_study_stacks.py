@@ -130,6 +130,59 @@ def test_trunks_trained_in_stacks_fork_the_branches_of_trunks_trained_alone(tmp_
                 assert float(one[column]) == pytest.approx(float(other[column]), rel=1e-6), column
 
 
+def test_a_trunk_whose_stacked_branch_diverges_fails_and_the_next_run_finishes_it(
+    tmp_path, store, monkeypatch
+):
+    """Two trunks (lr) of one stack, one branch each (4 steps, forked at step 2), their
+    branches stacked: the branch of the second diverges. Its trunk is recorded failed with
+    the branch's reason, as a trunk trained alone is; the first is done; the same command
+    then trains only the failed branch (it resumes from its fork)."""
+    from llama_train.train_stack import StackTrainer
+
+    extra = {
+        "branches": True,
+        "models": [{"name": "small", "model": {"dim": 8, "n_heads": 2}}],
+        "seeds": [0],
+        "steps": {"epochs": 1},
+        "overrides": {"optim.schedule": "wsd", "optim.decay_fraction": 0.5},
+    }
+    path = _study(tmp_path, store, "s", **extra)
+    step = StackTrainer.train_step
+
+    def poisoned(self, batches):
+        losses, norms = step(self, batches)
+        if self.lead.run_dir.parent.name == "branches":
+            losses = losses.clone()
+            losses[1] = float("nan")
+        return losses, norms
+
+    monkeypatch.setattr(StackTrainer, "train_step", poisoned)
+    first = runner.invoke(app, ["study", "run", str(path)])
+    assert first.exit_code == 1, first.output
+    said = _flat(first.output)
+    assert "2 points to train, in 1 stacks" in said and "1 trained" in said, first.output
+    status = runner.invoke(app, ["study", "status", str(tmp_path / "s"), "--json"])
+    states = {point["name"]: point for point in json.loads(status.output)}
+    good, bad = "debug_small_n64_lr0.01_s0", "debug_small_n64_lr0.03_s0"
+    assert states[good]["state"] == "done"
+    assert states[bad]["state"] == "failed"
+    assert states[bad]["message"].startswith(
+        f"1 of 1 branches of {tmp_path / 's' / bad} failed (the others are done): d512: "
+        "loss nan at step 3"
+    ), states[bad]["message"]
+    assert (tmp_path / "s" / good / "branches" / "d512" / "summary.json").is_file()
+    assert not (tmp_path / "s" / bad / "branches" / "d512" / "summary.json").exists()
+
+    monkeypatch.setattr(StackTrainer, "train_step", step)
+    again = runner.invoke(app, ["study", "run", str(path)])
+    assert again.exit_code == 0, again.output
+    assert "1 of 2 points to train" in _flat(again.output), again.output
+    status = runner.invoke(app, ["study", "status", str(tmp_path / "s"), "--json"])
+    assert {point["state"] for point in json.loads(status.output)} == {"done"}
+    rows = _collect(tmp_path / "s")
+    assert sum("/branches/" in row["run_dir"] for row in rows) == 2
+
+
 @pytest.mark.parametrize("setting", ["model.dropout=0.1", "logging.wandb.mode=offline"])
 def test_a_point_that_cannot_stack_trains_alone(store, setting):
     config = resolve_config(None, [f"data.path={store}", setting])

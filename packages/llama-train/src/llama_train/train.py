@@ -61,7 +61,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from gssm_data.humanize import format_si
 from gssm_data.progress import progress_display, progress_mode
 from gssm_data.resources import default_threads, describe_threads, set_torch_threads
-from llama_train.branches import fork, plan_branches
+from llama_train.branches import branch_failures, fork, plan_branches, trunk_branches
 from llama_train.config import (
     TrainConfig,
     TrainSection,
@@ -931,13 +931,9 @@ def train_branches(
     others; the failures are raised together at the end, one line. A preemption
     stops at once: running the same command again resumes the branch.
     """
-    tokens_per_step = summary["tokens"] // summary["step"]
-    optim = resolve_warmup(
-        trunk.optim, parameters=summary["parameters_total"], tokens_per_step=tokens_per_step
-    )
     trunk_checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
     summaries, failures = [], []
-    for branch in plan_branches(trunk, tokens_per_step=tokens_per_step, optim=optim):
+    for branch in trunk_branches(trunk, summary):
         finished = finished_summary(branch.config)
         if finished is not None:
             summaries.append(finished)
@@ -957,10 +953,7 @@ def train_branches(
                 say(f"branch {branch.name} failed: {error}")
             failures.append(f"{branch.name}: {error}")
     if failures:
-        raise LlamaTrainError(
-            f"{len(failures)} of {len(trunk.train.branches)} branches of {trunk.run_dir} "
-            f"failed (the others are done): {'; '.join(failures)}"
-        )
+        raise branch_failures(trunk, failures)
     return summaries
 
 
