@@ -341,7 +341,7 @@ def test_a_diverging_branch_in_a_stack_stops_only_itself(store, alone, tmp_path,
 
 
 def test_a_branch_stack_stopped_by_sigterm_resumes_to_the_branches_trained_alone(
-    store, alone, tmp_path, monkeypatch
+    store, alone, tmp_path, monkeypatch, stopped_by_sigterm
 ):
     step = StackTrainer.train_step
 
@@ -353,14 +353,9 @@ def test_a_branch_stack_stopped_by_sigterm_resumes_to_the_branches_trained_alone
 
     monkeypatch.setattr(StackTrainer, "train_step", signalled)
     trunks = _trunks(store, tmp_path, 2)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(Preempted) as stopped:
-            train_stack(trunks, progress=False)
-    finally:  # a watch that saw a signal leaves it ignored: give pytest its handler back
-        signal.signal(signal.SIGTERM, previous)
+    stopped = stopped_by_sigterm(lambda: train_stack(trunks, progress=False))
     stopped_at = FORKS[LONG] + 3
-    assert stopped.value.step == stopped_at
+    assert stopped.step == stopped_at
     for trunk in trunks:
         assert (branch_dir(trunk.run_dir, SHORT) / "summary.json").is_file()
         long = branch_dir(trunk.run_dir, LONG)

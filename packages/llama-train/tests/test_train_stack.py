@@ -23,7 +23,7 @@ from llama_train.core.metrics import read_metrics
 from llama_train.errors import LlamaTrainError
 from llama_train.eval import evaluate_run
 from llama_train.rundir import CHECKPOINT_DIR
-from llama_train.train import Preempted, train
+from llama_train.train import train
 from llama_train.train_stack import StackTrainer, train_stack
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
@@ -113,7 +113,7 @@ def test_a_member_resumes_alone_from_a_stack_checkpoint(store, tmp_path):
 
 
 def test_a_stack_stopped_by_sigterm_resumes_to_the_uninterrupted_result(
-    store, tmp_path, monkeypatch
+    store, tmp_path, monkeypatch, stopped_by_sigterm
 ):
     uninterrupted = train_stack(_configs(store, tmp_path / "once"), progress=False)
     step = StackTrainer.train_step
@@ -128,13 +128,8 @@ def test_a_stack_stopped_by_sigterm_resumes_to_the_uninterrupted_result(
 
     monkeypatch.setattr(StackTrainer, "train_step", signalled)
     interrupted = _configs(store, tmp_path / "twice")
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(Preempted) as stopped:
-            train_stack(interrupted, progress=False)
-    finally:  # a watch that saw a signal leaves it ignored: give pytest its handler back
-        signal.signal(signal.SIGTERM, previous)
-    assert stopped.value.step == 6
+    stopped = stopped_by_sigterm(lambda: train_stack(interrupted, progress=False))
+    assert stopped.step == 6
     assert CheckpointManager(interrupted[0].run_dir / CHECKPOINT_DIR).steps()[-1] == 6
     monkeypatch.setattr(StackTrainer, "train_step", step)
     resumed = train_stack(interrupted, progress=False)
