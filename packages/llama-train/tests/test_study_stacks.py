@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from llama_train.cli import app
 from llama_train.config import resolve_config
+from llama_train.core.checkpoint import CheckpointManager
 from llama_train.launch.stacks import stack_groups
 from llama_train.launch.study import plan_study
-from llama_train.rundir import read_state
+from llama_train.rundir import CHECKPOINT_DIR, read_state
 
 runner = CliRunner()
 TRAIN_ROWS, SEQ_LEN = 192, 17
@@ -104,15 +105,17 @@ def test_a_study_trained_in_stacks_collects_the_table_of_one_by_one(tmp_path, st
 
 def test_trunks_trained_in_stacks_fork_the_branches_of_trunks_trained_alone(tmp_path, store):
     """wsd trunks with cooldown branches and the warmup rule: stacked trunks checkpoint at
-    their fork steps with the rule's warmup, and their branches equal those of trunks
-    trained one by one (a branch resumes from its trunk's fork checkpoint)."""
+    their fork steps with the rule's warmup, and their branches, trained as stacks (one per
+    model: 2 lr x 2 seeds), equal those of trunks trained one by one (a branch resumes from
+    its trunk's fork checkpoint). The rule's warmup (2 steps for the small model, 3 for the
+    large) puts the 4-step branches' forks at steps 2 and 3: both train steps of their own."""
     extra = {
         "branches": True,
         "steps": {"epochs": 1},
         "overrides": {
             "optim.schedule": "wsd",
             "optim.decay_fraction": 0.5,
-            "optim.warmup_tokens_per_parameter": 0.3,
+            "optim.warmup_tokens_per_parameter": 0.08,
         },
     }
     stacked = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "s", **extra))])
@@ -128,6 +131,12 @@ def test_trunks_trained_in_stacks_fork_the_branches_of_trunks_trained_alone(tmp_
         for column in NUMERIC:
             if column in one:
                 assert float(one[column]) == pytest.approx(float(other[column]), rel=1e-6), column
+    forks = {}
+    for branch in (tmp_path / "s").glob("*/branches/*"):
+        steps = CheckpointManager(branch / CHECKPOINT_DIR).steps()
+        forks[branch.parent.parent.name.split("_")[1]] = steps[0]
+        assert steps[-1] == 4
+    assert forks == {"small": 2, "large": 3}
 
 
 def test_a_trunk_whose_stacked_branch_diverges_fails_and_the_next_run_finishes_it(
