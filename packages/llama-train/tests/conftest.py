@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 from gssm_data.generate import GenerateOptions, generate
 from gssm_data.presets import load_preset
-from llama_train.recipe.train import train
+from llama_train.recipe.train import Preempted, train
 from llama_train.recipe.train_config import resolve_config
 
 
@@ -31,6 +32,26 @@ def write_debug_store(
         )
     )
     return out
+
+
+@pytest.fixture()
+def stopped_by_sigterm() -> Callable[[Callable[[], object]], Preempted]:
+    """`stop(call)`: run `call`, which a SIGTERM it sends itself stops; its Preempted.
+
+    A preemption watch that saw a signal leaves it ignored (the process is on its way
+    out); the test's process is not, so SIGTERM's handler is given back.
+    """
+
+    def stop(call: Callable[[], object]) -> Preempted:
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            with pytest.raises(Preempted) as stopped:
+                call()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return stopped.value
+
+    return stop
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""Cooldown branches: each equals the run trained from scratch with its length, bit for bit."""
+"""Cooldown branches: each equals the run trained from scratch with its length, bit for bit.
+
+The branches of trunks trained as a stack train as stacks too, each equal bit for bit to
+the branch its trunk trains alone (`train_branches`, one by one).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from llama_train.errors import LlamaTrainError
 from llama_train.recipe.branches import branch_dir
 from llama_train.recipe.train import Preempted, Trainer, train
 from llama_train.recipe.train_config import TrainConfig, read_run_config, resolve_config
+from llama_train.recipe.train_stack import StackTrainer, train_stack
 from llama_train.rundir import CHECKPOINT_DIR, read_metrics
 
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "data.batch_size=8"]
@@ -217,3 +222,174 @@ def test_branches_need_wsd_and_must_be_shorter_than_the_run(store, tmp_path):
     with pytest.raises(LlamaTrainError, match="not shorter than the run"):
         train(config, progress=False)
     assert not (tmp_path / "y" / CHECKPOINT_DIR).exists()
+
+
+# ---------------------------------------------------------------------------
+# The branches of stacked trunks train as stacks
+
+# Trunks that may share a stack: lr and seed differ (t0 is the scratch runs' config).
+STACKED = [
+    ["optim.lr=3e-3", "run.seed=3"],
+    ["optim.lr=1e-2", "run.seed=3"],
+    ["optim.lr=3e-3", "run.seed=4"],
+]
+
+
+def _trunks(store: Path, root: Path, count: int = len(STACKED)) -> list[TrainConfig]:
+    return [
+        _config(
+            store,
+            root / f"t{i}",
+            "train.steps=12",
+            f"train.branches=[{SHORT},{LONG}]",
+            f"run.name=t{i}",
+            *overrides,
+        )
+        for i, overrides in enumerate(STACKED[:count])
+    ]
+
+
+@pytest.fixture(scope="module")
+def alone(store, tmp_path_factory) -> list[Path]:
+    """The reference: each trunk trained alone, its branches one by one (`train_branches`)."""
+    trunks = _trunks(store, tmp_path_factory.mktemp("alone"))
+    for trunk in trunks:
+        train(trunk, progress=False)
+    return [trunk.run_dir for trunk in trunks]
+
+
+def _recording_stacks(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The members (run names) of every stack built from here on, in order."""
+    from llama_train.recipe import train_stack as recipe
+
+    built: list[list[str]] = []
+    build = recipe.build_stack
+
+    def recording(configs):
+        built.append([config.run.name for config in configs])
+        return build(configs)
+
+    monkeypatch.setattr(recipe, "build_stack", recording)
+    return built
+
+
+def test_the_branches_of_stacked_trunks_train_as_stacks_equal_to_each_trained_alone(
+    store, scratch, alone, tmp_path, monkeypatch
+):
+    from llama_train.recipe import train_stack as recipe
+
+    built = _recording_stacks(monkeypatch)
+    monkeypatch.setattr(recipe, "stack_capacity", lambda *args, **kwargs: 2)
+    trunks = _trunks(store, tmp_path)
+    result = train_stack(trunks, progress=False)
+    assert result.errors == {}
+    # The trunks, then each branch length, stacked and split by the same capacity.
+    assert built == [
+        ["t0", "t1"],
+        ["t2"],
+        ["t0/d640", "t1/d640"],
+        ["t2/d640"],
+        ["t0/d1025", "t1/d1025"],
+        ["t2/d1025"],
+    ]
+    for trunk, reference in zip(trunks, alone, strict=True):
+        for tokens in STEPS:
+            branch = branch_dir(trunk.run_dir, tokens)
+            _assert_same_run(branch, branch_dir(reference, tokens))
+            summary = json.loads((branch / "summary.json").read_text())
+            assert result.summaries[f"{trunk.run.name}/d{tokens}"] == summary
+            assert read_run_config(branch).train.steps == STEPS[tokens]
+    for tokens, reference in scratch.items():  # and t0's are the runs trained from scratch
+        _assert_same_run(branch_dir(trunks[0].run_dir, tokens), reference)
+    # The trunks really differ, and so do their branches.
+    assert len({result.summaries[f"t{i}/d{SHORT}"]["test_loss"] for i in range(3)}) == 3
+    # Running it again trains nothing.
+    built.clear()
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")}
+    assert train_stack(trunks, progress=False).errors == {}
+    assert built == []
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
+
+
+def test_a_diverging_branch_in_a_stack_stops_only_itself(store, alone, tmp_path, monkeypatch):
+    step = StackTrainer.train_step
+
+    def poisoned(self, batches):
+        losses, norms = step(self, batches)
+        if self.lead.config.run.name == f"t0/d{LONG}":  # member 1: t1's long branch
+            losses = losses.clone()
+            losses[1] = float("nan")
+        return losses, norms
+
+    monkeypatch.setattr(StackTrainer, "train_step", poisoned)
+    trunks = _trunks(store, tmp_path, 2)
+    result = train_stack(trunks, progress=False)
+    assert list(result.errors) == ["t1"]
+    message = result.errors["t1"]
+    assert "\n" not in message
+    assert message.startswith(
+        f"1 of 2 branches of {trunks[1].run_dir} failed (the others are done): "
+        f"d{LONG}: loss nan at step {FORKS[LONG] + 1}"
+    ), message
+    assert result.summaries[f"t1/d{LONG}"] is None
+    assert not (branch_dir(trunks[1].run_dir, LONG) / "summary.json").exists()
+    for i, trunk in enumerate(trunks):
+        for tokens in STEPS:
+            if (i, tokens) != (1, LONG):
+                _assert_same_run(branch_dir(trunk.run_dir, tokens), branch_dir(alone[i], tokens))
+
+
+def test_a_branch_stack_stopped_by_sigterm_resumes_to_the_branches_trained_alone(
+    store, alone, tmp_path, monkeypatch, stopped_by_sigterm
+):
+    step = StackTrainer.train_step
+
+    def signalled(self, batches):
+        out = step(self, batches)
+        if self.lead.config.run.name == f"t0/d{LONG}" and self.step == FORKS[LONG] + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(StackTrainer, "train_step", signalled)
+    trunks = _trunks(store, tmp_path, 2)
+    stopped = stopped_by_sigterm(lambda: train_stack(trunks, progress=False))
+    stopped_at = FORKS[LONG] + 3
+    assert stopped.step == stopped_at
+    for trunk in trunks:
+        assert (branch_dir(trunk.run_dir, SHORT) / "summary.json").is_file()
+        long = branch_dir(trunk.run_dir, LONG)
+        assert CheckpointManager(long / CHECKPOINT_DIR).steps()[-1] == stopped_at
+        assert not (long / "summary.json").exists()
+    monkeypatch.setattr(StackTrainer, "train_step", step)
+    assert train_stack(trunks, progress=False).errors == {}
+    for i, trunk in enumerate(trunks):
+        for tokens in STEPS:
+            _assert_same_run(branch_dir(trunk.run_dir, tokens), branch_dir(alone[i], tokens))
+
+
+def test_stacked_branches_fork_as_branches_trained_alone_fork(store, alone, tmp_path, monkeypatch):
+    """A branch that cannot fork fails alone; one forked from an earlier sound checkpoint
+    (its trunk's fork checkpoint damaged) starts there, in a stack of its own."""
+    trunks = _trunks(store, tmp_path, 2)
+    train_stack(trunks, progress=False)
+    for trunk in trunks:
+        shutil.rmtree(trunk.run_dir / "branches")
+    checkpoints = [CheckpointManager(trunk.run_dir / CHECKPOINT_DIR) for trunk in trunks]
+    _corrupt(checkpoints[0].folder(FORKS[SHORT]))  # t0's short branch: nothing to fork from
+    _corrupt(checkpoints[1].folder(FORKS[LONG]))  # t1's long branch: forks from step 3
+    built = _recording_stacks(monkeypatch)
+    result = train_stack(trunks, progress=False)
+    assert list(result.errors) == ["t0"]
+    assert result.errors["t0"].startswith(
+        f"1 of 2 branches of {trunks[0].run_dir} failed (the others are done): "
+        f"d{SHORT}: cannot fork: the trunk {trunks[0].run_dir} has no sound checkpoint"
+    )
+    assert result.summaries[f"t0/d{SHORT}"] is None
+    # Stacks by starting step: t1's long branch from step 3, t0's from its fork step 5.
+    assert built == [[f"t1/d{LONG}"], [f"t0/d{LONG}"], [f"t1/d{SHORT}"]]
+    assert CheckpointManager(branch_dir(trunks[1].run_dir, LONG) / CHECKPOINT_DIR).steps() == [
+        FORKS[SHORT],
+        STEPS[LONG],
+    ]
+    for i, tokens in ((0, LONG), (1, LONG), (1, SHORT)):
+        _assert_same_run(branch_dir(trunks[i].run_dir, tokens), branch_dir(alone[i], tokens))

@@ -2,11 +2,12 @@
 
 A stack trains several study points in one process, so a fault there must spoil no
 member: `study run` killed with SIGKILL mid-step, mid-checkpoint (one member's
-checkpoint published, the next one's half written) or while a stacked trunk forks its
-cooldown branch is resumed by the same command, and every point (and branch) ends with
-the metrics, evaluations and summary of a study that was never interrupted, step for
-step. A member whose loss goes non-finite stops with its reason in its own run
-directory and in `study status`, and the members beside it end as they do without it.
+checkpoint published, the next one's half written), while a stacked trunk forks its
+cooldown branch or in the middle of a stack of branches is resumed by the same
+command, and every point (and branch) ends with the metrics, evaluations and summary
+of a study that was never interrupted, step for step. A member whose loss goes
+non-finite stops with its reason in its own run directory and in `study status`, and
+the members beside it end as they do without it.
 Each test is a row of the Reliability table (docs/reliability.md).
 """
 
@@ -31,6 +32,7 @@ DETERMINISTIC_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "epoch", "eva
 
 # `study run` with a SIGKILL hook chosen by KILL (the kill is real: no handler runs).
 #   step:K     as the stack starts step K + 1
+#   branch:K   as a stack of cooldown branches starts step K + 1
 #   weights:N  right after the N-th model.safetensors is written into its checkpoint's
 #              temporary folder, before that checkpoint is published
 #   fork:N     once a branch fork has done its N-th copy (records or checkpoint)
@@ -45,10 +47,11 @@ kind, _, value = os.environ["KILL"].partition(":")
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-if kind == "step":
+if kind in ("step", "branch"):
     step = StackTrainer.train_step
     def train_step(self, batches):
-        if self.step == int(value):
+        branches = self.lead.run_dir.parent.name == "branches"
+        if self.step == int(value) and branches == (kind == "branch"):
             die()
         return step(self, batches)
     StackTrainer.train_step = train_step
@@ -144,9 +147,9 @@ def _runs(directory: Path) -> dict[str, dict]:
 
 
 def _latest_checkpoints(directory: Path) -> list[int]:
-    """Each point's newest published checkpoint step, sorted (0: none)."""
+    """Each run's (point's or branch's) newest published checkpoint step, sorted (0: none)."""
     steps = []
-    for point in sorted(p for p in directory.iterdir() if (p / "config.yaml").is_file()):
+    for point in sorted(config.parent for config in directory.rglob("config.yaml")):
         published = [int(c.name[5:]) for c in (point / "checkpoints").glob("step_*")]
         steps.append(max(published, default=0))
     return sorted(steps)
@@ -233,6 +236,20 @@ def test_a_stacked_trunk_killed_while_forking_a_branch_resumes_step_for_step(
     """Killed between the fork's two copies (the trunk's records, then its checkpoint,
     whose publication makes the fork done) and after both."""
     _killed_and_resumed(tmp_path, store, kill, branched, **BRANCHED)
+
+
+@pytest.mark.integration
+def test_a_stack_of_branches_killed_with_sigkill_resumes_step_for_step(tmp_path, store):
+    """The trunks' branches (8 steps, forked at step 4) train as one stack after the
+    trunks: killed after the branches' own checkpoints of step 6, the same command
+    resumes each branch from them."""
+    extra = {
+        **BRANCHED,
+        "data": [64, 128],
+        "overrides": {"optim.schedule": "wsd", "optim.decay_fraction": 0.5},
+    }
+    expected = _run_once(tmp_path, store, **extra)
+    _killed_and_resumed(tmp_path, store, "branch:7", expected, left=[6, 6, 16, 16], **extra)
 
 
 # ---------------------------------------------------------------------------

@@ -11,10 +11,11 @@ import yaml
 from typer.testing import CliRunner
 
 from llama_train.cli import app
+from llama_train.core.checkpoint import CheckpointManager
 from llama_train.launch.stacks import stack_groups
 from llama_train.launch.study import plan_study
 from llama_train.recipe.train_config import resolve_config
-from llama_train.rundir import read_state
+from llama_train.rundir import CHECKPOINT_DIR, read_state
 
 runner = CliRunner()
 TRAIN_ROWS, SEQ_LEN = 192, 17
@@ -104,15 +105,17 @@ def test_a_study_trained_in_stacks_collects_the_table_of_one_by_one(tmp_path, st
 
 def test_trunks_trained_in_stacks_fork_the_branches_of_trunks_trained_alone(tmp_path, store):
     """wsd trunks with cooldown branches and the warmup rule: stacked trunks checkpoint at
-    their fork steps with the rule's warmup, and their branches equal those of trunks
-    trained one by one (a branch resumes from its trunk's fork checkpoint)."""
+    their fork steps with the rule's warmup, and their branches, trained as stacks (one per
+    model: 2 lr x 2 seeds), equal those of trunks trained one by one (a branch resumes from
+    its trunk's fork checkpoint). The rule's warmup (2 steps for the small model, 3 for the
+    large) puts the 4-step branches' forks at steps 2 and 3: both train steps of their own."""
     extra = {
         "branches": True,
         "steps": {"epochs": 1},
         "overrides": {
             "optim.schedule": "wsd",
             "optim.decay_fraction": 0.5,
-            "optim.warmup_tokens_per_parameter": 0.3,
+            "optim.warmup_tokens_per_parameter": 0.08,
         },
     }
     stacked = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "s", **extra))])
@@ -128,6 +131,65 @@ def test_trunks_trained_in_stacks_fork_the_branches_of_trunks_trained_alone(tmp_
         for column in NUMERIC:
             if column in one:
                 assert float(one[column]) == pytest.approx(float(other[column]), rel=1e-6), column
+    forks = {}
+    for branch in (tmp_path / "s").glob("*/branches/*"):
+        steps = CheckpointManager(branch / CHECKPOINT_DIR).steps()
+        forks[branch.parent.parent.name.split("_")[1]] = steps[0]
+        assert steps[-1] == 4
+    assert forks == {"small": 2, "large": 3}
+
+
+def test_a_trunk_whose_stacked_branch_diverges_fails_and_the_next_run_finishes_it(
+    tmp_path, store, monkeypatch
+):
+    """Two trunks (lr) of one stack, one branch each (4 steps, forked at step 2), their
+    branches stacked: the branch of the second diverges. Its trunk is recorded failed with
+    the branch's reason, as a trunk trained alone is; the first is done; the same command
+    then trains only the failed branch (it resumes from its fork)."""
+    from llama_train.recipe.train_stack import StackTrainer
+
+    extra = {
+        "branches": True,
+        "models": [{"name": "small", "model": {"dim": 8, "n_heads": 2}}],
+        "seeds": [0],
+        "steps": {"epochs": 1},
+        "overrides": {"optim.schedule": "wsd", "optim.decay_fraction": 0.5},
+    }
+    path = _study(tmp_path, store, "s", **extra)
+    step = StackTrainer.train_step
+
+    def poisoned(self, batches):
+        losses, norms = step(self, batches)
+        if self.lead.run_dir.parent.name == "branches":
+            losses = losses.clone()
+            losses[1] = float("nan")
+        return losses, norms
+
+    monkeypatch.setattr(StackTrainer, "train_step", poisoned)
+    first = runner.invoke(app, ["study", "run", str(path)])
+    assert first.exit_code == 1, first.output
+    said = _flat(first.output)
+    assert "2 points to train, in 1 stacks" in said and "1 trained" in said, first.output
+    status = runner.invoke(app, ["study", "status", str(tmp_path / "s"), "--json"])
+    states = {point["name"]: point for point in json.loads(status.output)}
+    good, bad = "debug_small_n64_lr0.01_s0", "debug_small_n64_lr0.03_s0"
+    assert states[good]["state"] == "done"
+    assert states[bad]["state"] == "failed"
+    assert states[bad]["message"].startswith(
+        f"1 of 1 branches of {tmp_path / 's' / bad} failed (the others are done): d512: "
+        "loss nan at step 3"
+    ), states[bad]["message"]
+    assert (tmp_path / "s" / good / "branches" / "d512" / "summary.json").is_file()
+    assert not (tmp_path / "s" / bad / "branches" / "d512" / "summary.json").exists()
+
+    monkeypatch.setattr(StackTrainer, "train_step", step)
+    again = runner.invoke(app, ["study", "run", str(path)])
+    assert again.exit_code == 0, again.output
+    assert "1 of 2 points to train" in _flat(again.output), again.output
+    status = runner.invoke(app, ["study", "status", str(tmp_path / "s"), "--json"])
+    assert {point["state"] for point in json.loads(status.output)} == {"done"}
+    rows = _collect(tmp_path / "s")
+    assert sum("/branches/" in row["run_dir"] for row in rows) == 2
 
 
 @pytest.mark.parametrize("setting", ["model.dropout=0.1", "logging.wandb.mode=offline"])

@@ -20,7 +20,7 @@ import torch
 from llama_train.core.checkpoint import CheckpointManager
 from llama_train.errors import LlamaTrainError
 from llama_train.recipe.evaluate_run import evaluate_run
-from llama_train.recipe.train import Preempted, train
+from llama_train.recipe.train import train
 from llama_train.recipe.train_config import TrainConfig, resolve_config
 from llama_train.recipe.train_stack import StackTrainer, train_stack
 from llama_train.rundir import CHECKPOINT_DIR, read_metrics
@@ -112,7 +112,7 @@ def test_a_member_resumes_alone_from_a_stack_checkpoint(store, tmp_path):
 
 
 def test_a_stack_stopped_by_sigterm_resumes_to_the_uninterrupted_result(
-    store, tmp_path, monkeypatch
+    store, tmp_path, monkeypatch, stopped_by_sigterm
 ):
     uninterrupted = train_stack(_configs(store, tmp_path / "once"), progress=False)
     step = StackTrainer.train_step
@@ -127,13 +127,8 @@ def test_a_stack_stopped_by_sigterm_resumes_to_the_uninterrupted_result(
 
     monkeypatch.setattr(StackTrainer, "train_step", signalled)
     interrupted = _configs(store, tmp_path / "twice")
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(Preempted) as stopped:
-            train_stack(interrupted, progress=False)
-    finally:  # a watch that saw a signal leaves it ignored: give pytest its handler back
-        signal.signal(signal.SIGTERM, previous)
-    assert stopped.value.step == 6
+    stopped = stopped_by_sigterm(lambda: train_stack(interrupted, progress=False))
+    assert stopped.step == 6
     assert CheckpointManager(interrupted[0].run_dir / CHECKPOINT_DIR).steps()[-1] == 6
     monkeypatch.setattr(StackTrainer, "train_step", step)
     resumed = train_stack(interrupted, progress=False)

@@ -7,7 +7,9 @@ group; each group trains in one process as one stack (split further by
 fp16, several ranks) stays alone. :class:`StackJob` is what a process (or a Slurm
 task) runs for a group: every member's job_state.json says running / done / failed
 / preempted as a single point's would, and each member that finished gets its
-job's after-training work (a study's validation).
+job's after-training work (a study's validation). The cooldown branches of a stack's
+trunks train in the same process, stacked in turn (`train_stack`); a trunk whose branch
+failed is recorded failed with the branch's reason, and the same command retries it.
 """
 
 from __future__ import annotations
@@ -85,8 +87,10 @@ class StackJob:
         for job in self.jobs:
             name, run_dir = job.config.run.name, job.config.run_dir
             summary = result.summaries.get(name)
-            if summary is None:
-                problems[str(run_dir)] = result.errors.get(name, "not trained")
+            # A trunk trained but with a failed branch fails, as `llama-train run` does.
+            problem = result.errors.get(name)
+            if summary is None or problem is not None:
+                problems[str(run_dir)] = problem or "not trained"
                 write_state(run_dir, "failed", message=problems[str(run_dir)])
                 continue
             write_state(run_dir, "done", step=summary["step"])

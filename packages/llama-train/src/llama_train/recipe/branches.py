@@ -23,21 +23,33 @@ the branch resumes from it as any run resumes. A branch with sound checkpoints o
 its own resumes from them; one whose checkpoints are all unusable is forked
 again. With no sound trunk checkpoint at or before F_b the branch fails with a
 line naming the trunk and the command that trains it from scratch instead.
+
+A trunk trained alone trains its branches one by one (`train.train_branches`); the
+trunks of a stack train theirs as stacks (`train_stack`): the branches of one length
+of trunks that differ only in what a stack member may vary share everything else, and
+each resumes from its own fork checkpoint as a stack member resumes.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llama_train.core.checkpoint import CheckpointManager
-from llama_train.core.optim import OptimConfig, decay_start
+from llama_train.core.optim import OptimConfig, decay_start, resolve_warmup
 from llama_train.errors import LlamaTrainError
 from llama_train.recipe.train_config import TrainConfig, write_config
-from llama_train.rundir import CHECKPOINT_DIR, CONFIG_FILENAME, EVAL_DIR, METRICS_FILENAME
+from llama_train.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILENAME,
+    EVAL_DIR,
+    METRICS_FILENAME,
+    RunSummary,
+)
 
 BRANCH_DIR = "branches"
 
@@ -99,6 +111,30 @@ def plan_branches(trunk: TrainConfig, *, tokens_per_step: int, optim: OptimConfi
         fork = min(decay_start(steps, optim), steps)
         branches.append(Branch(tokens, steps, fork, branch_config(trunk, tokens, steps)))
     return branches
+
+
+def trunk_branches(trunk: TrainConfig, summary: dict[str, Any]) -> list[Branch]:
+    """The branches of a finished trunk, shortest first, planned from its summary.
+
+    The summary holds what the plan needs beyond the config: the tokens per step and
+    the parameter count that the warmup rule (and so every fork step) depends on.
+    """
+    done = RunSummary.model_validate(summary)
+    if done.tokens is None or done.parameters_total is None:
+        raise LlamaTrainError(f"{trunk.run_dir}: its summary lacks the tokens or parameters")
+    tokens_per_step = done.tokens // done.step
+    optim = resolve_warmup(
+        trunk.optim, parameters=done.parameters_total, tokens_per_step=tokens_per_step
+    )
+    return plan_branches(trunk, tokens_per_step=tokens_per_step, optim=optim)
+
+
+def branch_failures(trunk: TrainConfig, failures: Sequence[str]) -> LlamaTrainError:
+    """The one-line error of a trunk whose branches `failures` ("d<D>: why") failed."""
+    return LlamaTrainError(
+        f"{len(failures)} of {len(trunk.train.branches)} branches of {trunk.run_dir} "
+        f"failed (the others are done): {'; '.join(failures)}"
+    )
 
 
 def fork(branch: Branch, trunk_checkpoints: CheckpointManager, say: Callable[[str], None]) -> None:

@@ -91,7 +91,7 @@ from llama_train.core.run_identity import data_fingerprint
 from llama_train.core.runlock import run_dir_lock
 from llama_train.core.weights import WEIGHTS_FILE, full_model_state, write_weights
 from llama_train.errors import LlamaTrainError
-from llama_train.recipe.branches import fork, plan_branches
+from llama_train.recipe.branches import branch_failures, fork, plan_branches, trunk_branches
 from llama_train.recipe.train_config import (
     TrainConfig,
     TrainSection,
@@ -930,15 +930,9 @@ def train_branches(
     others; the failures are raised together at the end, one line. A preemption
     stops at once: running the same command again resumes the branch.
     """
-    done = RunSummary.model_validate(summary)
-    assert done.tokens is not None and done.parameters_total is not None
-    tokens_per_step = done.tokens // done.step
-    optim = resolve_warmup(
-        trunk.optim, parameters=done.parameters_total, tokens_per_step=tokens_per_step
-    )
     trunk_checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
     summaries, failures = [], []
-    for branch in plan_branches(trunk, tokens_per_step=tokens_per_step, optim=optim):
+    for branch in trunk_branches(trunk, summary):
         finished = finished_summary(branch.config)
         if finished is not None:
             summaries.append(finished)
@@ -958,10 +952,7 @@ def train_branches(
                 say(f"branch {branch.name} failed: {error}")
             failures.append(f"{branch.name}: {error}")
     if failures:
-        raise LlamaTrainError(
-            f"{len(failures)} of {len(trunk.train.branches)} branches of {trunk.run_dir} "
-            f"failed (the others are done): {'; '.join(failures)}"
-        )
+        raise branch_failures(trunk, failures)
     return summaries
 
 

@@ -23,6 +23,11 @@ Preemption (SIGTERM, SIGUSR1) checkpoints every member and raises
 :class:`~llama_train.recipe.train.Preempted`; running the same stack again resumes all.
 Members resuming from different steps (one finished, one preempted earlier) are
 trained as separate stacks, one per starting step.
+
+Trunks (`train.branches`) fork their cooldown branches once trained, and the branches
+train as stacks too: the branches of one length share everything their trunks share,
+and each member resumes from its own trunk's fork checkpoint, so member m equals the
+branch its trunk trains alone (`recipe.train.train_branches`), bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from llama_train.core.stack import (
     clip_member_gradients,
 )
 from llama_train.errors import LlamaTrainError
+from llama_train.recipe.branches import Branch, branch_failures, fork, trunk_branches
 from llama_train.recipe.train import (
     LossWindow,
     NonFiniteLoss,
@@ -60,7 +66,6 @@ from llama_train.recipe.train import (
     finished_summary,
     flatten_keys,
     progress_bar,
-    train_branches,
 )
 from llama_train.recipe.train_config import TrainConfig
 from llama_train.rundir import CHECKPOINT_DIR
@@ -367,20 +372,26 @@ def train_stack(configs: Sequence[TrainConfig], *, progress: bool | None = None)
 
     Members are grouped by the step they resume from, and a group larger than the
     memory allows (`budget.stack_capacity`) is split; each group trains as one stack.
-    A member that diverges is reported in `errors`; the others finish.
+    A member that diverges is reported in `errors`; the others finish. Trunks
+    (`train.branches`) then fork their cooldown branches, which train as stacks too
+    (:func:`_train_branches`); a trunk whose branches failed is named in `errors`
+    with them, and each branch's summary is in `summaries` under its run name.
     """
     check_stack_configs(configs)
     result = StackResult({}, {})
-    todo: dict[int, list[TrainConfig]] = {}
-    for config in configs:
-        finished = finished_summary(config)
-        if finished is not None:
-            result.summaries[config.run.name] = finished
-        else:
-            todo.setdefault(_start_step(config), []).append(config)
-    config = configs[0]
+    capacity = _capacity(configs[0])
+    with PreemptionWatch() as preemption:
+        _train_groups(configs, result, capacity=capacity, progress=progress, preemption=preemption)
+        _train_branches(
+            configs, result, capacity=capacity, progress=progress, preemption=preemption
+        )
+    return result
+
+
+def _capacity(config: TrainConfig) -> int:
+    """How many members of this shape one stack may hold (`budget.stack_capacity`)."""
     device = resolve_device(config.train, rank_info())
-    capacity = stack_capacity(
+    return stack_capacity(
         config.model,
         batch_size=config.data.batch_size,
         eval_batch_size=config.eval.batch_size or config.data.batch_size,
@@ -388,24 +399,115 @@ def train_stack(configs: Sequence[TrainConfig], *, progress: bool | None = None)
         device=device,
         half_precision=resolve_amp(config.train.amp, device) is not None,
     )
-    with PreemptionWatch() as preemption:
-        for _, group in sorted(todo.items()):
-            for start in range(0, len(group), capacity):
-                part = group[start : start + capacity]
+
+
+def _train_groups(
+    configs: Sequence[TrainConfig],
+    result: StackResult,
+    *,
+    capacity: int,
+    progress: bool | None,
+    preemption: PreemptionWatch,
+    contain: bool = False,
+) -> None:
+    """Train the unfinished configs, one stack per starting step and `capacity` members.
+
+    With `contain`, a stack that cannot be built or trained (a user error, named in
+    `errors` for each of its members) does not stop the next one.
+    """
+    todo: dict[int, list[TrainConfig]] = {}
+    for config in configs:
+        finished = finished_summary(config)
+        if finished is not None:
+            result.summaries[config.run.name] = finished
+        else:
+            todo.setdefault(_start_step(config), []).append(config)
+    for _, group in sorted(todo.items()):
+        for start in range(0, len(group), capacity):
+            part = group[start : start + capacity]
+            try:
                 with contextlib.ExitStack() as locks:
                     for member in part:
                         locks.enter_context(run_dir_lock(member.run_dir))
                     trainer = build_stack(part)
                     summaries = trainer.run(progress=progress, preemption=preemption)
-                for member, summary in zip(part, summaries, strict=True):
-                    result.summaries[member.run.name] = summary
-                result.errors.update(trainer.errors)
-    # Trunks fork their cooldown branches once trained, each branch a run of its own.
-    for config in configs:
-        summary = result.summaries.get(config.run.name)
-        if config.train.branches and summary is not None:
+            except LlamaTrainError as error:
+                if not contain:
+                    raise
+                for member in part:
+                    result.summaries[member.run.name] = None
+                    result.errors[member.run.name] = str(error)
+                continue
+            for member, summary in zip(part, summaries, strict=True):
+                result.summaries[member.run.name] = summary
+            result.errors.update(trainer.errors)
+
+
+def _train_branches(
+    trunks: Sequence[TrainConfig],
+    result: StackResult,
+    *,
+    capacity: int,
+    progress: bool | None,
+    preemption: PreemptionWatch,
+) -> None:
+    """Fork the unfinished cooldown branches of the finished trunks; train them as stacks.
+
+    A branch's config is its trunk's with the branch's train.steps, so the branches of
+    one length of the trunks of a stack differ only where the trunks do: they group by
+    `stack_key`, then (as members do) by the step they resume from, which is their
+    fork step (an earlier one where a trunk's fork checkpoint is damaged, or the
+    branch's own checkpoint when it resumes). Each member equals its branch trained
+    alone by `train.train_branches`. A branch whose fork fails, whose stack cannot be
+    built or which diverges stops only itself; its trunk's error names it, in the line
+    `train_branches` raises.
+    """
+    owners: dict[str, tuple[TrainConfig, Branch]] = {}  # branch run name: trunk, branch
+    groups: dict[tuple[tuple[str, Any], ...], list[TrainConfig]] = {}
+    failures: dict[str, list[tuple[int, str]]] = {}  # trunk run name: (steps, "d<D>: why")
+    for trunk in trunks:
+        summary = result.summaries.get(trunk.run.name)
+        if not trunk.train.branches or summary is None:
+            continue
+        checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
+        for branch in trunk_branches(trunk, summary):
+            name = branch.config.run.name
+            owners[name] = (trunk, branch)
+            finished = finished_summary(branch.config)
+            if finished is not None:
+                result.summaries[name] = finished
+                continue
+            _say(f"branch {name}: {branch.steps} steps, forking at step {branch.fork_step}")
             try:
-                train_branches(config, summary, progress=progress)
-            except LlamaTrainError as error:  # the trunk is done; its branch failures are named
-                result.errors[config.run.name] = str(error)
-    return result
+                with run_dir_lock(branch.run_dir):
+                    fork(branch, checkpoints, _say)
+            except LlamaTrainError as error:
+                _say(f"branch {name} failed: {error}")
+                result.summaries[name] = None
+                failures.setdefault(trunk.run.name, []).append(
+                    (branch.steps, f"{branch.name}: {error}")
+                )
+                continue
+            groups.setdefault(stack_key(branch.config), []).append(branch.config)
+    trained = StackResult({}, {})
+    for group in groups.values():
+        _train_groups(
+            group,
+            trained,
+            capacity=capacity,
+            progress=progress,
+            preemption=preemption,
+            contain=True,
+        )
+    result.summaries.update(trained.summaries)
+    for name, error in trained.errors.items():
+        trunk, branch = owners[name]
+        failures.setdefault(trunk.run.name, []).append((branch.steps, f"{branch.name}: {error}"))
+    for trunk in trunks:
+        if trunk.run.name in failures:
+            named = [why for _, why in sorted(failures[trunk.run.name])]
+            result.errors[trunk.run.name] = str(branch_failures(trunk, named))
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
