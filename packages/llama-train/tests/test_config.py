@@ -243,3 +243,16 @@ def test_scientific_notation_is_a_number_in_files_and_overrides(store, tmp_path)
     assert resolve_config(path).train.steps == 2000
     config = resolve_config(path, ["train.steps=1e4", "optim.lr=3e-4"])
     assert (config.train.steps, config.optim.lr) == (10000, 3e-4)
+
+
+def test_dotted_keys_set_and_flatten_are_inverse() -> None:
+    """Overrides, sweep points and study points set keys one way; configs compare flattened."""
+    from llama_train.core.config_files import flatten_keys, set_dotted
+
+    raw: dict = {"optim": None, "model": {"dim": 64}}
+    for key, value in {"optim.lr": 3e-4, "model.dim": 128, "train.branches": [0.5]}.items():
+        set_dotted(raw, key.split("."), value)
+    assert raw == {"optim": {"lr": 3e-4}, "model": {"dim": 128}, "train": {"branches": [0.5]}}
+    assert flatten_keys(raw) == {"optim.lr": 3e-4, "model.dim": 128, "train.branches": [0.5]}
+    with pytest.raises(LlamaTrainError, match=r"model\.dim is a value, not a section"):
+        set_dotted(raw, ["model", "dim", "x"], 1)

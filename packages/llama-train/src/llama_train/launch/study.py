@@ -593,14 +593,7 @@ def _with(raw: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]
     """A copy of a raw config with dotted `settings` set."""
     result = copy.deepcopy(dict(raw))
     for dotted, value in settings.items():
-        node = result
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = value
+        config_files.set_dotted(result, dotted.split("."), value)
     return result
 
 

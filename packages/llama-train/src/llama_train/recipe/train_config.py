@@ -225,7 +225,11 @@ def _refuse_launcher_sections(path: str | Path | None, overrides: Iterable[str])
     """`run` trains one config: a grid would silently train only its base point."""
     raw = config_files.load_yaml(path) if path is not None else {}
     named: dict[str, list[str]] = {
-        section: _leaf_keys(raw[section]) for section in LAUNCHER_SECTIONS if section in raw
+        section: list(config_files.flatten_keys(raw[section]))
+        if isinstance(raw[section], Mapping)
+        else []
+        for section in LAUNCHER_SECTIONS
+        if section in raw
     }
     for text in overrides:
         section, _, key = text.partition("=")[0].strip().partition(".")
@@ -242,17 +246,6 @@ def _refuse_launcher_sections(path: str | Path | None, overrides: Iterable[str])
             "this config has a `slurm` section, which belongs to `llama-train submit CONFIG` "
             "(add --local to run the job here); `run` trains a config without one"
         )
-
-
-def _leaf_keys(section: object, prefix: str = "") -> list[str]:
-    """The dotted keys of a nested mapping (a sweep grid: nested or dotted keys alike)."""
-    if not isinstance(section, Mapping):
-        return []
-    keys = []
-    for key, value in section.items():
-        dotted = f"{prefix}{key}"
-        keys.extend(_leaf_keys(value, dotted + ".") if isinstance(value, Mapping) else [dotted])
-    return keys
 
 
 def link_to_data(raw: Mapping[str, Any]) -> dict[str, Any]:
