@@ -31,6 +31,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gssm_data.atomicfile import atomic_write
 from gssm_data.calibrate import (
     CALIBRATION_SEARCH,
     DEFAULT_TOLERANCE_BITS,
@@ -536,11 +537,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write atomically: a temporary file renamed over the old one."""
+    """Write atomically (fsynced): a reader never sees half an index."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def _write_index(path: Path, recipe: Recipe, scale: str, results: list[RegimeResult]) -> None:

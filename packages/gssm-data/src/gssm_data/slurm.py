@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gssm_data.atomicfile import atomic_write
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import GenerateOptions, Shard, available_cpus, generate
 from gssm_data.preflight import check_script_value
@@ -166,11 +167,7 @@ def write_options(options: GenerateOptions, folder: Path) -> Path:
     """Save the options every task reads (absolute store path: tasks may start elsewhere)."""
     folder.mkdir(parents=True, exist_ok=True)
     settled = options.model_copy(update={"out": options.out.absolute(), "shard": None})
-    path = folder / OPTIONS_FILENAME
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(settled.model_dump_json(indent=1))
-    os.replace(partial, path)
-    return path
+    return atomic_write(folder / OPTIONS_FILENAME, settled.model_dump_json(indent=1))
 
 
 def _already_complete(options: GenerateOptions) -> bool:

@@ -1,4 +1,4 @@
-"""The run directory: its file names, the job state file, and atomic writes.
+"""The run directory: its file names, the job state file, and atomic writes (gssm_data.atomicfile).
 
 A run directory (`run.dir`) holds everything a run leaves behind::
 
@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from gssm_data.atomicfile import atomic_write as atomic_write  # the one atomic write
+from gssm_data.atomicfile import fsync_directory as fsync_directory
 from gssm_data.errors import GssmDataError
 from gssm_data.yamlfile import load_yaml_file
 from llama_train.errors import LlamaTrainError
@@ -38,47 +39,6 @@ LOG_DIR = "slurm"
 WANDB_ID_FILENAME = "wandb_run_id"
 
 JobState = Literal["pending", "running", "done", "failed", "preempted"]
-
-
-def atomic_write(path: str | Path, content: str | bytes) -> Path:
-    """Replace `path` with `content` so that a reader sees the old file or the new, never a part.
-
-    The content goes to a temporary file in the same folder, is fsynced, and is
-    renamed over `path`; the folder is then fsynced so the rename survives a crash.
-    A failure (a full disk, a path that is a folder) leaves the old file as it was and
-    raises an OSError that names `path`, not the temporary file.
-    """
-    path = Path(path)
-    data = content.encode() if isinstance(content, str) else content
-    try:
-        descriptor, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-    return path
-
-
-def fsync_directory(path: str | Path) -> None:
-    """Make a folder's entries (new files, renames) durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # ---------------------------------------------------------------------------
