@@ -59,6 +59,7 @@ from llama_train.launch.sweep import Plan, Point, write_manifest
 from llama_train.recipe.evaluate_run import evaluate_run
 from llama_train.recipe.train_config import TrainConfig, link_to_data, raw_config
 from llama_train.rundir import SUMMARY_FILENAME, atomic_write
+from llama_train.scaling.compute import parameter_count
 
 STUDY_FILENAME = "study.json"
 VALIDATION_FILENAME = "validation.json"
@@ -334,11 +335,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
 def non_embedding_parameters(model: ModelConfig, vocab_size: int) -> int:
     """Llama's parameter count without the input embedding (the model's own rule)."""
-    dim, head = model.dim, model.head_dim
-    attention = 2 * dim * dim + 2 * dim * model.kv_heads * head
-    block = attention + 3 * dim * model.hidden_dim + 2 * dim
-    output = 0 if model.tie_embeddings else vocab_size * dim
-    return model.n_layers * block + dim + output
+    return parameter_count(model, vocab_size=vocab_size, exclude_embeddings=True)
 
 
 def shape_for_parameters(target: float, vocab_size: int) -> dict[str, int]:
@@ -518,7 +515,7 @@ def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
 
 def total_parameters(model: ModelConfig, vocab_size: int) -> int:
     """Every parameter: the non-embedding count plus the input embedding (the N of fits)."""
-    return non_embedding_parameters(model, vocab_size) + vocab_size * model.dim
+    return parameter_count(model, vocab_size=vocab_size)
 
 
 def _lr_sweep(
