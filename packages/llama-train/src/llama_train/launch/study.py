@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gssm_data.errors import GssmDataError
 from gssm_data.humanize import format_validation_error, parse_count
+from gssm_data.progress import progress_display, progress_mode
 from gssm_data.yamlfile import load_yaml_file
 from llama_train.analysis.status import point_status
 from llama_train.core import config_files
@@ -1183,58 +1184,38 @@ def _run_in_this_process(job: StudyJob, log_path: Path) -> str:
 
 
 class _Progress:
-    """A rich bar over points on a terminal; off a terminal, one line per finished point."""
+    """Points done: a bar on a terminal, a line every GSSM_PROGRESS_EVERY s in a log."""
 
     def __init__(self, total: int, *, enabled: bool) -> None:
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.started = time.perf_counter()
-        self.interactive = enabled and sys.stderr.isatty()
-        self.enabled = enabled
-        self._bar: Any = None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = progress_display(
+            TextColumn("points"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            mode=progress_mode(quiet=not enabled),
+        )
+        self._task = self._bar.add_task("", total=total)
 
     def __enter__(self) -> _Progress:
-        if self.interactive:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("points"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}"),
-                transient=False,
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("", total=self.total)
+        self._bar.__enter__()
         return self
 
     def advance(self, name: str, *, ok: bool) -> None:
-        self.done += 1
-        self.failed += not ok
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, description=name)
-        elif self.enabled:
-            elapsed = time.perf_counter() - self.started
-            print(
-                f"[{self.done}/{self.total}] {'done' if ok else 'FAILED'} {name} "
-                f"({elapsed:.0f} s elapsed)",
-                file=sys.stderr,
-                flush=True,
-            )
+        """One point finished (a failure is reported by the caller as it happens)."""
+        self._bar.update(self._task, advance=1, description=name if ok else f"{name} (failed)")
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+        self._bar.__exit__(*exc)
 
 
 @_one_writer
