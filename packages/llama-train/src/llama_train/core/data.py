@@ -37,14 +37,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec, load_graph
-from gssm_data.humanize import format_validation_error, parse_count
+from gssm_data.humanize import Count, format_validation_error
 from gssm_data.kernels import draw_kernels
 from gssm_data.manifest import fingerprint
 from gssm_data.presets import load_preset
@@ -81,7 +80,7 @@ class DataConfig(BaseModel):
         description="gssm-data store; with source online, its generating process is sampled "
         "afresh (same graph, kernels, seed, seq_len) and its test split stays the eval set",
     )
-    n_train: int | None = Field(
+    n_train: Count | None = Field(
         None, description="first sequences of the train split to use (1e5, 2.5M); None = all"
     )
     batch_size: int = Field(32, gt=0, description="sequences per rank per micro-step")
@@ -102,16 +101,6 @@ class DataConfig(BaseModel):
     mode: str | None = Field(
         None, description="online without a store: override every node's mode (gssm-data modes)"
     )
-
-    @field_validator("n_train", mode="before")
-    @classmethod
-    def _parse_n_train(cls, value: object) -> object:
-        if value is None:
-            return None
-        try:
-            return parse_count(value, option="", minimum=1)
-        except GssmDataError as error:
-            raise ValueError(str(error)) from None
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:

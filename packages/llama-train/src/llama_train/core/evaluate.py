@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gssm_data.entropy import iter_split_entropy, sequence_entropy
 from gssm_data.errors import GssmDataError
+from gssm_data.humanize import Count
 from gssm_data.kernels import draw_kernels
 from gssm_data.sampler import BLOCK_SIZE, STREAMS
 from llama_train.core import distributed
@@ -59,7 +60,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     every: int = Field(500, gt=0, description="steps between evaluations (also at the end)")
-    max_sequences: int | None = Field(
+    max_sequences: Count | None = Field(
         None, gt=0, description="first sequences of the split to use; None = the whole split"
     )
     split: str = Field("test", description="store split to evaluate on")

@@ -43,7 +43,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gssm_data.errors import GssmDataError
-from gssm_data.humanize import format_validation_error, parse_count
+from gssm_data.humanize import Count, format_validation_error
 from gssm_data.progress import progress_display, progress_mode
 from gssm_data.yamlfile import load_yaml_file
 from llama_train.analysis.status import point_status
@@ -75,14 +75,6 @@ R = TypeVar("R")
 
 # ---------------------------------------------------------------------------
 # The study file
-
-
-def _count(value: object) -> int:
-    """1e5, 100_000, 16k: counts as people write them (a validation error otherwise)."""
-    try:
-        return parse_count(value, option="", minimum=1)
-    except GssmDataError as error:
-        raise ValueError(str(error)) from None
 
 
 class RegimeEntry(BaseModel):
@@ -155,8 +147,8 @@ class ModelSize(BaseModel):
     name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9._+\-]+$", description="label; default from the shape"
     )
-    parameters: float | None = Field(
-        None, gt=0, description="target non-embedding parameters (shape_for_parameters)"
+    parameters: Count | None = Field(
+        None, description="target non-embedding parameters (shape_for_parameters)"
     )
     model: dict[str, Any] = Field(
         default_factory=dict, description="model.* settings, e.g. {dim: 64, n_layers: 2}"
@@ -166,11 +158,6 @@ class ModelSize(BaseModel):
         description="config keys for this size only, e.g. {optim.betas: [0.9, 0.99], "
         "data.batch_size: 16} (win over per_size rules)",
     )
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _count(cls, value: object) -> object:
-        return value if value is None else _count(value)
 
     @model_validator(mode="after")
     def _one_way(self) -> ModelSize:
@@ -203,14 +190,9 @@ class StepsRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tokens: float | None = Field(None, gt=0, description="predicted tokens seen by every point")
+    tokens: Count | None = Field(None, description="predicted tokens seen by every point")
     epochs: float | None = Field(None, gt=0, description="passes over each point's n_train")
     steps: int | None = Field(None, gt=0, description="optimizer steps for every point")
-
-    @field_validator("tokens", mode="before")
-    @classmethod
-    def _count(cls, value: object) -> object:
-        return value if value is None else _count(value)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StepsRule:
@@ -246,7 +228,7 @@ class StudyConfig(BaseModel):
     )
     regimes: list[str | RegimeEntry] = Field(min_length=1)
     models: list[ModelSize] = Field(min_length=1, description="the ladder of model sizes")
-    data: list[int] = Field(min_length=1, description="data.n_train prefixes (sequences)")
+    data: list[Count] = Field(min_length=1, description="data.n_train prefixes (sequences)")
     steps: StepsRule
     lr: list[float] | LrSweep = Field(
         description="learning rates, cross-validated: a list for every size, or a sweep per "
@@ -274,11 +256,6 @@ class StudyConfig(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="config keys set for every point (train.threads: 1)"
     )
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _counts(cls, value: object) -> object:
-        return [_count(item) for item in value] if isinstance(value, list) else value
 
     @field_validator("lr")
     @classmethod

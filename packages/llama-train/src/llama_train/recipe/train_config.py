@@ -33,8 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from gssm_data.errors import GssmDataError
-from gssm_data.humanize import parse_count
+from gssm_data.humanize import Count
 from llama_train.core import config_files
 from llama_train.core.checkpoint import CheckpointConfig
 from llama_train.core.data import DataConfig, resolve_data
@@ -65,7 +64,7 @@ class TrainSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(1000, gt=0, description="optimizer steps (each of grad_accum micro-batches)")
+    steps: Count = Field(1000, description="optimizer steps (each of grad_accum micro-batches)")
     grad_accum: int = Field(
         1,
         ge=1,
@@ -98,23 +97,13 @@ class TrainSection(BaseModel):
     progress_every: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines off a terminal"
     )
-    branches: list[int] = Field(
+    branches: list[Count] = Field(
         default_factory=list,
         description="cooldown branches (optim.schedule wsd): the predicted tokens of each, "
         "shorter than the run; each forks from this run's stable phase where its own decay "
         "starts and is a run directory of its own under <run.dir>/branches/ "
         "(llama_train.recipe.branches)",
     )
-
-    @field_validator("branches", mode="before")
-    @classmethod
-    def _branch_counts(cls, value: object) -> object:
-        if not isinstance(value, list):
-            return value
-        try:
-            return [parse_count(item, option="", minimum=1) for item in value]
-        except GssmDataError as error:
-            raise ValueError(str(error)) from None
 
     @field_validator("branches")
     @classmethod
