@@ -56,7 +56,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -334,10 +334,11 @@ def build_trainer(
         checkpoints = CheckpointManager(
             run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, payload=DcpPayload()
         )
-        has_checkpoint = bool(checkpoints.steps())
-        if has_checkpoint and (run_dir / CONFIG_FILENAME).is_file():
-            config = keep_legacy_settings(config, load_yaml(run_dir / CONFIG_FILENAME))
-        changes = check_resumable(run_dir, config, has_checkpoint=has_checkpoint)
+        stored = None  # the config.yaml of the run this one resumes, read once
+        if checkpoints.steps() and (run_dir / CONFIG_FILENAME).is_file():
+            stored = load_yaml(run_dir / CONFIG_FILENAME)
+            config = keep_legacy_settings(config, stored)
+        changes = check_resumable(config, stored)
         spec = resolve_data(config.data)
         check_training_fits(
             config.model,
@@ -433,21 +434,22 @@ def _set_threads(section: TrainSection, ranks: RankInfo, loader_workers: int) ->
     return describe_threads(chosen, ranks.world_size if ranks.distributed else 1)
 
 
-def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) -> list[str]:
-    """Compare the config of an existing run with this one before resuming it.
+def check_resumable(config: TrainConfig, stored: Mapping[str, Any] | None) -> list[str]:
+    """Compare the config.yaml of an existing run (`stored`) with this one before resuming it.
 
     A different model cannot load the checkpoint: a user error naming the keys.
     Other differences are allowed (a longer run, another eval cadence) and
-    returned as `key: old -> new` lines to show.
+    returned as `key: old -> new` lines to show. None (nothing to resume): no changes.
     """
-    old_path = run_dir / CONFIG_FILENAME
-    if not has_checkpoint or not old_path.is_file():
+    if stored is None:
         return []
+    run_dir = config.run_dir
     new = flatten_keys(config.model_dump(mode="json"))
     # A key the old file lacks (written before the key existed) had its default then.
     defaults = flatten_keys(type(config).model_construct().model_dump(mode="json", warnings=False))
-    stored = with_legacy_defaults(load_yaml(old_path))
-    old = {key: defaults[key] for key in new if key in defaults} | flatten_keys(stored)
+    old = {key: defaults[key] for key in new if key in defaults} | flatten_keys(
+        with_legacy_defaults(stored)
+    )
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     model_changes = [
         key for key in changed if key.startswith("model.") and key not in WEIGHT_NEUTRAL_KEYS
