@@ -251,3 +251,20 @@ def test_the_same_spec_measured_to_a_standard_error_gives_the_same_manifest(
     assert manifests[0] == manifests[1]
     test = manifests[0]["splits"]["test"]["entropy"]
     assert test["target_stderr_bits"] == 0.01 and test["n_sequences"] <= 400
+
+
+def test_a_user_error_reaching_main_is_printed_as_text_not_markup(monkeypatch, capsys):
+    """`[slurm]` in an error is part of the message (rich would swallow it as a tag)."""
+    import gssm_data.cli as cli
+    from gssm_data.errors import GssmDataError
+
+    def refuse() -> None:
+        raise GssmDataError("submitting needs submitit: pip install 'gssm-data[slurm]'")
+
+    monkeypatch.setattr(cli, "app", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "pip install 'gssm-data[slurm]'" in err
+    assert len(err.strip().splitlines()) == 1

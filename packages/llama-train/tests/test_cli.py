@@ -58,7 +58,7 @@ def test_run_then_eval_then_plot_succeed(config_file, tmp_path):
     ("arguments", "message"),
     [
         (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
-        (["train.steps=0"], "train.steps: Input should be greater than 0"),
+        (["train.steps=0"], "train.steps: 0 must be at least 1"),
         (["model.vocab_size=3"], "model.vocab_size=3 does not match"),
         (["optim.lr"], "not of the form key.sub=value"),
     ],

@@ -243,3 +243,41 @@ def test_scientific_notation_is_a_number_in_files_and_overrides(store, tmp_path)
     assert resolve_config(path).train.steps == 2000
     config = resolve_config(path, ["train.steps=1e4", "optim.lr=3e-4"])
     assert (config.train.steps, config.optim.lr) == (10000, 3e-4)
+
+
+def test_dotted_keys_set_and_flatten_are_inverse() -> None:
+    """Overrides, sweep points and study points set keys one way; configs compare flattened."""
+    from llama_train.core.config_files import flatten_keys, set_dotted
+
+    raw: dict = {"optim": None, "model": {"dim": 64}}
+    for key, value in {"optim.lr": 3e-4, "model.dim": 128, "train.branches": [0.5]}.items():
+        set_dotted(raw, key.split("."), value)
+    assert raw == {"optim": {"lr": 3e-4}, "model": {"dim": 128}, "train": {"branches": [0.5]}}
+    assert flatten_keys(raw) == {"optim.lr": 3e-4, "model.dim": 128, "train.branches": [0.5]}
+    with pytest.raises(LlamaTrainError, match=r"model\.dim is a value, not a section"):
+        set_dotted(raw, ["model", "dim", "x"], 1)
+
+
+def test_counts_are_written_the_way_people_say_them_in_every_count_field() -> None:
+    """Steps, sequences, branch tokens and study sizes share one count type (`Count`)."""
+    from pydantic import ValidationError
+
+    from gssm_data.common.humanize import format_validation_error
+    from llama_train.core.data import DataConfig
+    from llama_train.core.evaluate import EvalConfig
+    from llama_train.launch.study import StepsRule
+    from llama_train.recipe.train_config import TrainSection
+
+    section = TrainSection(steps="1e3", branches=["2.5k", 100])
+    assert (section.steps, section.branches) == (1000, [100, 2500])
+    assert EvalConfig(max_sequences="16k").max_sequences == 16_000
+    assert DataConfig(path="store", n_train="2.5M").n_train == 2_500_000
+    assert StepsRule(tokens="1e8").tokens == 100_000_000
+    for build, message in (
+        (lambda: TrainSection(steps="1.5"), "steps: '1.5' is not a whole number"),
+        (lambda: TrainSection(steps=0), "steps: 0 must be at least 1"),
+        (lambda: TrainSection(branches=["lots"]), "branches.0: 'lots' is not a count"),
+    ):
+        with pytest.raises(ValidationError) as raised:
+            build()
+        assert format_validation_error(raised.value).startswith(message)

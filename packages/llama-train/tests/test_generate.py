@@ -287,3 +287,15 @@ def test_the_printed_kl_is_the_exact_kl_of_the_sampler_from_the_process(
     assert 0 < stderr < 0.05
     assert abs(figures["sampler_kl"] - exact) < 4 * stderr, (figures["sampler_kl"], exact)
     assert abs(temperature_one - exact) > 10 * stderr  # so the check above can fail
+
+
+def test_a_log_file_gets_progress_lines_not_a_bar(run_dir, monkeypatch):
+    """Off a terminal (a Slurm log), progress is timestamped lines on stderr; stdout stays JSON."""
+    monkeypatch.setenv("GSSM_PROGRESS_EVERY", "1e-9")  # a line at every update
+    result = runner.invoke(app, ["generate", str(run_dir), "--n", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 3
+    lines = result.stderr.splitlines()
+    assert lines and all("generating" in line for line in lines), lines
+    assert lines[-1].split()[-2] == "3/3"  # the last line says where it ended
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr

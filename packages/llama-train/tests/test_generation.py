@@ -196,11 +196,13 @@ def test_flex_training_on_cpu_is_one_clear_error():
 def test_a_run_may_resume_with_another_attention_kernel_but_not_another_model(tmp_path):
     from llama_train.recipe.train import check_resumable
     from llama_train.recipe.train_config import resolve_config, write_config
+    from llama_train.rundir import load_yaml
 
     base = ["data.preset=debug", "data.source=online", "data.seq_len=9", f"run.dir={tmp_path}"]
     write_config(resolve_config(None, base))
+    stored = load_yaml(tmp_path / "config.yaml")
     flex = resolve_config(None, [*base, "model.attention=flex"])
-    assert check_resumable(tmp_path, flex, has_checkpoint=True) == ["model.attention: auto -> flex"]
+    assert check_resumable(flex, stored) == ["model.attention: auto -> flex"]
     wider = resolve_config(None, [*base, "model.dim=512"])
     with pytest.raises(LlamaTrainError, match="holds checkpoints of another model"):
-        check_resumable(tmp_path, wider, has_checkpoint=True)
+        check_resumable(wider, stored)

@@ -385,3 +385,28 @@ def test_inductor_compiled_model_matches_eager_loss_and_gradients() -> None:
     torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
     for param, grad in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(param.grad, grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"dim": 32, "n_layers": 2, "n_heads": 4},  # multi-head, untied
+        {"dim": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2},  # grouped-query
+        {"dim": 48, "n_layers": 1, "n_heads": 3, "n_kv_heads": 1, "tie_embeddings": True},
+        {"dim": 24, "n_layers": 2, "n_heads": 2, "ffn_hidden_dim": 40, "tie_embeddings": True},
+        {"dim": 64, "n_layers": 1, "n_heads": 8, "ffn_multiplier": 1.5},
+    ],
+)
+def test_closed_form_parameter_count_is_the_models_count(shape: dict) -> None:
+    """Memory estimates, exports and study shapes use the closed form: it must count what
+    the model holds, with and without the input embedding, tied or not."""
+    from llama_train.scaling.compute import parameter_count
+
+    config = ModelConfig(vocab_size=13, max_seq_len=8, **shape)
+    model = Llama(config)
+    assert parameter_count(config) == model.num_parameters()
+    assert parameter_count(config, exclude_embeddings=True) == model.num_parameters(
+        exclude_embeddings=True
+    )
+    left_to_data = config.model_copy(update={"vocab_size": None})
+    assert parameter_count(left_to_data, vocab_size=13) == model.num_parameters()

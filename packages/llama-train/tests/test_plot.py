@@ -163,3 +163,20 @@ def test_saving_the_plot_renders_the_figure_once_and_keeps_every_label_inside(
     monkeypatch.setattr(FigureCanvasAgg, "draw", lambda self: draws.append(1) or original(self))
     plot_runs(runs, tmp_path / "loss.png")
     assert len(draws) == 1 and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_every_plot_without_matplotlib_is_one_line_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plot` (and every other figure, through the one guard) without matplotlib installed."""
+    import sys
+
+    for name in [name for name in sys.modules if name.startswith("matplotlib")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    run = _write_run(tmp_path / "run", 1.0)
+    result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "p.png")])
+    assert result.exit_code != 0
+    assert "plotting needs matplotlib: pip install 'llama-train[plot]'" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "p.png").exists()

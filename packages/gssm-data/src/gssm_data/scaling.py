@@ -37,6 +37,7 @@ from gssm_data.calibrate import (
     cache_key,
     calibrate,
 )
+from gssm_data.common.atomicfile import atomic_write
 from gssm_data.common.humanize import format_duration, format_validation_error, parse_count
 from gssm_data.common.yamlfile import load_yaml_file
 from gssm_data.errors import GssmDataError
@@ -536,11 +537,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write atomically: a temporary file renamed over the old one."""
+    """Write atomically (fsynced): a reader never sees half an index."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def _write_index(path: Path, recipe: Recipe, scale: str, results: list[RegimeResult]) -> None:

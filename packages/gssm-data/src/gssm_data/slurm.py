@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gssm_data.common.atomicfile import atomic_write
 from gssm_data.common.slurm_jobs import require_commands, sbatch_errors, time_limit_minutes
 from gssm_data.errors import GssmDataError
 from gssm_data.generate import GenerateOptions, Shard, available_cpus, generate
@@ -185,11 +186,7 @@ def write_options(options: GenerateOptions, folder: Path) -> Path:
     """Save the options every task reads (absolute store path: tasks may start elsewhere)."""
     folder.mkdir(parents=True, exist_ok=True)
     settled = options.model_copy(update={"out": options.out.absolute(), "shard": None})
-    path = folder / OPTIONS_FILENAME
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(settled.model_dump_json(indent=1))
-    os.replace(partial, path)
-    return path
+    return atomic_write(folder / OPTIONS_FILENAME, settled.model_dump_json(indent=1))
 
 
 def _already_complete(options: GenerateOptions) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pydantic import ValidationError
 from zarr.codecs import ZstdCodec
 from zarr.errors import GroupNotFoundError
 
+from gssm_data.common.atomicfile import atomic_write
 from gssm_data.common.humanize import format_validation_error
 from gssm_data.errors import GssmDataError
 from gssm_data.graph import GraphSpec
@@ -352,9 +352,7 @@ def name_dimensions(path: str | Path) -> list[str]:
         if len(names) != len(metadata["shape"]):
             raise GssmDataError(f"{key}: expected {len(names)} axes, found {metadata['shape']}")
         metadata["dimension_names"] = list(names)
-        partial = metadata_path.with_name("zarr.json.partial")
-        partial.write_text(json.dumps(metadata, indent=2))
-        os.replace(partial, metadata_path)
+        atomic_write(metadata_path, json.dumps(metadata, indent=2))
         named.append(key)
     return named
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from gssm_data.cli import data, entropy, extend, posterior, slurm  # noqa: F401  (register)
-from gssm_data.cli.app import app, err_console
+from gssm_data.cli.app import app, fail
 from gssm_data.errors import GssmDataError
 
 __all__ = ["app", "main"]
@@ -20,5 +20,4 @@ def main() -> None:
     try:
         app()
     except GssmDataError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        sys.exit(fail(str(error)).exit_code)

@@ -7,8 +7,9 @@ count is spelled the same way everywhere and every invalid setting reads the sam
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
+from typing import Annotated
 
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 
 from gssm_data.errors import GssmDataError
 
@@ -39,11 +40,29 @@ def parse_count(value: object, *, option: str = "--n", minimum: int = 0) -> int:
                 f"{subject} is not a count; write e.g. 100000, 100_000, 1e8 or 2.5M"
             ) from None
     if not number.is_finite() or number != number.to_integral_value():
-        raise GssmDataError(f"{subject} is not a whole number of sequences")
+        raise GssmDataError(f"{subject} is not a whole number")
     if number < minimum:
         bound = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
         raise GssmDataError(f"{subject} {bound}")
     return int(number)
+
+
+def as_count(value: object) -> object:
+    """:func:`parse_count` for a config field: at least 1, None passed on (an optional count).
+
+    A ValueError, so pydantic reports it under the field's dotted key like any other.
+    """
+    if value is None:
+        return None
+    try:
+        return parse_count(value, option="", minimum=1)
+    except GssmDataError as error:
+        raise ValueError(str(error)) from None
+
+
+# The one type of a count in a config (steps, tokens, sequences, parameters): a positive
+# int that may be written 100_000, 1e5, 2.5M or 16k (YAML reads 1e5 as a string).
+Count = Annotated[int, BeforeValidator(as_count)]
 
 
 def format_si(value: float) -> str:

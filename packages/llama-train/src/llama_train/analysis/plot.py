@@ -25,19 +25,6 @@ from llama_train.analysis.runs import LN2, RunData, load_runs
 from llama_train.errors import LlamaTrainError
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LlamaTrainError(
-            "plotting needs matplotlib: pip install 'llama-train[plot]'"
-        ) from None
-    return plt
-
-
 def readable_log_axis(axis: Any, low: float, high: float) -> None:
     """Labelled ticks on a log axis spanning `low`..`high` (> 0), at least three of them.
 
@@ -65,11 +52,11 @@ def _limits(values: list[float], pad: float = 1.15) -> tuple[float, float] | Non
 
 def plot_runs(runs: list[RunData], out: str | Path, *, x: str = "tokens") -> Path:
     """Draw the three panels for `runs` into `out` (PNG); x is `tokens` or `steps`."""
-    plt = _pyplot()
+    from llama_train.scaling.plots import pyplot, save_png
+
+    plt = pyplot()
     figure = draw_runs(runs, x=x)
     target = Path(out)
-    from llama_train.scaling.plots import save_png
-
     target.parent.mkdir(parents=True, exist_ok=True)
     save_png(figure, target, dpi=120)
     plt.close(figure)
@@ -80,7 +67,9 @@ def draw_runs(runs: list[RunData], *, x: str = "tokens") -> Any:
     """The matplotlib figure of :func:`plot_runs` (the caller closes it)."""
     if x not in ("tokens", "steps"):
         raise LlamaTrainError(f"--x {x!r}: choose tokens or steps")
-    plt = _pyplot()
+    from llama_train.scaling.plots import pyplot
+
+    plt = pyplot()
     figure, (curve, excess, positions) = plt.subplots(1, 3, figsize=(17, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     losses: list[float] = []

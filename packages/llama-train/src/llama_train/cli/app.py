@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gssm_data import GssmDataError
 from llama_train.errors import LlamaTrainError
@@ -60,13 +61,15 @@ def user_errors() -> Iterator[None]:
     except (LlamaTrainError, GssmDataError) as error:
         # Another rank failed first and printed its own error (distributed.OtherRankFailed).
         if not getattr(error, "reported_elsewhere", False):
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+            )
         raise typer.Exit(1) from None
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRORS:
             raise  # not a fault of the disk or of a path the user gave: a bug to report
         err_console.print(
-            f"[bold red]error:[/] {cannot_write(error)}", highlight=False, soft_wrap=True
+            f"[bold red]error:[/] {escape(cannot_write(error))}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

@@ -6,15 +6,17 @@ registers it on the `llama-train` app (`llama_train.cli` does).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from gssm_data.common.progress import progress_display, progress_mode
 from llama_train.cli.app import app, console, err_console, user_errors
 from llama_train.errors import LlamaTrainError
 
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
     from llama_train.recipe.generate import GenerationResult
 
 # Off a terminal, a progress line at most this often.
-PROGRESS_EVERY_S = 10.0
 
 
 @app.command("generate")
@@ -112,38 +113,20 @@ def generate_command(
         console.print(f"wrote {result.n} samples to {out}", highlight=False)
 
 
-class _progress:
-    """A rich bar on a terminal; elsewhere a line on stderr at most every 10 s."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.bar: Progress | None = None
-        self.last = time.monotonic()
-
-    def __enter__(self) -> _progress:
-        if err_console.is_terminal:
-            self.bar = Progress(
-                TextColumn("generating"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=True,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("generate", total=self.total)
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done)
-        elif time.monotonic() - self.last >= PROGRESS_EVERY_S and done < total:
-            self.last = time.monotonic()
-            err_console.print(f"generated {done}/{total} samples", highlight=False)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[int, int], None]]:
+    """Samples generated: a bar on a terminal, a line every GSSM_PROGRESS_EVERY s in a log."""
+    with progress_display(
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        mode=progress_mode(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("generate", total=total)
+        yield lambda done, _total: bar.update(task, completed=done)
 
 
 def _nats_bits(value: float | None) -> tuple[str, str]:

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gssm_data.common.progress import progress_display, progress_mode
 from llama_train.cli.app import app, console, user_errors
 from llama_train.errors import LlamaTrainError
 
 # Off a terminal, a progress line at most this often (seconds).
-PROGRESS_EVERY_S = 10.0
 
 
 @app.command("probe")
@@ -114,27 +113,25 @@ def probe_command(
 
 
 class _progress:
-    """A rich bar on a terminal; off a terminal, one line every PROGRESS_EVERY_S seconds."""
+    """Probes done: a bar on a terminal, a line every GSSM_PROGRESS_EVERY s in a log."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.err = Console(stderr=True)
-        self.bar: Progress | None = None
+        self.bar = progress_display(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.err,
+            mode=progress_mode(quiet),
+            transient=True,
+        )
         self.task: Any = None
-        self.last = 0.0
 
     def __enter__(self) -> Any:
-        if not self.quiet and self.err.is_terminal:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=self.err,
-                transient=True,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("probing", total=None)
+        self.bar.start()
+        self.task = self.bar.add_task("probing", total=None)
         return self
 
     def say(self, line: str) -> None:
@@ -143,22 +140,10 @@ class _progress:
             self.err.print(line, highlight=False, soft_wrap=True)
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        self.update(done, total, what)
-
-    def update(self, done: int, total: int, what: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total, description=what)
-            return
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_S or done == total:
-            self.last = now
-            self.err.print(f"probes {done}/{total}: {what}", highlight=False)
+        self.bar.update(self.task, completed=done, total=total, description=what)
 
     def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.stop()
 
 
 def probe_table(report: dict[str, Any], name: str, entry: dict[str, Any]) -> Table:

@@ -18,6 +18,7 @@ import torch
 from gssm_data.common.resources import available_memory_bytes
 from llama_train.core.model import ModelConfig
 from llama_train.errors import LlamaTrainError
+from llama_train.scaling.compute import parameter_count
 
 # fp32 weights, fp32 gradients and AdamW's two fp32 moments.
 TRAIN_BYTES_PER_PARAMETER = 16
@@ -27,16 +28,6 @@ TRAIN_BYTES_PER_PARAMETER = 16
 _ACTIVATIONS_PER_D = 10
 _ACTIVATIONS_PER_F = 4
 _LOGIT_COPIES = 3
-
-
-def parameter_count(config: ModelConfig) -> int:
-    """Parameters of a Llama of this architecture (a tied matrix counts once)."""
-    assert config.vocab_size is not None
-    D, V, F = config.dim, config.vocab_size, config.hidden_dim
-    hd, H, K = config.head_dim, config.n_heads, config.kv_heads
-    per_layer = D * (H + 2 * K) * hd + H * hd * D + 3 * D * F + 2 * D
-    embeddings = V * D * (1 if config.tie_embeddings else 2)
-    return config.n_layers * per_layer + embeddings + D
 
 
 def activation_bytes(

@@ -82,17 +82,40 @@ def apply_overrides(
     for text in overrides:
         parts, value = parse_override(text)
         check_key(parts, model)
-        node = result
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                prefix = ".".join(parts[: depth + 1])
-                raise LlamaTrainError(f"override {text!r}: {prefix} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_dotted(result, parts, value)
+        except LlamaTrainError as error:
+            raise LlamaTrainError(f"override {text!r}: {error}") from None
     return result
+
+
+def set_dotted(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set `a.b.c` (given as its parts) in a nested mapping, making missing sections.
+
+    The one way a dotted key reaches a config (overrides, sweep points); a
+    section that holds a plain value is an error rather than silently replaced.
+    """
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise LlamaTrainError(f"{'.'.join(parts[: depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def flatten_keys(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value}, in order: how configs are compared."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_keys(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -55,7 +54,7 @@ from gssm_data import (
     load_preset,
     open_store,
 )
-from gssm_data.common.humanize import format_validation_error, parse_count
+from gssm_data.common.humanize import Count, format_validation_error
 from llama_train.core.chunk_check import ChunkChecker, check_manifest
 from llama_train.errors import LlamaTrainError
 
@@ -87,7 +86,7 @@ class DataConfig(BaseModel):
         description="gssm-data store; with source online, its generating process is sampled "
         "afresh (same graph, kernels, seed, seq_len) and its test split stays the eval set",
     )
-    n_train: int | None = Field(
+    n_train: Count | None = Field(
         None, description="first sequences of the train split to use (1e5, 2.5M); None = all"
     )
     batch_size: int = Field(32, gt=0, description="sequences per rank per micro-step")
@@ -108,16 +107,6 @@ class DataConfig(BaseModel):
     mode: str | None = Field(
         None, description="online without a store: override every node's mode (gssm-data modes)"
     )
-
-    @field_validator("n_train", mode="before")
-    @classmethod
-    def _parse_n_train(cls, value: object) -> object:
-        if value is None:
-            return None
-        try:
-            return parse_count(value, option="", minimum=1)
-        except GssmDataError as error:
-            raise ValueError(str(error)) from None
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:

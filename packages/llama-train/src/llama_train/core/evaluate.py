@@ -43,6 +43,7 @@ from gssm_data import (
     iter_split_entropy,
     sequence_entropy,
 )
+from gssm_data.common.humanize import Count
 from llama_train.core import distributed
 from llama_train.core.chunk_check import ChunkChecker
 from llama_train.core.data import DataSpec, online_sampler
@@ -61,7 +62,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     every: int = Field(500, gt=0, description="steps between evaluations (also at the end)")
-    max_sequences: int | None = Field(
+    max_sequences: Count | None = Field(
         None, gt=0, description="first sequences of the split to use; None = the whole split"
     )
     split: str = Field("test", description="store split to evaluate on")

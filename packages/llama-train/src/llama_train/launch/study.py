@@ -43,7 +43,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gssm_data import GssmDataError
-from gssm_data.common.humanize import format_validation_error, parse_count
+from gssm_data.common.humanize import Count, format_validation_error
+from gssm_data.common.progress import progress_display, progress_mode
 from gssm_data.common.yamlfile import load_yaml_file
 from llama_train.analysis.status import point_status
 from llama_train.core import config_files
@@ -59,6 +60,7 @@ from llama_train.launch.sweep import Plan, Point, write_manifest
 from llama_train.recipe.evaluate_run import evaluate_run
 from llama_train.recipe.train_config import TrainConfig, link_to_data, raw_config
 from llama_train.rundir import SUMMARY_FILENAME, ValidationRecord, atomic_write, read_validation
+from llama_train.scaling.compute import parameter_count
 
 STUDY_FILENAME = "study.json"
 WIDENED_FILENAME = "lr_widened.json"
@@ -72,14 +74,6 @@ R = TypeVar("R")
 
 # ---------------------------------------------------------------------------
 # The study file
-
-
-def _count(value: object) -> int:
-    """1e5, 100_000, 16k: counts as people write them (a validation error otherwise)."""
-    try:
-        return parse_count(value, option="", minimum=1)
-    except GssmDataError as error:
-        raise ValueError(str(error)) from None
 
 
 class RegimeEntry(BaseModel):
@@ -152,8 +146,8 @@ class ModelSize(BaseModel):
     name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9._+\-]+$", description="label; default from the shape"
     )
-    parameters: float | None = Field(
-        None, gt=0, description="target non-embedding parameters (shape_for_parameters)"
+    parameters: Count | None = Field(
+        None, description="target non-embedding parameters (shape_for_parameters)"
     )
     model: dict[str, Any] = Field(
         default_factory=dict, description="model.* settings, e.g. {dim: 64, n_layers: 2}"
@@ -163,11 +157,6 @@ class ModelSize(BaseModel):
         description="config keys for this size only, e.g. {optim.betas: [0.9, 0.99], "
         "data.batch_size: 16} (win over per_size rules)",
     )
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _count(cls, value: object) -> object:
-        return value if value is None else _count(value)
 
     @model_validator(mode="after")
     def _one_way(self) -> ModelSize:
@@ -200,14 +189,9 @@ class StepsRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tokens: float | None = Field(None, gt=0, description="predicted tokens seen by every point")
+    tokens: Count | None = Field(None, description="predicted tokens seen by every point")
     epochs: float | None = Field(None, gt=0, description="passes over each point's n_train")
     steps: int | None = Field(None, gt=0, description="optimizer steps for every point")
-
-    @field_validator("tokens", mode="before")
-    @classmethod
-    def _count(cls, value: object) -> object:
-        return value if value is None else _count(value)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StepsRule:
@@ -243,7 +227,7 @@ class StudyConfig(BaseModel):
     )
     regimes: list[str | RegimeEntry] = Field(min_length=1)
     models: list[ModelSize] = Field(min_length=1, description="the ladder of model sizes")
-    data: list[int] = Field(min_length=1, description="data.n_train prefixes (sequences)")
+    data: list[Count] = Field(min_length=1, description="data.n_train prefixes (sequences)")
     steps: StepsRule
     lr: list[float] | LrSweep = Field(
         description="learning rates, cross-validated: a list for every size, or a sweep per "
@@ -271,11 +255,6 @@ class StudyConfig(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="config keys set for every point (train.threads: 1)"
     )
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _counts(cls, value: object) -> object:
-        return [_count(item) for item in value] if isinstance(value, list) else value
 
     @field_validator("lr")
     @classmethod
@@ -333,11 +312,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
 def non_embedding_parameters(model: ModelConfig, vocab_size: int) -> int:
     """Llama's parameter count without the input embedding (the model's own rule)."""
-    dim, head = model.dim, model.head_dim
-    attention = 2 * dim * dim + 2 * dim * model.kv_heads * head
-    block = attention + 3 * dim * model.hidden_dim + 2 * dim
-    output = 0 if model.tie_embeddings else vocab_size * dim
-    return model.n_layers * block + dim + output
+    return parameter_count(model, vocab_size=vocab_size, exclude_embeddings=True)
 
 
 def shape_for_parameters(target: float, vocab_size: int) -> dict[str, int]:
@@ -517,7 +492,7 @@ def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
 
 def total_parameters(model: ModelConfig, vocab_size: int) -> int:
     """Every parameter: the non-embedding count plus the input embedding (the N of fits)."""
-    return non_embedding_parameters(model, vocab_size) + vocab_size * model.dim
+    return parameter_count(model, vocab_size=vocab_size)
 
 
 def _lr_sweep(
@@ -592,14 +567,7 @@ def _with(raw: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]
     """A copy of a raw config with dotted `settings` set."""
     result = copy.deepcopy(dict(raw))
     for dotted, value in settings.items():
-        node = result
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = value
+        config_files.set_dotted(result, dotted.split("."), value)
     return result
 
 
@@ -1186,58 +1154,38 @@ def _run_in_this_process(job: StudyJob, log_path: Path) -> str:
 
 
 class _Progress:
-    """A rich bar over points on a terminal; off a terminal, one line per finished point."""
+    """Points done: a bar on a terminal, a line every GSSM_PROGRESS_EVERY s in a log."""
 
     def __init__(self, total: int, *, enabled: bool) -> None:
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.started = time.perf_counter()
-        self.interactive = enabled and sys.stderr.isatty()
-        self.enabled = enabled
-        self._bar: Any = None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = progress_display(
+            TextColumn("points"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            mode=progress_mode(quiet=not enabled),
+        )
+        self._task = self._bar.add_task("", total=total)
 
     def __enter__(self) -> _Progress:
-        if self.interactive:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("points"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}"),
-                transient=False,
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("", total=self.total)
+        self._bar.__enter__()
         return self
 
     def advance(self, name: str, *, ok: bool) -> None:
-        self.done += 1
-        self.failed += not ok
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, description=name)
-        elif self.enabled:
-            elapsed = time.perf_counter() - self.started
-            print(
-                f"[{self.done}/{self.total}] {'done' if ok else 'FAILED'} {name} "
-                f"({elapsed:.0f} s elapsed)",
-                file=sys.stderr,
-                flush=True,
-            )
+        """One point finished (a failure is reported by the caller as it happens)."""
+        self._bar.update(self._task, advance=1, description=name if ok else f"{name} (failed)")
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+        self._bar.__exit__(*exc)
 
 
 @_one_writer

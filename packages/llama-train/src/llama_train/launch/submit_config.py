@@ -46,8 +46,7 @@ def normalise_grid(value: object) -> dict[str, list[Any]]:
         raise ValueError(
             "expected a mapping of config keys to lists, e.g. {optim.lr: [1e-4, 3e-4]}"
         )
-    grid: dict[str, Any] = {}
-    _flatten_into(grid, value, "")
+    grid = config_files.flatten_keys(value)
     for key, values in grid.items():
         _check_grid_key(key)
         _check_grid_values(key, values)
@@ -62,15 +61,6 @@ def normalise_grid(value: object) -> dict[str, list[Any]]:
 
 
 SweepGrid = Annotated[dict[str, list[Any]], BeforeValidator(normalise_grid)]
-
-
-def _flatten_into(grid: dict[str, Any], mapping: Mapping[str, Any], prefix: str) -> None:
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            _flatten_into(grid, value, dotted + ".")
-        else:
-            grid[dotted] = value
 
 
 def _check_grid_key(key: str) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_train.analysis.status import SINGLE_POINT, manifest_path, read_manifest
-from llama_train.core.config_files import validate
+from llama_train.core.config_files import set_dotted, validate
 from llama_train.errors import LlamaTrainError
 from llama_train.launch.submit_config import SubmitConfig, format_value
 from llama_train.recipe.train_config import link_to_data, raw_config
@@ -123,15 +123,15 @@ def _point_config(
     raw: Mapping[str, Any], base: SubmitConfig, name: str, values: Mapping[str, Any]
 ) -> SubmitConfig:
     point_raw = copy.deepcopy(dict(raw))
-    for key, value in values.items():
-        _set_dotted(point_raw, key.split("."), value)
-    point_raw["sweep"] = {}
-    point_raw["run"] = {
-        **point_raw.get("run", {}),
-        "dir": str(base.run_dir / name),
-        "name": f"{base.run.name}/{name}",
-    }
     try:
+        for key, value in values.items():
+            set_dotted(point_raw, key.split("."), value)
+        point_raw["sweep"] = {}
+        point_raw["run"] = {
+            **point_raw.get("run", {}),
+            "dir": str(base.run_dir / name),
+            "name": f"{base.run.name}/{name}",
+        }
         return _validate(link_to_data(point_raw))
     except LlamaTrainError as error:
         raise LlamaTrainError(f"sweep point {name}: {error}") from None
@@ -139,16 +139,6 @@ def _point_config(
 
 def _validate(raw: Mapping[str, Any]) -> SubmitConfig:
     return validate(raw, SubmitConfig)
-
-
-def _set_dotted(raw: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
 
 
 def _check_unique(names: list[str]) -> None:

@@ -41,11 +41,11 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from llama_train.core.budget import parameter_count
 from llama_train.core.model import ModelConfig
 from llama_train.core.weights import WEIGHTS_FILE, give_usual_permissions, write_weights
 from llama_train.errors import LlamaTrainError
 from llama_train.recipe.loading import StoredWeights, check_weights_fit, read_checkpoint_weights
+from llama_train.scaling.compute import parameter_count
 
 ExportFormat = Literal["hf", "state-dict"]
 FORMATS: tuple[ExportFormat, ...] = ("hf", "state-dict")

@@ -320,15 +320,9 @@ def plot_extrapolation(result: ExtrapolationResult, out: str | Path) -> Path:
     positions average only n_sequences tokens each); nats on the left axis,
     bits on the right.
     """
-    try:
-        import matplotlib
+    from llama_train.scaling.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LlamaTrainError(
-            "plotting needs matplotlib: pip install 'llama-train[plot]'"
-        ) from None
+    plt = pyplot()
     window = smoothing_window(result)
     kernel = np.ones(window) / window
     figure, axis = plt.subplots(figsize=(9, 4.8))

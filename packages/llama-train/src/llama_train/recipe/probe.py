@@ -583,15 +583,9 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
 
 def plot_probe(report: dict[str, Any], out: Path) -> Path:
     """Accuracy and R^2 by layer for every probed node, with the Bayes ceiling and floors."""
-    try:
-        import matplotlib
+    from llama_train.scaling.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LlamaTrainError(
-            "plotting needs matplotlib: pip install 'llama-train[plot]'"
-        ) from None
+    plt = pyplot()
     nodes = report["nodes"]
     figure, axes = plt.subplots(
         len(nodes), 2, figsize=(11, 3.6 * len(nodes)), squeeze=False, sharex=True

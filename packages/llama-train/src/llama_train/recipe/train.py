@@ -36,6 +36,15 @@ all ranks agree, save a checkpoint, and :func:`train` raises
 :class:`Preempted`; `llama-train run` exits with
 :data:`~llama_train.core.distributed.PREEMPTED_EXIT_CODE` (3).
 Running the same command again resumes from that checkpoint.
+
+
+The module reads in the order a run happens: :func:`train` (one run directory
+under its lock and process group, then its cooldown branches), the build step
+:func:`build` (lock, store, device, config checks, model, checkpoint, and what
+watches the loop: metrics logger, profiler, trace window, progress display),
+the loop :meth:`Trainer.loop`, and the step :meth:`Trainer.train_step`:
+`llama-train run` -> `train` -> `Trainer.loop` -> `Trainer.train_step`.
+The loop's own state (counters, loss window, exceptions) comes last.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,6 +72,7 @@ from gssm_data.common.resources import default_threads, describe_threads, set_to
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
+from llama_train.core.config_files import flatten_keys
 from llama_train.core.data import DataSpec, TrainLoader, build_loader, resolve_data
 from llama_train.core.distributed import (
     PreemptionWatch,
@@ -116,160 +126,314 @@ console = Console(stderr=True)
 
 
 # ---------------------------------------------------------------------------
-# Loop state
+# The run
 
 
-@dataclass
-class TrainState:
-    """The loop's own resumable counters (saved in every checkpoint as plain types)."""
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool | None = None,
+    prepare: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the training described by a resolved config; return the summary.
 
-    step: int = 0  # optimizer steps done
-    tokens: int = 0  # predicted tokens consumed, all ranks
-    train_seconds: float = 0.0  # time inside training steps, all sessions
-    wall_seconds: float = 0.0  # wall-clock time of the run, all sessions (up to the last save)
-    window_losses: list[float] = field(default_factory=list)  # since the last metrics line
-    window_grad_norms: list[float] = field(default_factory=list)
-    last_eval: dict[str, Any] | None = None
-    profiler: dict[str, Any] = field(default_factory=dict)  # StepProfiler.state_dict()
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
-        return cls(**state)
-
-
-class NonFiniteLoss(LlamaTrainError):
-    """The loss (or gradient norm) became NaN or infinite: the run stops."""
-
-
-class Preempted(Exception):
-    """The run stopped on a preemption signal after checkpointing `step` (not a user error).
-
-    Raised on every rank at the same step. `checkpoint` is the folder holding
-    that step (None when the signal came before the first step: there was
-    nothing to save, and running again starts afresh exactly as before).
+    Launched as several ranks (torchrun, srun), it starts the process group
+    and always destroys it. `progress` overrides `train.progress` (the
+    benchmark and tests turn it off). On SIGUSR1 or SIGTERM the run
+    checkpoints at an agreed step and raises :class:`Preempted` on every rank.
+    With `train.branches`, the run is a trunk: once it is done, each cooldown
+    branch that is not is forked and trained (:mod:`llama_train.recipe.branches`).
+    `prepare` runs on rank 0 first, holding the run's lock (a branch's fork).
     """
-
-    def __init__(self, step: int, checkpoint: Path | None = None) -> None:
-        self.step = step
-        self.checkpoint = checkpoint
-        where = f"checkpoint {checkpoint}" if checkpoint is not None else "nothing to save yet"
-        super().__init__(f"preempted at step {step}: {where}; run the same command again to resume")
-
-
-class LossWindow:
-    """Per-step losses and pre-clip gradient norms since the last metrics line.
-
-    Kept as device tensors between syncs so the loop never waits on the GPU;
-    `sync` fetches them once (at a log, eval or checkpoint step), checks them
-    and averages the loss over ranks.
-    """
-
-    def __init__(self, state: TrainState, *, check_grad_norm: bool) -> None:
-        self.state = state
-        self.check_grad_norm = check_grad_norm
-        self._losses: list[torch.Tensor] = []
-        self._grad_norms: list[torch.Tensor] = []
-        self.seconds = 0.0
-        self.tokens = 0
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, seconds: float) -> None:
-        self._losses.append(loss.detach().float())
-        self._grad_norms.append(grad_norm.detach().float())
-        self.tokens += tokens
-        self.seconds += seconds
-
-    def sync(self) -> None:
-        """Move pending values into the state; raise NonFiniteLoss at the first bad step.
-
-        Collective: the losses are averaged over ranks (every rank sees the
-        same figures, so all stop together on a bad one) and the window's
-        time is the slowest rank's, so tokens_per_s is the job's throughput.
-        Gradient norms are already global (all-reduced or sharded gradients).
-        """
-        if not self._losses:
-            return
-        started = time.perf_counter()
-        losses_tensor = distributed.all_reduce(torch.stack(self._losses), "sum")
-        values = torch.stack(
-            [losses_tensor / distributed.world_size(), torch.stack(self._grad_norms)]
+    ranks = rank_info()
+    summary = finished_summary(config)
+    if summary is not None:
+        _say_on_main(
+            ranks,
+            f"{config.run_dir} is complete (step {summary['step']} of "
+            f"{config.train.steps}): nothing to train; raise train.steps to continue it",
         )
-        losses, norms = values.cpu().tolist()
-        self.seconds += time.perf_counter() - started
-        self.seconds = float(distributed.all_reduce(torch.tensor([self.seconds]), "max").item())
-        first = self.state.step - len(losses) + 1
-        for offset, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
-            if not math.isfinite(loss) or (self.check_grad_norm and not math.isfinite(norm)):
-                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
-                raise NonFiniteLoss(_nonfinite_message(what, first + offset))
-        self.state.window_losses.extend(losses)
-        self.state.window_grad_norms.extend(norms)
-        self._losses, self._grad_norms = [], []
-
-    def flush(self) -> dict[str, float]:
-        """The figures of a metrics line for the synced window; start a new window."""
-        losses, norms = self.state.window_losses, self.state.window_grad_norms
-        figures = {
-            "loss": math.fsum(losses) / len(losses),
-            "grad_norm": math.fsum(norms) / len(norms),
-            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
-        }
-        self.state.window_losses, self.state.window_grad_norms = [], []
-        self.seconds, self.tokens = 0.0, 0
-        return figures
+    else:
+        device = resolve_device(config.train, ranks)
+        with (
+            PreemptionWatch() as preemption,
+            distributed.process_group(ranks, device, config.distributed),
+            contextlib.ExitStack() as held,
+        ):
+            trainer = build(config, ranks, device, held, progress=progress, prepare=prepare)
+            try:
+                trainer.loop(preemption)
+            except NonFiniteLoss as error:
+                raise NonFiniteLoss(f"{error}. {trainer.last_good()}") from None
+            trainer.finish(trainer.logger)
+            summary = trainer.write_summary()
+    if config.train.branches:
+        train_branches(config, summary, progress=progress)
+    return summary
 
 
-def _nonfinite_message(what: str, step: int) -> str:
-    return f"{what} at step {step}: stopping without saving this step's state"
+def train_branches(
+    trunk: TrainConfig, summary: dict[str, Any], *, progress: bool | None = None
+) -> list[dict[str, Any]]:
+    """Fork and train every unfinished branch of a finished trunk; their summaries.
+
+    A branch that fails (its fork impossible, a non-finite loss) does not stop the
+    others; the failures are raised together at the end, one line. A preemption
+    stops at once: running the same command again resumes the branch.
+    """
+    trunk_checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
+    summaries, failures = [], []
+    for branch in trunk_branches(trunk, summary):
+        finished = finished_summary(branch.config)
+        if finished is not None:
+            summaries.append(finished)
+            continue
+        say = partial(_say_on_main, rank_info())
+        say(f"branch {branch.name}: {branch.steps} steps, forking at step {branch.fork_step}")
+        try:
+            summaries.append(
+                train(
+                    branch.config,
+                    progress=progress,
+                    prepare=partial(fork, branch, trunk_checkpoints, say),
+                )
+            )
+        except LlamaTrainError as error:
+            if not isinstance(error, distributed.OtherRankFailed):
+                say(f"branch {branch.name} failed: {error}")
+            failures.append(f"{branch.name}: {error}")
+    if failures:
+        raise branch_failures(trunk, failures)
+    return summaries
+
+
+def _say_on_main(ranks: RankInfo, message: str) -> None:
+    if ranks.is_main:
+        console.print(message, highlight=False, soft_wrap=True)
+
+
+def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
+    """The summary of a run that already reached `train.steps`, None when there is work left.
+
+    Finished means summary.json says so and the newest checkpoint is that same
+    step (a summary without its checkpoint, or one of a shorter run, is not).
+    """
+    # A damaged summary is none: the run resumes from its last checkpoint and writes it again.
+    summary = sound_summary(config.run_dir)
+    if summary is None or summary.step < config.train.steps:
+        return None
+    steps = CheckpointManager(config.run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep).steps()
+    return summary.to_dict() if steps and steps[-1] == summary.step else None
 
 
 # ---------------------------------------------------------------------------
-# Building blocks
+# The build step
 
 
-def due_work(
-    step: int, config: TrainConfig, fork_steps: frozenset[int] = frozenset()
-) -> tuple[bool, bool, bool]:
-    """Whether a metrics line, an evaluation and a checkpoint are due after optimizer
-    step `step` (1-based count of steps done); all three at the last step, and a
-    checkpoint at each of a trunk's fork steps (its cooldown branches start there)."""
-    last = step == config.train.steps
-    return (
-        step % config.train.log_every == 0 or last,
-        step % config.eval.every == 0 or last,
-        step % config.checkpoint.every == 0 or last or step in fork_steps,
+def build(
+    config: TrainConfig,
+    ranks: RankInfo,
+    device: torch.device,
+    held: contextlib.ExitStack,
+    *,
+    progress: bool | None = None,
+    prepare: Callable[[], None] | None = None,
+) -> Trainer:
+    """Everything one run needs before its first step, entered into `held` to close with it.
+
+    The run directory's lock (one per job: a second job fails on every rank),
+    `prepare`, the trainer (:func:`build_trainer`: store, config checks, model,
+    optimizer, loader, latest checkpoint), and what watches the loop: the
+    metrics logger, the profiler, the trace window and the progress display.
+    """
+    with distributed.together(f"locking {config.run_dir}"):
+        if ranks.is_main:
+            held.enter_context(run_dir_lock(config.run_dir))
+    if prepare is not None:
+        with distributed.together(f"preparing {config.run_dir}"):
+            if ranks.is_main:
+                prepare()
+    trainer = build_trainer(config, ranks, device=device)
+    config = trainer.config  # with the settings a resumed run keeps
+    trainer.logger = held.enter_context(trainer.open_logger())
+    trainer.profiler = StepProfiler(
+        trainer.run_dir,
+        config.profile,
+        device=device,
+        flops_per_token=trainer.flops_per_token,
+        world_size=ranks.world_size,
+        enabled=ranks.is_main,
     )
+    trainer.profiler.start(trainer.state.step if trainer.resumed else None)
+    trainer.profiler.load_state_dict(trainer.state.profiler)
+    trainer.trace = held.enter_context(
+        TraceWindow(
+            trainer.run_dir,
+            config.profile,
+            device=device,
+            rank=ranks.rank,
+            on_file=trainer.logger.upload,
+        )
+    )
+    show = (config.train.progress if progress is None else progress) and ranks.is_main
+    trainer.progress = held.enter_context(progress_bar(show, config.train.progress_every))
+    trainer.progress_task = trainer.progress.add_task(
+        "train",
+        total=config.train.steps,
+        completed=trainer.state.step,
+        loss="-",
+        excess="-",
+        speed="-",
+    )
+    return trainer
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every global RNG the loop may draw from (dropout, workers)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def build_trainer(
+    config: TrainConfig, ranks: RankInfo | None = None, *, device: torch.device | None = None
+) -> Trainer:
+    """Write the config, build model/optimizer/loader, and load the latest checkpoint.
+
+    Every rank calls it (a stack calls it once per member, then opens their
+    loggers itself). Several ranks (or FSDP on one) need the process group
+    that :func:`train` starts. Whatever can fail for a user's reason (data,
+    run directory, config) is checked on every rank before the first
+    collective, and a failure on any rank stops them all (no rank is left
+    waiting for one that has exited). `device` is the one :func:`train`
+    resolved; left out, it is resolved here.
+    """
+    ranks = ranks or rank_info()
+    if distributed.needs_process_group(ranks, config.distributed) and not (
+        distributed.is_initialized()
+    ):
+        raise LlamaTrainError(
+            f"this is rank {ranks.rank} of {ranks.world_size} ({ranks.launcher}) with "
+            f"distributed.strategy={config.distributed.strategy}, but no process group is up; "
+            "train through llama_train.recipe.train.train(config) or the llama-train command"
+        )
+    threads = _set_threads(config.train, ranks, config.data.num_workers)
+    device = device if device is not None else resolve_device(config.train, ranks)
+    run_dir = config.run_dir
+    with distributed.together("checking the run directory, the data and the model"):
+        amp_dtype = resolve_amp(config.train.amp, device)
+        checkpoints = CheckpointManager(
+            run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, payload=DcpPayload()
+        )
+        stored = None  # the config.yaml of the run this one resumes, read once
+        if checkpoints.steps() and (run_dir / CONFIG_FILENAME).is_file():
+            stored = load_yaml(run_dir / CONFIG_FILENAME)
+            config = keep_legacy_settings(config, stored)
+        changes = check_resumable(config, stored)
+        spec = resolve_data(config.data)
+        check_training_fits(
+            config.model,
+            batch_size=config.data.batch_size,
+            eval_batch_size=config.eval.batch_size or config.data.batch_size,
+            seq_len=spec.seq_len - 1,
+            device=device,
+            shards=ranks.world_size if config.distributed.strategy == "fsdp" else 1,
+            processes_sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            half_precision=amp_dtype is not None,
+        )
+        seed_everything(config.run.seed + ranks.rank)
+        model = Llama(config.model, seed=config.run.seed)  # the same weights on every rank
+        loader = build_loader(
+            config.data,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            seq_len=spec.seq_len,
+            seed=config.run.seed,
+            spec=spec,
+        )
+        eval_set = EvalSet(
+            spec,
+            split=config.eval.split,
+            max_sequences=config.eval.max_sequences,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
+    with distributed.together(f"writing {run_dir / CONFIG_FILENAME}"):
+        if ranks.is_main:
+            write_config(config)
+    step_model = distributed.parallelize(
+        model,
+        strategy=config.distributed.strategy,
+        device=device,
+        amp_dtype=amp_dtype,
+        compile=config.train.compile,
+    )
+    trainer = Trainer(
+        config=config,
+        ranks=ranks,
+        device=device,
+        amp_dtype=amp_dtype,
+        spec=spec,
+        model=model,
+        step_model=step_model,
+        optimizer=build_optimizer(model, config.optim),  # after sharding: on the shards
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        loader=loader,
+        checkpoints=checkpoints,
+        eval_set=eval_set,
+        state=TrainState(),
+        resumed=False,
+    )
+    with distributed.together("planning the cooldown branches"):
+        branches = plan_branches(
+            config, tokens_per_step=trainer.tokens_per_step, optim=trainer.optim
+        )
+    trainer.fork_steps = checkpoints.pinned = frozenset(branch.fork_step for branch in branches)
+    step = trainer.load_latest_checkpoint()
+    if step is not None:
+        trainer.resumed = True
+        if ranks.is_main:
+            drop_evaluations_after(run_dir, step)
+        trainer.say(f"resuming {run_dir} from step {step}")
+        for change in changes:
+            trainer.say(f"  changed since the checkpoint: {change}")
+    where = f"{device}"
+    if distributed.is_initialized():
+        where = f"{ranks.world_size} x {device} ({config.distributed.strategy})"
+    trainer.say(
+        f"model: {model.num_parameters():,} parameters "
+        f"({model.num_parameters(exclude_embeddings=True):,} without embeddings); "
+        f"{trainer.tokens_per_step:,} tokens per step on {where}"
+        + (f" with {config.train.amp} autocast" if amp_dtype is not None else "")
+        + (f"; {threads}" if device.type == "cpu" else "")
+    )
+    return trainer
 
 
-# Model keys that choose how the same weights are computed with, not what they are: a
-# run may resume with another attention kernel (same results to float tolerance).
-WEIGHT_NEUTRAL_KEYS = frozenset({"model.attention"})
+def _set_threads(section: TrainSection, ranks: RankInfo, loader_workers: int) -> str:
+    """train.threads when set; else one per rank, or the idle CPUs of a single process
+    less one per DataLoader worker (each works in one thread beside the training step).
+
+    Returns the choice in words for the start-up line.
+    """
+    threads = section.threads
+    if threads is None and ranks.distributed:
+        threads = 1
+    if threads is None:
+        threads = max(default_threads() - loader_workers, 1)
+    chosen = set_torch_threads(threads)
+    return describe_threads(chosen, ranks.world_size if ranks.distributed else 1)
 
 
-def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) -> list[str]:
-    """Compare the config of an existing run with this one before resuming it.
+def check_resumable(config: TrainConfig, stored: Mapping[str, Any] | None) -> list[str]:
+    """Compare the config.yaml of an existing run (`stored`) with this one before resuming it.
 
     A different model cannot load the checkpoint: a user error naming the keys.
     Other differences are allowed (a longer run, another eval cadence) and
-    returned as `key: old -> new` lines to show.
+    returned as `key: old -> new` lines to show. None (nothing to resume): no changes.
     """
-    old_path = run_dir / CONFIG_FILENAME
-    if not has_checkpoint or not old_path.is_file():
+    if stored is None:
         return []
+    run_dir = config.run_dir
     new = flatten_keys(config.model_dump(mode="json"))
     # A key the old file lacks (written before the key existed) had its default then.
     defaults = flatten_keys(type(config).model_construct().model_dump(mode="json", warnings=False))
-    stored = with_legacy_defaults(load_yaml(old_path))
-    old = {key: defaults[key] for key in new if key in defaults} | flatten_keys(stored)
+    old = {key: defaults[key] for key in new if key in defaults} | flatten_keys(
+        with_legacy_defaults(stored)
+    )
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     model_changes = [
         key for key in changed if key.startswith("model.") and key not in WEIGHT_NEUTRAL_KEYS
@@ -283,15 +447,16 @@ def check_resumable(run_dir: Path, config: TrainConfig, has_checkpoint: bool) ->
     return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in changed]
 
 
-def flatten_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_keys(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+# Model keys that choose how the same weights are computed with, not what they are: a
+# run may resume with another attention kernel (same results to float tolerance).
+WEIGHT_NEUTRAL_KEYS = frozenset({"model.attention"})
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global RNG the loop may draw from (dropout, workers)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def progress_bar(enabled: bool, every: float) -> Progress:
@@ -311,12 +476,12 @@ def progress_bar(enabled: bool, every: float) -> Progress:
 
 
 # ---------------------------------------------------------------------------
-# The run
+# The loop and the step
 
 
 @dataclass
 class Trainer:
-    """Everything a run holds; built by :func:`build_trainer`, driven by :meth:`run`."""
+    """Everything a run holds; built by :func:`build`, driven by :meth:`loop`."""
 
     config: TrainConfig
     ranks: RankInfo
@@ -333,54 +498,77 @@ class Trainer:
     state: TrainState
     resumed: bool
     saved_step: int | None = None  # step of the checkpoint on disk that matches the state
-    profiler: StepProfiler | None = None  # set by `run` for its session
     fork_steps: frozenset[int] = frozenset()  # a trunk's: checkpointed, kept (branches)
     startup_cpu_seconds: float | None = None  # this process's CPU before its first step
+    # What watches the loop, set by :func:`build` (a stack keeps its own loggers and bar).
+    logger: MetricLogger | None = None
+    profiler: StepProfiler | None = None
+    trace: TraceWindow | None = None
+    progress: Progress | None = None
+    progress_task: Any = None
 
-    @functools.cached_property
-    def optim(self) -> OptimConfig:
-        """The optim section with its warmup rule resolved (what :func:`lr_at` reads)."""
-        return resolve_warmup(
-            self.config.optim,
-            parameters=self.model.num_parameters(),
-            tokens_per_step=self.tokens_per_step,
-        )
+    def loop(self, preemption: PreemptionWatch) -> None:
+        """Train to `train.steps`, logging, evaluating and checkpointing on schedule.
 
-    def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Time a block as a phase of the light profiler (nothing when there is none)."""
-        return contextlib.nullcontext() if self.profiler is None else self.profiler.phase(name)
+        A preemption signal stops the loop at an agreed step boundary: the
+        state is checkpointed and Preempted raised.
+        """
+        config, state = self.config, self.state
+        logger, profiler, trace, bar = self.logger, self.profiler, self.trace, self.progress
+        assert None not in (logger, profiler, trace, bar), "build() sets up what watches the loop"
+        task = self.progress_task
+        steps = config.train.steps
+        window = LossWindow(state, check_grad_norm=self.amp_dtype != torch.float16)
+        batches = iter(self.loader)
+        session_start = time.perf_counter()
+        wall_before = state.wall_seconds
+        self.startup_cpu_seconds = time.process_time()  # interpreter, imports, set-up
 
-    @property
-    def flops_per_token(self) -> float:
-        """Training FLOPs per predicted token (see llama_train.core.profiler.flops_per_token)."""
-        model = self.config.model
-        return flops_per_token(
-            self.model.num_parameters(exclude_embeddings=True),
-            model.n_layers,
-            model.dim,
-            self.spec.seq_len - 1,
-        )
+        def elapsed() -> float:
+            return wall_before + time.perf_counter() - session_start
 
-    @property
-    def run_dir(self) -> Path:
-        return self.config.run_dir
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Predicted tokens per optimizer step, all ranks (L-1 per sequence)."""
-        data = self.config.data
-        return (
-            data.batch_size
-            * (self.spec.seq_len - 1)
-            * self.config.train.grad_accum
-            * self.ranks.world_size
-        )
-
-    def say(self, message: str) -> None:
-        if self.ranks.is_main:
-            console.print(message, highlight=False, soft_wrap=True)
-
-    # -- one optimizer step --------------------------------------------------
+        while state.step < steps:
+            if preemption.poll():  # the same answer on every rank, at the same step
+                window.sync()
+                state.wall_seconds = elapsed()
+                self._preempt(preemption)
+            trace.before_step(state.step)
+            started = time.perf_counter()
+            loss, grad_norm = self.train_step(batches)
+            trace.after_step()
+            profiler.step_done(self.tokens_per_step)
+            state.step += 1
+            state.tokens += self.tokens_per_step
+            seconds = time.perf_counter() - started
+            state.train_seconds += seconds
+            window.add(loss, grad_norm, self.tokens_per_step, seconds)
+            bar.update(task, completed=state.step)
+            last = state.step == steps
+            due_log, due_eval, due_checkpoint = due_work(state.step, config, self.fork_steps)
+            if not (due_log or due_eval or due_checkpoint):
+                continue
+            window.sync()
+            if due_log:
+                figures = window.flush()
+                logger.log(self.metrics_line(figures, elapsed()))
+                bar.update(
+                    task, loss=f"{figures['loss']:.4f}", speed=format_si(figures["tokens_per_s"])
+                )
+            if due_eval:
+                with self._phase("eval"):
+                    result = self.evaluate_and_log(logger)
+                bar.update(task, excess=f"{result.excess:.4f}")
+            # The profiler's row of a step comes before its checkpoint (which then holds
+            # the profiler's state up to that row); the last checkpoint goes in the last row.
+            if due_log and not last:
+                profiler.row(state.step)
+            if due_checkpoint:
+                state.wall_seconds = elapsed()
+                with self._phase("checkpoint"):
+                    self.save_checkpoint()
+            if due_log and last:
+                profiler.row(state.step)
+        preemption.settle()  # every rank polled as often: its last agreement can finish
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate `grad_accum` micro-batches, clip, step. Returns (mean loss, pre-clip norm)."""
@@ -407,6 +595,51 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
+
+    # -- the step's helpers ----------------------------------------------------
+
+    @functools.cached_property
+    def optim(self) -> OptimConfig:
+        """The optim section with its warmup rule resolved (what :func:`lr_at` reads)."""
+        return resolve_warmup(
+            self.config.optim,
+            parameters=self.model.num_parameters(),
+            tokens_per_step=self.tokens_per_step,
+        )
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time a block as a phase of the light profiler (nothing when there is none)."""
+        return contextlib.nullcontext() if self.profiler is None else self.profiler.phase(name)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Predicted tokens per optimizer step, all ranks (L-1 per sequence)."""
+        data = self.config.data
+        return (
+            data.batch_size
+            * (self.spec.seq_len - 1)
+            * self.config.train.grad_accum
+            * self.ranks.world_size
+        )
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per predicted token (see llama_train.core.profiler.flops_per_token)."""
+        model = self.config.model
+        return flops_per_token(
+            self.model.num_parameters(exclude_embeddings=True),
+            model.n_layers,
+            model.dim,
+            self.spec.seq_len - 1,
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    def say(self, message: str) -> None:
+        if self.ranks.is_main:
+            console.print(message, highlight=False, soft_wrap=True)
 
     # -- evaluation and checkpoints -----------------------------------------
 
@@ -492,157 +725,6 @@ class Trainer:
         self.saved_step = step
         return step
 
-    # -- the loop ------------------------------------------------------------
-
-    def run(
-        self, *, progress: bool | None = None, preemption: PreemptionWatch | None = None
-    ) -> dict[str, Any]:
-        """Train to `train.steps`, evaluating and checkpointing on schedule; return the summary.
-
-        With a `preemption` watch, a signal stops the loop at an agreed step
-        boundary: the state is checkpointed and Preempted raised.
-        """
-        config = self.config
-        show = (config.train.progress if progress is None else progress) and self.ranks.is_main
-        logger = self.open_logger()
-        self.profiler = StepProfiler(
-            self.run_dir,
-            config.profile,
-            device=self.device,
-            flops_per_token=self.flops_per_token,
-            world_size=self.ranks.world_size,
-            enabled=self.ranks.is_main,
-        )
-        self.profiler.start(self.state.step if self.resumed else None)
-        self.profiler.load_state_dict(self.state.profiler)
-        trace = TraceWindow(
-            self.run_dir,
-            config.profile,
-            device=self.device,
-            rank=self.ranks.rank,
-            on_file=logger.upload,
-        )
-        with logger, trace, progress_bar(show, config.train.progress_every) as bar:
-            task = bar.add_task(
-                "train",
-                total=config.train.steps,
-                completed=self.state.step,
-                loss="-",
-                excess="-",
-                speed="-",
-            )
-            try:
-                self._loop(logger, bar, task, preemption or PreemptionWatch(signals=()), trace)
-            except NonFiniteLoss as error:
-                raise NonFiniteLoss(f"{error}. {self.last_good()}") from None
-            self.finish(logger)
-        return self.write_summary()
-
-    def open_logger(self) -> MetricLogger:
-        """The run's metrics.jsonl (and wandb run), continued after a resume."""
-        config = self.config
-        wandb = config.logging.wandb
-        name, group = wandb_name_and_group(config.run.name, wandb.name)
-        return MetricLogger(
-            self.run_dir,
-            enabled=self.ranks.is_main,
-            resume_step=self.state.step if self.resumed else None,
-            wandb_mode=wandb.effective_mode,
-            wandb_project=wandb.project,
-            wandb_entity=wandb.entity,
-            run_name=name,
-            group=group,
-            config={
-                **config.model_dump(mode="json"),
-                "parameters": self.parameter_counts(),
-                "data_fingerprint": data_fingerprint(self.spec),
-            },
-        )
-
-    def finish(self, logger: MetricLogger) -> None:
-        """After the last step: evaluate it unless done, and hand the logger the totals."""
-        if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
-            self.evaluate_and_log(logger)
-        logger.summarize(self.scale_figures())
-
-    def metrics_line(self, figures: dict[str, float], elapsed: float) -> dict[str, Any]:
-        """The metrics.jsonl line of the step just done, from a LossWindow's figures."""
-        state, steps = self.state, self.config.train.steps
-        return {
-            "step": state.step,
-            **figures,
-            "lr": lr_at(state.step - 1, steps, self.optim),
-            "tokens": state.tokens,
-            "epoch": self.loader.epoch,
-            "elapsed": elapsed,
-            "train_seconds": state.train_seconds,
-            **system_metrics(self.device),
-        }
-
-    def _loop(
-        self,
-        logger: MetricLogger,
-        bar: Progress,
-        task: Any,
-        preemption: PreemptionWatch,
-        trace: TraceWindow,
-    ) -> None:
-        config, state = self.config, self.state
-        steps = config.train.steps
-        window = LossWindow(state, check_grad_norm=self.amp_dtype != torch.float16)
-        batches = iter(self.loader)
-        profiler = self.profiler
-        assert profiler is not None, "run() starts the profiler"
-        session_start = time.perf_counter()
-        wall_before = state.wall_seconds
-        self.startup_cpu_seconds = time.process_time()  # interpreter, imports, set-up
-
-        def elapsed() -> float:
-            return wall_before + time.perf_counter() - session_start
-
-        while state.step < steps:
-            if preemption.poll():  # the same answer on every rank, at the same step
-                window.sync()
-                state.wall_seconds = elapsed()
-                self._preempt(preemption)
-            trace.before_step(state.step)
-            started = time.perf_counter()
-            loss, grad_norm = self.train_step(batches)
-            trace.after_step()
-            profiler.step_done(self.tokens_per_step)
-            state.step += 1
-            state.tokens += self.tokens_per_step
-            seconds = time.perf_counter() - started
-            state.train_seconds += seconds
-            window.add(loss, grad_norm, self.tokens_per_step, seconds)
-            bar.update(task, completed=state.step)
-            last = state.step == steps
-            due_log, due_eval, due_checkpoint = due_work(state.step, config, self.fork_steps)
-            if not (due_log or due_eval or due_checkpoint):
-                continue
-            window.sync()
-            if due_log:
-                figures = window.flush()
-                logger.log(self.metrics_line(figures, elapsed()))
-                bar.update(
-                    task, loss=f"{figures['loss']:.4f}", speed=format_si(figures["tokens_per_s"])
-                )
-            if due_eval:
-                with self._phase("eval"):
-                    result = self.evaluate_and_log(logger)
-                bar.update(task, excess=f"{result.excess:.4f}")
-            # The profiler's row of a step comes before its checkpoint (which then holds
-            # the profiler's state up to that row); the last checkpoint goes in the last row.
-            if due_log and not last:
-                profiler.row(state.step)
-            if due_checkpoint:
-                state.wall_seconds = elapsed()
-                with self._phase("checkpoint"):
-                    self.save_checkpoint()
-            if due_log and last:
-                profiler.row(state.step)
-        preemption.settle()  # every rank polled as often: its last agreement can finish
-
     def _preempt(self, preemption: PreemptionWatch) -> None:
         """Checkpoint the current step (unless the one on disk is it) and raise Preempted.
 
@@ -669,6 +751,49 @@ class Trainer:
             f"{where}; lower optim.lr, raise optim.warmup_steps or use train.amp=fp32, "
             "then run the same command to resume"
         )
+
+    # -- records: metrics, evaluations, summary -------------------------------
+
+    def open_logger(self) -> MetricLogger:
+        """The run's metrics.jsonl (and wandb run), continued after a resume."""
+        config = self.config
+        wandb = config.logging.wandb
+        name, group = wandb_name_and_group(config.run.name, wandb.name)
+        return MetricLogger(
+            self.run_dir,
+            enabled=self.ranks.is_main,
+            resume_step=self.state.step if self.resumed else None,
+            wandb_mode=wandb.effective_mode,
+            wandb_project=wandb.project,
+            wandb_entity=wandb.entity,
+            run_name=name,
+            group=group,
+            config={
+                **config.model_dump(mode="json"),
+                "parameters": self.parameter_counts(),
+                "data_fingerprint": data_fingerprint(self.spec),
+            },
+        )
+
+    def metrics_line(self, figures: dict[str, float], elapsed: float) -> dict[str, Any]:
+        """The metrics.jsonl line of the step just done, from a LossWindow's figures."""
+        state, steps = self.state, self.config.train.steps
+        return {
+            "step": state.step,
+            **figures,
+            "lr": lr_at(state.step - 1, steps, self.optim),
+            "tokens": state.tokens,
+            "epoch": self.loader.epoch,
+            "elapsed": elapsed,
+            "train_seconds": state.train_seconds,
+            **system_metrics(self.device),
+        }
+
+    def finish(self, logger: MetricLogger) -> None:
+        """After the last step: evaluate it unless done, and hand the logger the totals."""
+        if self.state.last_eval is None or self.state.last_eval["step"] != self.state.step:
+            self.evaluate_and_log(logger)
+        logger.summarize(self.scale_figures())
 
     def evaluate_and_log(self, logger: MetricLogger) -> EvalResult:
         result = self.evaluate()
@@ -766,230 +891,125 @@ class Trainer:
         return None if baselines is None else baselines.model_dump()
 
 
-def build_trainer(config: TrainConfig, ranks: RankInfo | None = None) -> Trainer:
-    """Write the config, build model/optimizer/loader, and load the latest checkpoint.
+# ---------------------------------------------------------------------------
+# Loop state
 
-    Every rank calls it. Several ranks (or FSDP on one) need the process
-    group that :func:`train` starts. Whatever can fail for a user's reason
-    (data, run directory, config) is checked on every rank before the first
-    collective, and a failure on any rank stops them all (no rank is left
-    waiting for one that has exited).
+
+@dataclass
+class TrainState:
+    """The loop's own resumable counters (saved in every checkpoint as plain types)."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # predicted tokens consumed, all ranks
+    train_seconds: float = 0.0  # time inside training steps, all sessions
+    wall_seconds: float = 0.0  # wall-clock time of the run, all sessions (up to the last save)
+    window_losses: list[float] = field(default_factory=list)  # since the last metrics line
+    window_grad_norms: list[float] = field(default_factory=list)
+    last_eval: dict[str, Any] | None = None
+    profiler: dict[str, Any] = field(default_factory=dict)  # StepProfiler.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
+        return cls(**state)
+
+
+class LossWindow:
+    """Per-step losses and pre-clip gradient norms since the last metrics line.
+
+    Kept as device tensors between syncs so the loop never waits on the GPU;
+    `sync` fetches them once (at a log, eval or checkpoint step), checks them
+    and averages the loss over ranks.
     """
-    ranks = ranks or rank_info()
-    if distributed.needs_process_group(ranks, config.distributed) and not (
-        distributed.is_initialized()
-    ):
-        raise LlamaTrainError(
-            f"this is rank {ranks.rank} of {ranks.world_size} ({ranks.launcher}) with "
-            f"distributed.strategy={config.distributed.strategy}, but no process group is up; "
-            "train through llama_train.recipe.train.train(config) or the llama-train command"
+
+    def __init__(self, state: TrainState, *, check_grad_norm: bool) -> None:
+        self.state = state
+        self.check_grad_norm = check_grad_norm
+        self._losses: list[torch.Tensor] = []
+        self._grad_norms: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, seconds: float) -> None:
+        self._losses.append(loss.detach().float())
+        self._grad_norms.append(grad_norm.detach().float())
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def sync(self) -> None:
+        """Move pending values into the state; raise NonFiniteLoss at the first bad step.
+
+        Collective: the losses are averaged over ranks (every rank sees the
+        same figures, so all stop together on a bad one) and the window's
+        time is the slowest rank's, so tokens_per_s is the job's throughput.
+        Gradient norms are already global (all-reduced or sharded gradients).
+        """
+        if not self._losses:
+            return
+        started = time.perf_counter()
+        losses_tensor = distributed.all_reduce(torch.stack(self._losses), "sum")
+        values = torch.stack(
+            [losses_tensor / distributed.world_size(), torch.stack(self._grad_norms)]
         )
-    threads = _set_threads(config.train, ranks, config.data.num_workers)
-    device = resolve_device(config.train, ranks)
-    run_dir = config.run_dir
-    with distributed.together("checking the run directory, the data and the model"):
-        amp_dtype = resolve_amp(config.train.amp, device)
-        checkpoints = CheckpointManager(
-            run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, payload=DcpPayload()
-        )
-        has_checkpoint = bool(checkpoints.steps())
-        if has_checkpoint and (run_dir / CONFIG_FILENAME).is_file():
-            config = keep_legacy_settings(config, load_yaml(run_dir / CONFIG_FILENAME))
-        changes = check_resumable(run_dir, config, has_checkpoint=has_checkpoint)
-        spec = resolve_data(config.data)
-        check_training_fits(
-            config.model,
-            batch_size=config.data.batch_size,
-            eval_batch_size=config.eval.batch_size or config.data.batch_size,
-            seq_len=spec.seq_len - 1,
-            device=device,
-            shards=ranks.world_size if config.distributed.strategy == "fsdp" else 1,
-            processes_sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-            half_precision=amp_dtype is not None,
-        )
-        seed_everything(config.run.seed + ranks.rank)
-        model = Llama(config.model, seed=config.run.seed)  # the same weights on every rank
-        loader = build_loader(
-            config.data,
-            rank=ranks.rank,
-            world_size=ranks.world_size,
-            seq_len=spec.seq_len,
-            seed=config.run.seed,
-            spec=spec,
-        )
-        eval_set = EvalSet(
-            spec,
-            split=config.eval.split,
-            max_sequences=config.eval.max_sequences,
-            rank=ranks.rank,
-            world_size=ranks.world_size,
-        )
-    with distributed.together(f"writing {run_dir / CONFIG_FILENAME}"):
-        if ranks.is_main:
-            write_config(config)
-    step_model = distributed.parallelize(
-        model,
-        strategy=config.distributed.strategy,
-        device=device,
-        amp_dtype=amp_dtype,
-        compile=config.train.compile,
+        losses, norms = values.cpu().tolist()
+        self.seconds += time.perf_counter() - started
+        self.seconds = float(distributed.all_reduce(torch.tensor([self.seconds]), "max").item())
+        first = self.state.step - len(losses) + 1
+        for offset, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
+            if not math.isfinite(loss) or (self.check_grad_norm and not math.isfinite(norm)):
+                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+                raise NonFiniteLoss(_nonfinite_message(what, first + offset))
+        self.state.window_losses.extend(losses)
+        self.state.window_grad_norms.extend(norms)
+        self._losses, self._grad_norms = [], []
+
+    def flush(self) -> dict[str, float]:
+        """The figures of a metrics line for the synced window; start a new window."""
+        losses, norms = self.state.window_losses, self.state.window_grad_norms
+        figures = {
+            "loss": math.fsum(losses) / len(losses),
+            "grad_norm": math.fsum(norms) / len(norms),
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+        }
+        self.state.window_losses, self.state.window_grad_norms = [], []
+        self.seconds, self.tokens = 0.0, 0
+        return figures
+
+
+def due_work(
+    step: int, config: TrainConfig, fork_steps: frozenset[int] = frozenset()
+) -> tuple[bool, bool, bool]:
+    """Whether a metrics line, an evaluation and a checkpoint are due after optimizer
+    step `step` (1-based count of steps done); all three at the last step, and a
+    checkpoint at each of a trunk's fork steps (its cooldown branches start there)."""
+    last = step == config.train.steps
+    return (
+        step % config.train.log_every == 0 or last,
+        step % config.eval.every == 0 or last,
+        step % config.checkpoint.every == 0 or last or step in fork_steps,
     )
-    trainer = Trainer(
-        config=config,
-        ranks=ranks,
-        device=device,
-        amp_dtype=amp_dtype,
-        spec=spec,
-        model=model,
-        step_model=step_model,
-        optimizer=build_optimizer(model, config.optim),  # after sharding: on the shards
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        loader=loader,
-        checkpoints=checkpoints,
-        eval_set=eval_set,
-        state=TrainState(),
-        resumed=False,
-    )
-    with distributed.together("planning the cooldown branches"):
-        branches = plan_branches(
-            config, tokens_per_step=trainer.tokens_per_step, optim=trainer.optim
-        )
-    trainer.fork_steps = checkpoints.pinned = frozenset(branch.fork_step for branch in branches)
-    step = trainer.load_latest_checkpoint()
-    if step is not None:
-        trainer.resumed = True
-        if ranks.is_main:
-            drop_evaluations_after(run_dir, step)
-        trainer.say(f"resuming {run_dir} from step {step}")
-        for change in changes:
-            trainer.say(f"  changed since the checkpoint: {change}")
-    where = f"{device}"
-    if distributed.is_initialized():
-        where = f"{ranks.world_size} x {device} ({config.distributed.strategy})"
-    trainer.say(
-        f"model: {model.num_parameters():,} parameters "
-        f"({model.num_parameters(exclude_embeddings=True):,} without embeddings); "
-        f"{trainer.tokens_per_step:,} tokens per step on {where}"
-        + (f" with {config.train.amp} autocast" if amp_dtype is not None else "")
-        + (f"; {threads}" if device.type == "cpu" else "")
-    )
-    return trainer
 
 
-def _set_threads(section: TrainSection, ranks: RankInfo, loader_workers: int) -> str:
-    """train.threads when set; else one per rank, or the idle CPUs of a single process
-    less one per DataLoader worker (each works in one thread beside the training step).
+class NonFiniteLoss(LlamaTrainError):
+    """The loss (or gradient norm) became NaN or infinite: the run stops."""
 
-    Returns the choice in words for the start-up line.
+
+class Preempted(Exception):
+    """The run stopped on a preemption signal after checkpointing `step` (not a user error).
+
+    Raised on every rank at the same step. `checkpoint` is the folder holding
+    that step (None when the signal came before the first step: there was
+    nothing to save, and running again starts afresh exactly as before).
     """
-    threads = section.threads
-    if threads is None and ranks.distributed:
-        threads = 1
-    if threads is None:
-        threads = max(default_threads() - loader_workers, 1)
-    chosen = set_torch_threads(threads)
-    return describe_threads(chosen, ranks.world_size if ranks.distributed else 1)
+
+    def __init__(self, step: int, checkpoint: Path | None = None) -> None:
+        self.step = step
+        self.checkpoint = checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "nothing to save yet"
+        super().__init__(f"preempted at step {step}: {where}; run the same command again to resume")
 
 
-def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
-    """The summary of a run that already reached `train.steps`, None when there is work left.
-
-    Finished means summary.json says so and the newest checkpoint is that same
-    step (a summary without its checkpoint, or one of a shorter run, is not).
-    """
-    # A damaged summary is none: the run resumes from its last checkpoint and writes it again.
-    summary = sound_summary(config.run_dir)
-    if summary is None or summary.step < config.train.steps:
-        return None
-    steps = CheckpointManager(config.run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep).steps()
-    return summary.to_dict() if steps and steps[-1] == summary.step else None
-
-
-def train(config: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
-    """Run (or resume) the training described by a resolved config; return the summary.
-
-    Launched as several ranks (torchrun, srun), it starts the process group
-    and always destroys it. `progress` overrides `train.progress` (the
-    benchmark and tests turn it off). On SIGUSR1 or SIGTERM the run
-    checkpoints at an agreed step and raises :class:`Preempted` on every rank.
-    With `train.branches`, the run is a trunk: once it is done, each cooldown
-    branch that is not is forked and trained (:mod:`llama_train.recipe.branches`).
-    """
-    summary = _train_run(config, progress=progress)
-    if config.train.branches:
-        train_branches(config, summary, progress=progress)
-    return summary
-
-
-def train_branches(
-    trunk: TrainConfig, summary: dict[str, Any], *, progress: bool | None = None
-) -> list[dict[str, Any]]:
-    """Fork and train every unfinished branch of a finished trunk; their summaries.
-
-    A branch that fails (its fork impossible, a non-finite loss) does not stop the
-    others; the failures are raised together at the end, one line. A preemption
-    stops at once: running the same command again resumes the branch.
-    """
-    trunk_checkpoints = CheckpointManager(trunk.run_dir / CHECKPOINT_DIR, keep=None)
-    summaries, failures = [], []
-    for branch in trunk_branches(trunk, summary):
-        finished = finished_summary(branch.config)
-        if finished is not None:
-            summaries.append(finished)
-            continue
-        say = partial(_say_on_main, rank_info())
-        say(f"branch {branch.name}: {branch.steps} steps, forking at step {branch.fork_step}")
-        try:
-            summaries.append(
-                _train_run(
-                    branch.config,
-                    progress=progress,
-                    prepare=partial(fork, branch, trunk_checkpoints, say),
-                )
-            )
-        except LlamaTrainError as error:
-            if not isinstance(error, distributed.OtherRankFailed):
-                say(f"branch {branch.name} failed: {error}")
-            failures.append(f"{branch.name}: {error}")
-    if failures:
-        raise branch_failures(trunk, failures)
-    return summaries
-
-
-def _say_on_main(ranks: RankInfo, message: str) -> None:
-    if ranks.is_main:
-        console.print(message, highlight=False, soft_wrap=True)
-
-
-def _train_run(
-    config: TrainConfig,
-    *,
-    progress: bool | None = None,
-    prepare: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Train one run directory; `prepare` runs on rank 0 first, holding its lock (a fork)."""
-    ranks = rank_info()
-    finished = finished_summary(config)
-    if finished is not None:
-        if ranks.is_main:
-            console.print(
-                f"{config.run_dir} is complete (step {finished['step']} of "
-                f"{config.train.steps}): nothing to train; raise train.steps to continue it",
-                highlight=False,
-                soft_wrap=True,
-            )
-        return finished
-    device = resolve_device(config.train, ranks)
-    with (
-        PreemptionWatch() as preemption,
-        distributed.process_group(ranks, device, config.distributed),
-        contextlib.ExitStack() as lock,
-    ):
-        with distributed.together(f"locking {config.run_dir}"):
-            if ranks.is_main:  # one lock for the job; a second job fails on every rank
-                lock.enter_context(run_dir_lock(config.run_dir))
-        if prepare is not None:
-            with distributed.together(f"preparing {config.run_dir}"):
-                if ranks.is_main:
-                    prepare()
-        return build_trainer(config, ranks).run(progress=progress, preemption=preemption)
+def _nonfinite_message(what: str, step: int) -> str:
+    return f"{what} at step {step}: stopping without saving this step's state"

@@ -33,8 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from gssm_data import GssmDataError
-from gssm_data.common.humanize import parse_count
+from gssm_data.common.humanize import Count
 from llama_train.core import config_files
 from llama_train.core.checkpoint import CheckpointConfig
 from llama_train.core.data import DataConfig, resolve_data
@@ -65,7 +64,7 @@ class TrainSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(1000, gt=0, description="optimizer steps (each of grad_accum micro-batches)")
+    steps: Count = Field(1000, description="optimizer steps (each of grad_accum micro-batches)")
     grad_accum: int = Field(
         1,
         ge=1,
@@ -98,23 +97,13 @@ class TrainSection(BaseModel):
     progress_every: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines off a terminal"
     )
-    branches: list[int] = Field(
+    branches: list[Count] = Field(
         default_factory=list,
         description="cooldown branches (optim.schedule wsd): the predicted tokens of each, "
         "shorter than the run; each forks from this run's stable phase where its own decay "
         "starts and is a run directory of its own under <run.dir>/branches/ "
         "(llama_train.recipe.branches)",
     )
-
-    @field_validator("branches", mode="before")
-    @classmethod
-    def _branch_counts(cls, value: object) -> object:
-        if not isinstance(value, list):
-            return value
-        try:
-            return [parse_count(item, option="", minimum=1) for item in value]
-        except GssmDataError as error:
-            raise ValueError(str(error)) from None
 
     @field_validator("branches")
     @classmethod
@@ -225,7 +214,11 @@ def _refuse_launcher_sections(path: str | Path | None, overrides: Iterable[str])
     """`run` trains one config: a grid would silently train only its base point."""
     raw = config_files.load_yaml(path) if path is not None else {}
     named: dict[str, list[str]] = {
-        section: _leaf_keys(raw[section]) for section in LAUNCHER_SECTIONS if section in raw
+        section: list(config_files.flatten_keys(raw[section]))
+        if isinstance(raw[section], Mapping)
+        else []
+        for section in LAUNCHER_SECTIONS
+        if section in raw
     }
     for text in overrides:
         section, _, key = text.partition("=")[0].strip().partition(".")
@@ -242,17 +235,6 @@ def _refuse_launcher_sections(path: str | Path | None, overrides: Iterable[str])
             "this config has a `slurm` section, which belongs to `llama-train submit CONFIG` "
             "(add --local to run the job here); `run` trains a config without one"
         )
-
-
-def _leaf_keys(section: object, prefix: str = "") -> list[str]:
-    """The dotted keys of a nested mapping (a sweep grid: nested or dotted keys alike)."""
-    if not isinstance(section, Mapping):
-        return []
-    keys = []
-    for key, value in section.items():
-        dotted = f"{prefix}{key}"
-        keys.extend(_leaf_keys(value, dotted + ".") if isinstance(value, Mapping) else [dotted])
-    return keys
 
 
 def link_to_data(raw: Mapping[str, Any]) -> dict[str, Any]:

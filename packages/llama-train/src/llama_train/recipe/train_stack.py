@@ -43,6 +43,7 @@ import torch
 from llama_train.core import distributed
 from llama_train.core.budget import stack_capacity
 from llama_train.core.checkpoint import CheckpointManager
+from llama_train.core.config_files import flatten_keys
 from llama_train.core.distributed import PreemptionWatch, rank_info, resolve_amp, resolve_device
 from llama_train.core.optim import lr_at
 from llama_train.core.runlock import run_dir_lock
@@ -64,7 +65,6 @@ from llama_train.recipe.train import (
     console,
     due_work,
     finished_summary,
-    flatten_keys,
     progress_bar,
 )
 from llama_train.recipe.train_config import TrainConfig

@@ -8,13 +8,14 @@ of the run directory is read, so a damaged one reads as the same one line everyw
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+# The one atomic write (fsync, rename, fsync the folder), shared with gssm-data.
+from gssm_data.common.atomicfile import atomic_write as atomic_write
+from gssm_data.common.atomicfile import fsync_directory as fsync_directory
 from llama_train.errors import LlamaTrainError
 
 CONFIG_FILENAME = "config.yaml"
@@ -33,47 +34,6 @@ WANDB_ID_FILENAME = "wandb_run_id"
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 Record = TypeVar("Record", bound=BaseModel)
-
-
-def atomic_write(path: str | Path, content: str | bytes) -> Path:
-    """Replace `path` with `content` so that a reader sees the old file or the new, never a part.
-
-    The content goes to a temporary file in the same folder, is fsynced, and is
-    renamed over `path`; the folder is then fsynced so the rename survives a crash.
-    A failure (a full disk, a path that is a folder) leaves the old file as it was and
-    raises an OSError that names `path`, not the temporary file.
-    """
-    path = Path(path)
-    data = content.encode() if isinstance(content, str) else content
-    try:
-        descriptor, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-    return path
-
-
-def fsync_directory(path: str | Path) -> None:
-    """Make a folder's entries (new files, renames) durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_json(path: str | Path, record: dict[str, Any]) -> Path:

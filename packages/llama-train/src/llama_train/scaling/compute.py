@@ -12,6 +12,51 @@ long sequences, which is exactly the regime of a laptop study.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Protocol
+
+
+class ModelShape(Protocol):
+    """What a parameter count reads of a model config (`core.model.ModelConfig` has it)."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def n_heads(self) -> int: ...
+    @property
+    def kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def hidden_dim(self) -> int: ...
+    @property
+    def vocab_size(self) -> int | None: ...
+    @property
+    def tie_embeddings(self) -> bool: ...
+
+
+def parameter_count(
+    model: ModelShape, *, vocab_size: int | None = None, exclude_embeddings: bool = False
+) -> int:
+    """`Llama.num_parameters` in closed form: no model built, no torch imported.
+
+    The one formula for memory estimates, exports and study shapes. Per block:
+    q, k, v (n_heads + 2 kv_heads heads of head_dim), the attention output,
+    SwiGLU's three matrices and two RMSNorm weights; then the final norm, the
+    output projection and the input embedding (a tied matrix counts once).
+    `exclude_embeddings` drops the input embedding only (Kaplan et al.'s
+    non-embedding N): the output projection is a matmul per token, so a tied
+    matrix stays in. `vocab_size` stands in for a config that leaves it to the data.
+    """
+    vocab = model.vocab_size if vocab_size is None else vocab_size
+    if vocab is None:
+        raise ValueError("a parameter count needs the vocabulary size")
+    dim, heads = model.dim, model.n_heads
+    attention = dim * (heads + 2 * model.kv_heads) * model.head_dim + heads * model.head_dim * dim
+    block = attention + 3 * dim * model.hidden_dim + 2 * dim
+    embedding = 0 if model.tie_embeddings or exclude_embeddings else vocab * dim
+    return model.n_layers * block + dim + vocab * dim + embedding
 
 
 @dataclass(frozen=True)

@@ -52,14 +52,22 @@ def save_png(figure: Any, path: Path, *, dpi: int) -> Path:
     return atomic_write(path, image.getvalue())
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn.
+
+    The one guard of every plotting command: matplotlib is an optional extra, so
+    its absence is a one-line user error naming the extra, and no display is needed
+    (Slurm nodes, CI).
+    """
     try:
         import matplotlib
-    except ImportError:
-        raise LlamaTrainError("plots need matplotlib: pip install 'llama-train[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LlamaTrainError(
+            "plotting needs matplotlib: pip install 'llama-train[plot]'"
+        ) from None
     return plt
 
 
@@ -117,7 +125,7 @@ def plot_study(
     """Write every figure of every regime to `out_dir`; return the paths. A figure the
     table cannot give (no isoFLOP level) is named in `log` with the reason."""
     say = log or (lambda message: None)
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -446,7 +454,7 @@ def plot_lr_sweeps(
 
     `runs`: collect's rows with every lr; `best`: the best-lr rows (lr_opt, lr_edge).
     """
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
