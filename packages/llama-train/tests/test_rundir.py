@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from llama_train import rundir
 from llama_train.cli import app
 from llama_train.errors import LlamaTrainError
 from llama_train.rundir import (
@@ -328,3 +329,31 @@ def test_a_run_directory_with_a_first_layout_summary_still_reads_everywhere(
     )
     plot = runner.invoke(app, ["plot", str(run_dir), "--out", str(tmp_path / "loss.png")])
     assert plot.exit_code == 0, plot.output
+
+
+def test_the_wandb_sync_record_reads_what_earlier_syncs_wrote(tmp_path):
+    (tmp_path / "wandb_sync.json").write_text(
+        json.dumps({"run_id": "abc", "offline": {"last_step": 8}})
+    )
+    state = rundir.read_sync_state(tmp_path)
+    assert state.sent_before("abc", "offline") == 8
+    assert state.sent_before("abc", "online") is None
+    assert state.sent_before("other", "offline") is None
+    (tmp_path / "wandb_sync.json").write_text('{"run_id": "abc", "offline": 8}')
+    with pytest.raises(LlamaTrainError, match=r"wandb_sync.json is damaged \(not a wandb-sync"):
+        rundir.read_sync_state(tmp_path)
+
+
+def test_the_wandb_settings_of_a_config_are_read_typed(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "run:\n  name: lr/optim.lr=0.1\nlogging:\n  wandb:\n    project: p\n    name: null\n"
+    )
+    settings = rundir.read_wandb_settings(tmp_path)
+    assert (settings.run_name, settings.project, settings.name, settings.entity) == (
+        "lr/optim.lr=0.1",
+        "p",
+        None,
+        None,
+    )
+    assert settings.config["logging"]["wandb"]["project"] == "p"
+    assert rundir.read_wandb_settings(tmp_path / "none").run_name is None

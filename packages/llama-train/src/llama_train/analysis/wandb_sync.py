@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -43,15 +42,15 @@ from llama_train.rundir import (
     PROFILE_FILENAME,
     SUMMARY_FILENAME,
     WANDB_ID_FILENAME,
-    atomic_write,
+    SentSteps,
     evaluation_paths,
-    load_yaml,
     read_metric_records,
     read_summary,
+    read_sync_state,
+    read_wandb_settings,
     wandb_name_and_group,
 )
 
-SYNC_FILENAME = "wandb_sync.json"
 DEFAULT_PROJECT = "llama-train"
 FILES = (CONFIG_FILENAME, SUMMARY_FILENAME, PROFILE_FILENAME)
 # Run figures of summary.json that also go into the wandb config (filtering by size, data).
@@ -123,24 +122,6 @@ def _profile_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise LlamaTrainError(f"{path} is not valid JSON") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _sync_state(run_dir: Path) -> dict[str, Any]:
-    return _read_json(run_dir / SYNC_FILENAME)
-
-
-def _write_sync_state(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic_write(run_dir / SYNC_FILENAME, json.dumps(state, indent=1))
-
-
 def sync_run(
     run_dir: str | Path,
     *,
@@ -156,27 +137,26 @@ def sync_run(
         import wandb
     except ImportError:
         raise LlamaTrainError("wandb-sync needs wandb: pip install 'llama-train[wandb]'") from None
-    config_path = run_dir / CONFIG_FILENAME
-    config = load_yaml(config_path) if config_path.is_file() else {}
-    logged = (config.get("logging") or {}).get("wandb") or {}
+    settings = read_wandb_settings(run_dir)
     summary = read_summary(run_dir)
     facts = {} if summary is None else summary.model_dump(include=set(SUMMARY_FACTS))
-    name, group = wandb_name_and_group(
-        (config.get("run") or {}).get("name") or run_dir.name, logged.get("name")
-    )
+    name, group = wandb_name_and_group(settings.run_name or run_dir.name, settings.name)
     run_id = run_id_for(run_dir)
-    state = _sync_state(run_dir)
-    sent_before = state.get(mode, {}).get("last_step") if state.get("run_id") == run_id else None
+    state = read_sync_state(run_dir)
+    sent_before = state.sent_before(run_id, mode)
     run = wandb.init(
-        project=project or logged.get("project") or DEFAULT_PROJECT,
-        entity=entity or logged.get("entity"),
+        project=project or settings.project or DEFAULT_PROJECT,
+        entity=entity or settings.entity,
         id=run_id,
         name=name,
         group=group,
         resume="allow",
         mode=mode,
         dir=os.environ.get("WANDB_DIR") or str(run_dir),
-        config={**config, **{key: value for key, value in facts.items() if value is not None}},
+        config={
+            **settings.config,
+            **{key: value for key, value in facts.items() if value is not None},
+        },
     )
     try:
         # A resumed online run knows its last step; never send a step at or below it.
@@ -193,9 +173,7 @@ def sync_run(
     finally:
         run.finish()
     last_step = steps[-1]["step"] if steps else sent_before
-    _write_sync_state(
-        run_dir,
-        {"run_id": run_id, **{k: v for k, v in state.items() if k != "run_id"}}
-        | {mode: {"last_step": last_step}},
-    )
+    state.run_id = run_id
+    setattr(state, mode, SentSteps(last_step=last_step))
+    state.write(run_dir)
     return SyncResult(run_dir, run_id, name, len(steps), last_step, len(files))

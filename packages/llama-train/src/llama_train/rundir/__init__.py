@@ -10,6 +10,7 @@ A run directory (`run.dir`) holds everything a run leaves behind::
     profile.csv      the step profiler's rows                  (core.profiler)
     validation.json  a study run's held-out loss               (validation: ValidationRecord)
     job_state.json   the job wrapper's record, submitted runs   (state: JobRecord)
+    wandb_sync.json  what wandb-sync has sent                  (wandb_records: SyncState)
     slurm/           submitit's scripts and logs (submitted runs only)
 
 The package imports neither torch nor the trainer (only pydantic, the standard
@@ -54,7 +55,15 @@ from llama_train.rundir.metrics import (
 from llama_train.rundir.state import JobRecord, JobState, current_job_id, read_state, write_state
 from llama_train.rundir.summary import SUMMARY_VERSION, RunSummary, read_summary, sound_summary
 from llama_train.rundir.validation import ValidationRecord, read_validation
-from llama_train.rundir.wandb_names import wandb_name_and_group
+from llama_train.rundir.wandb_records import (
+    SYNC_FILENAME,
+    SentSteps,
+    SyncState,
+    WandbSettings,
+    read_sync_state,
+    read_wandb_settings,
+    wandb_name_and_group,
+)
 from llama_train.rundir.yaml_file import load_yaml
 
 __all__ = [
@@ -67,6 +76,7 @@ __all__ = [
     "STATE_FILENAME",
     "SUMMARY_FILENAME",
     "SUMMARY_VERSION",
+    "SYNC_FILENAME",
     "VALIDATION_FILENAME",
     "WANDB_ID_FILENAME",
     "EvalRecord",
@@ -75,7 +85,10 @@ __all__ = [
     "MetricsRecord",
     "Progress",
     "RunSummary",
+    "SentSteps",
+    "SyncState",
     "ValidationRecord",
+    "WandbSettings",
     "atomic_write",
     "current_job_id",
     "drop_evaluations_after",
@@ -91,7 +104,9 @@ __all__ = [
     "read_progress",
     "read_state",
     "read_summary",
+    "read_sync_state",
     "read_validation",
+    "read_wandb_settings",
     "sound_summary",
     "tokens_per_step",
     "wandb_name_and_group",
