@@ -72,6 +72,7 @@ from llama_train.config import (
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
+from llama_train.core.compile_cache import compile_cache
 from llama_train.core.configuration import load_yaml
 from llama_train.core.data import DataSpec, TrainLoader, build_loader, resolve_data
 from llama_train.core.distributed import (
@@ -1000,4 +1001,5 @@ def _train_run(
             with distributed.together(f"preparing {config.run_dir}"):
                 if ranks.is_main:
                     prepare()
-        return build_trainer(config, ranks).run(progress=progress, preemption=preemption)
+        with compile_cache(config.train.compile_cache if config.train.compile else None):
+            return build_trainer(config, ranks).run(progress=progress, preemption=preemption)

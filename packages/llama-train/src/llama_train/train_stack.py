@@ -39,6 +39,7 @@ from llama_train.config import TrainConfig
 from llama_train.core import distributed
 from llama_train.core.budget import stack_capacity
 from llama_train.core.checkpoint import CheckpointManager
+from llama_train.core.compile_cache import compile_cache
 from llama_train.core.distributed import PreemptionWatch, rank_info, resolve_amp, resolve_device
 from llama_train.core.optim import lr_at
 from llama_train.core.runlock import run_dir_lock
@@ -324,6 +325,8 @@ def build_stack(configs: Sequence[TrainConfig]) -> StackTrainer:
     stack.chunk = chunk_members(
         lead.config.model, lead.config.data.batch_size * (lead.spec.seq_len - 1), lead.device
     )
+    if lead.config.train.compile:
+        stack.compile_losses()
     optimizer = StackedAdamW(stack, [t.config.optim for t in trainers])
     for m, trainer in enumerate(trainers):
         entries = {}
@@ -388,7 +391,8 @@ def train_stack(configs: Sequence[TrainConfig], *, progress: bool | None = None)
         device=device,
         half_precision=resolve_amp(config.train.amp, device) is not None,
     )
-    with PreemptionWatch() as preemption:
+    cache = config.train.compile_cache if config.train.compile else None
+    with PreemptionWatch() as preemption, compile_cache(cache):
         for _, group in sorted(todo.items()):
             for start in range(0, len(group), capacity):
                 part = group[start : start + capacity]
