@@ -31,7 +31,9 @@ with its seed and trained alone, bit for bit on CPU (torch 2.13, float32):
 A reduction over the member axis (one norm over the stack, one mean of all losses)
 would sum in another order and differ in the last bit, which grows to ~1e-3 in the
 loss over a few hundred steps; each such place above is per member for that reason.
-On a GPU (cuBLAS batched kernels, bf16 autocast) expect equality to float tolerance.
+On a GPU (cuBLAS batched kernels, bf16 autocast) expect equality to float tolerance,
+and so for a compiled stack (:meth:`StackedLlama.compile_losses`) against compiled single
+runs: inductor fuses and orders the stack's ops as it sees fit.
 """
 
 from __future__ import annotations
