@@ -151,18 +151,18 @@ def test_table_1_training_steps(one_thread: None, tmp_path: Path) -> None:
     print(
         f"\nstack table 1: training steps, 1 thread, batch {BATCH} x {SEQ}, best of {REPEATS}; "
         "ratios of step times: K single steps / one stack step, eager (e) and compiled (c); "
-        "first compiled step (compilation) apart"
+        "seconds of the first compiled step (compilation) apart"
     )
     print(
         f"  {'width':>5} {'layers':>6} {'K':>3} {'e singles':>10} {'e stack':>8} {'ratio':>6} "
         f"{'c singles':>10} {'c stack':>8} {'ratio':>6} {'c/e stack':>9} {'c stack/e singles':>17}"
-        f" {'1st c step s (singles, stack)':>29}"
+        f" {'1st c singles':>13} {'1st c stack':>11}"
     )
     for width, layers, k, (singles, stack, c_singles, c_stack), (first_s, first_k) in rows:
         print(
             f"  {width:5d} {layers:6d} {k:3d} {singles:10.4f} {stack:8.4f} {singles / stack:6.2f} "
             f"{c_singles:10.4f} {c_stack:8.4f} {c_singles / c_stack:6.2f} {stack / c_stack:9.2f} "
-            f"{singles / c_stack:17.2f} {first_s:14.1f} {first_k:14.1f}"
+            f"{singles / c_stack:17.2f} {first_s:13.1f} {first_k:11.1f}"
         )
 
 
