@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from llama_train.cli import app
 from llama_train.core.compile_cache import compile_cache
 from llama_train.errors import LlamaTrainError
 
@@ -32,6 +34,24 @@ def test_a_cache_directory_that_cannot_be_made_is_one_line(tmp_path):
     refused = pytest.raises(LlamaTrainError, match=r"train.compile_cache: cannot create .*a-file/c")
     with refused, compile_cache(blocker / "c"):
         pass
+
+
+def test_a_run_whose_cache_cannot_be_made_stops_in_one_line_before_writing(
+    make_debug_store, tmp_path
+):
+    store = make_debug_store(n_train=32, n_test=16, seq_len=17)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run_dir = tmp_path / "run"
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data: {{path: {store}}}\nmodel: {{dim: 16, n_heads: 1}}\n")
+    overrides = [f"run.dir={run_dir}", "train.compile=true", f"train.compile_cache={blocker}/c"]
+    result = CliRunner().invoke(app, ["run", str(base), *overrides])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: train.compile_cache: cannot create {blocker / 'c'}: Not a directory"
+    ]
+    assert not run_dir.exists()
 
 
 def _graphs(cache: Path) -> set[Path]:

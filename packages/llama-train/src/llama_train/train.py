@@ -991,6 +991,7 @@ def _train_run(
     device = resolve_device(config.train, ranks)
     with (
         PreemptionWatch() as preemption,
+        compile_cache(config.train.compile_cache if config.train.compile else None),
         distributed.process_group(ranks, device, config.distributed),
         contextlib.ExitStack() as lock,
     ):
@@ -1001,5 +1002,4 @@ def _train_run(
             with distributed.together(f"preparing {config.run_dir}"):
                 if ranks.is_main:
                     prepare()
-        with compile_cache(config.train.compile_cache if config.train.compile else None):
-            return build_trainer(config, ranks).run(progress=progress, preemption=preemption)
+        return build_trainer(config, ranks).run(progress=progress, preemption=preemption)
