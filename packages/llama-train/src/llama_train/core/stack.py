@@ -126,7 +126,7 @@ class StackedLlama(nn.Module):
         """Parameters of one member (a tied matrix counts once)."""
         return sum(p[0].numel() for p in self.weights.values())
 
-    def compile_losses(self) -> None:
+    def compile_losses(self, backend: str = "inductor") -> None:
         """Compile the members' losses, forward and backward (`train.compile`).
 
         What is compiled is one pass over a group of members (:attr:`chunk`), so a
@@ -135,8 +135,16 @@ class StackedLlama(nn.Module):
         the model is compiled. Shapes are static: a stack's shapes never change.
         Compiled members equal compiled single runs to float tolerance, not bit for
         bit: inductor fuses the batched ops otherwise than the single model's.
+
+        Dynamo keeps at most `recompile_limit` (8) graphs of one function and runs it
+        eager after that, silently but for a warning; a study's worker trains stack
+        after stack, of every shape, in one process, and would reach it. So compiling
+        a stack first drops what this process compiled before (`torch.compiler.reset`),
+        which belongs to stacks and runs that are done; the on-disk cache keeps it
+        (`core.compile_cache`), so a shape seen before loads rather than compiles.
         """
-        self._compiled = torch.compile(self._losses, dynamic=False)
+        torch.compiler.reset()
+        self._compiled = torch.compile(self._losses, dynamic=False, backend=backend)
 
     def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
         weights = {name: self.weight(name) for name in self.names}
