@@ -1,16 +1,25 @@
-"""Stacked training against one model at a time (`make bench`; issue 16's two tables).
+"""Stacked training against one model at a time (`make bench`; issue 16's tables).
 
 1. Training steps only: one stack of K members (`core.stack`) against K single
    models (`Llama` + torch AdamW + clipping, as `train.py` steps them), on the same
    batches in this process, one thread. K in {1, 4, 16, 64}, widths 16/32/64 (1, 1
-   and 2 layers), batch 16 x 256 tokens: the study's shapes. Printed as the ratio
-   (time of K single steps) / (time of one stack step), best of the repeats, so
-   background load hits both alike. Eager only (torch.compile is not used by stacks).
+   and 2 layers), batch 16 x 256 tokens: the study's shapes. Each row times four
+   contenders, eager and compiled (`train.compile`: the single model compiled, or the
+   stack's member losses), alternating, best of the repeats, so background load hits
+   all alike; printed as ratios of step times: K single steps over one stack step,
+   eager and compiled, and the compiled stack against the eager stack and against K
+   eager single models. Compilation is not in the step times: its cost is the first
+   step of each compiled contender, printed apart (the first row of a width compiles;
+   later rows find the graphs in this benchmark's own, initially empty, cache).
 2. Whole runs, start to summary.json, at a study run length (2 epochs of 512
    sequences, batch 16, evaluation and checkpoint at the end): K configs that differ
    in lr trained as K separate `llama-train run` processes, one after another (a
    one-core Slurm array), against one process training them as one stack
    (`train_stack`). The ratio is the wall time of the first over the second.
+3. The persistent compile cache (`train.compile_cache`): the first compiled step of a
+   stack, and of a single model, in a fresh process with an empty cache (cold) and in
+   a second fresh process with the cache the first one filled (warm), which is what
+   every run of a study after the first of its shape pays.
 
 BENCH_STACK_QUICK=1 runs a short version (K up to 16, widths 16 and 32, table 2
 with 4 configs).
@@ -22,12 +31,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from llama_train.core.compile_cache import compile_cache
 from llama_train.core.model import Llama, ModelConfig
 from llama_train.core.optim import OptimConfig, build_optimizer, clip_gradients, set_lr
 from llama_train.core.stack import (
@@ -45,6 +55,7 @@ BATCH, SEQ, VOCAB = 16, 256, 16
 STEPS, REPEATS = (1, 3) if QUICK else (2, 3)
 RUNS = 4 if QUICK else 16
 RUN_ROWS = 512  # train sequences of a table-2 run: 2 epochs = 64 steps of 16
+COLD_WARM_WIDTH, COLD_WARM_K = 32, 4  # table 3's stack
 
 
 def _model_config(width: int) -> ModelConfig:
@@ -54,16 +65,18 @@ def _model_config(width: int) -> ModelConfig:
     )
 
 
-def _singles_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
+def _singles_step(config: ModelConfig, k: int, compiled: bool) -> Callable[[torch.Tensor], None]:
     """One round of K single-model steps (forward, backward, clip, AdamW), as train.py."""
     cfg = OptimConfig(lr=1e-3)
     models = [Llama(config, seed=seed) for seed in range(k)]
     optimizers = [build_optimizer(model, cfg) for model in models]
+    # As distributed.parallelize: the model compiled, the optimizer and clipping eager.
+    callables = [torch.compile(model) if compiled else model for model in models]
 
     def step(batch: torch.Tensor) -> None:
-        for model, optimizer in zip(models, optimizers, strict=True):
+        for model, call, optimizer in zip(models, callables, optimizers, strict=True):
             set_lr(optimizer, cfg.lr)
-            model(batch[:, :-1], batch[:, 1:]).loss.backward()
+            call(batch[:, :-1], batch[:, 1:]).loss.backward()
             clip_gradients(model, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -71,13 +84,14 @@ def _singles_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]
     return step
 
 
-def _stack_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
-    """One step of one stack of K members."""
+def _stack_step(config: ModelConfig, k: int, compiled: bool) -> Callable[[torch.Tensor], None]:
+    """One step of one stack of K members, as train_stack steps it."""
     cfgs = [OptimConfig(lr=1e-3)] * k
     stack = StackedLlama.from_models([Llama(config, seed=seed) for seed in range(k)])
     optimizer = StackedAdamW(stack, cfgs)
-
     stack.chunk = chunk_members(config, BATCH * SEQ, torch.device("cpu"))
+    if compiled:
+        stack.compile_losses()
 
     def step(batch: torch.Tensor) -> None:
         stack.backward_losses(batch[:, :-1], batch[:, 1:])
@@ -88,11 +102,17 @@ def _stack_step(config: ModelConfig, k: int) -> Callable[[torch.Tensor], None]:
     return step
 
 
-def _best_seconds(steps: list[Callable[[torch.Tensor], None]], batch: torch.Tensor) -> list[float]:
-    """Best seconds per step of each contender; repeats alternate between them, so a
-    burst of background load hits all alike. The first step of each is a warm-up."""
+def _best_seconds(
+    steps: list[Callable[[torch.Tensor], None]], batch: torch.Tensor
+) -> tuple[list[float], list[float]]:
+    """Best seconds per step of each contender, and the seconds of its first step (for a
+    compiled one, mostly compilation; not counted in the best). Repeats alternate between
+    the contenders, so a burst of background load hits all alike."""
+    first = []
     for step in steps:
+        started = time.perf_counter()
         step(batch)
+        first.append(time.perf_counter() - started)
     best = [float("inf")] * len(steps)
     for _ in range(REPEATS):
         for index, step in enumerate(steps):
@@ -100,35 +120,91 @@ def _best_seconds(steps: list[Callable[[torch.Tensor], None]], batch: torch.Tens
             for _ in range(STEPS):
                 step(batch)
             best[index] = min(best[index], (time.perf_counter() - started) / STEPS)
-    return best
+    return best, first
 
 
-def test_table_1_training_steps() -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        generator = torch.Generator().manual_seed(0)
-        batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
-        rows = []
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_table_1_training_steps(one_thread: None, tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
+    rows = []
+    with compile_cache(tmp_path / "compile-cache"):
         for width in WIDTHS:
             config = _model_config(width)
             for k in KS:
-                singles, stacked = _best_seconds(
-                    [_singles_step(config, k), _stack_step(config, k)], batch
-                )
-                rows.append((width, config.n_layers, k, singles, stacked))
-    finally:
-        torch.set_num_threads(threads)
+                contenders = [
+                    make(config, k, compiled)
+                    for compiled in (False, True)
+                    for make in (_singles_step, _stack_step)
+                ]
+                best, first = _best_seconds(contenders, batch)
+                rows.append((width, config.n_layers, k, best, first[2:]))
     print(
-        f"\nstack table 1: training steps, eager, 1 thread, batch {BATCH} x {SEQ}, "
-        f"best of {REPEATS}; ratio = K single steps / one stack step"
+        f"\nstack table 1: training steps, 1 thread, batch {BATCH} x {SEQ}, best of {REPEATS}; "
+        "ratios of step times: K single steps / one stack step, eager (e) and compiled (c); "
+        "seconds of the first compiled step (compilation) apart"
     )
-    print(f"  {'width':>5} {'layers':>6} {'K':>3} {'K singles s':>12} {'stack s':>9} {'ratio':>6}")
-    for width, layers, k, singles, stacked in rows:
+    print(
+        f"  {'width':>5} {'layers':>6} {'K':>3} {'e singles':>10} {'e stack':>8} {'ratio':>6} "
+        f"{'c singles':>10} {'c stack':>8} {'ratio':>6} {'c/e stack':>9} {'c stack/e singles':>17}"
+        f" {'1st c singles':>13} {'1st c stack':>11}"
+    )
+    for width, layers, k, (singles, stack, c_singles, c_stack), (first_s, first_k) in rows:
         print(
-            f"  {width:5d} {layers:6d} {k:3d} {singles:12.4f} {stacked:9.4f} "
-            f"{singles / stacked:6.2f}"
+            f"  {width:5d} {layers:6d} {k:3d} {singles:10.4f} {stack:8.4f} {singles / stack:6.2f} "
+            f"{c_singles:10.4f} {c_stack:8.4f} {c_singles / c_stack:6.2f} {stack / c_stack:9.2f} "
+            f"{singles / c_stack:17.2f} {first_s:13.1f} {first_k:11.1f}"
         )
+
+
+_FIRST_STEP_SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import bench_stack as bench
+from llama_train.core.compile_cache import compile_cache
+torch.set_num_threads(1)
+batch = torch.randint(0, bench.VOCAB, (bench.BATCH, bench.SEQ + 1))
+make = bench._stack_step if sys.argv[3] == "stack" else bench._singles_step
+with compile_cache(Path(sys.argv[2])):
+    step = make(bench._model_config(bench.COLD_WARM_WIDTH), bench.COLD_WARM_K, True)
+    started = time.perf_counter()
+    step(batch)
+print(time.perf_counter() - started)
+"""
+
+
+def test_table_3_compile_cache_cold_and_warm(tmp_path: Path) -> None:
+    def first_step(what: str) -> float:
+        """Seconds of the first compiled step of `what` in a fresh process."""
+        cache = tmp_path / f"cache-{what}"  # its own: the two share generated kernels
+        script = [sys.executable, "-c", _FIRST_STEP_SCRIPT, str(Path(__file__).parent)]
+        done = subprocess.run(
+            [*script, str(cache), what],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.split()[-1])
+
+    print(
+        f"\nstack table 3: first compiled step (K = {COLD_WARM_K}, width {COLD_WARM_WIDTH}, "
+        f"batch {BATCH} x {SEQ}, 1 thread), each in a fresh process: cold = empty "
+        "train.compile_cache, warm = the cache the cold process filled"
+    )
+    for what, label in (("stack", "one stack"), ("singles", "single models")):
+        cold, warm = first_step(what), first_step(what)
+        print(f"  {label:<14} cold {cold:6.1f} s   warm {warm:6.1f} s   = {cold / warm:5.1f}x")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from llama_train.core.model import (
     ModelConfig,
     apply_rotary,
     rotary_tables,
+    rotate_pairs,
     sample_next_token,
 )
 from llama_train.errors import LlamaTrainError
@@ -272,6 +273,60 @@ def test_rotary_attention_scores_depend_only_on_relative_position() -> None:
         return (rq * rk).sum().item()
 
     assert score(7, 3) == pytest.approx(score(30, 26), abs=1e-5)
+
+
+def _rotated_with_gradient(rotate, x, cos, sin, grad):  # type: ignore[no-untyped-def]
+    x = x.clone().requires_grad_()
+    y = rotate(x, cos, sin)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64])
+def test_real_rotation_equals_the_complex_multiply_bit_for_bit(head_dim: int) -> None:
+    """What compiled training computes equals what eager training computes (forward and
+    backward), so a compiled run differs from an eager one only by inductor's fusions."""
+    gen = torch.Generator().manual_seed(head_dim)
+    x = torch.randn(4, 33, 3, head_dim, generator=gen)
+    grad = torch.randn(x.shape, generator=gen)
+    cos, sin = rotary_tables(head_dim, 33, theta=10000.0)
+    complex_out, complex_grad = _rotated_with_gradient(apply_rotary, x, cos, sin, grad)
+    real_out, real_grad = _rotated_with_gradient(rotate_pairs, x, cos, sin, grad)
+    assert torch.equal(real_out, complex_out)
+    assert torch.equal(real_grad, complex_grad)
+
+
+def test_real_rotation_is_within_rounding_of_the_complex_multiply_for_other_head_dims() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for head_dim in (2, 8, 24):
+        x = torch.randn(3, 9, 2, head_dim, generator=gen)
+        grad = torch.randn(x.shape, generator=gen)
+        cos, sin = rotary_tables(head_dim, 9, theta=500.0)
+        expected = _rotated_with_gradient(apply_rotary, x, cos, sin, grad)
+        got = _rotated_with_gradient(rotate_pairs, x, cos, sin, grad)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_compiled_model_has_no_complex_operator() -> None:
+    """Inductor generates no code for complex operators; the compiled graph must hold none
+    (forward or backward), or the rotation would run as an eager call inside it."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: object) -> object:
+        graphs.append(gm)  # forward, then backward
+        return make_boxed_func(gm.forward)
+
+    model = Llama(tiny(n_kv_heads=2))
+    batch = tokens(2, 9)
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=record), fullgraph=True)
+    compiled(batch[:, :-1], batch[:, 1:]).loss.backward()
+    assert len(graphs) == 2
+    ops = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+    assert any("bmm" in op or "mm" in op for op in ops)  # the graph is the model's
+    assert not [op for op in ops if "complex" in op], sorted(ops)
 
 
 # --- grouped-query attention ---------------------------------------------------------------

@@ -188,3 +188,18 @@ def test_a_stack_refuses_what_it_cannot_reproduce() -> None:
         StackedLlama(CONFIG.model_copy(update={"dropout": 0.1}), 2)
     with pytest.raises(LlamaTrainError, match="at least one member"):
         StackedLlama(CONFIG, 0)
+
+
+def test_stacks_of_many_shapes_in_one_process_all_compile() -> None:
+    """A study's worker trains stacks of every shape one after another: each compiles
+    its own graph, also past dynamo's limit of 8 graphs per function, beyond which it
+    would silently run eager. (The eager backend: tracing without code generation.)"""
+    batch = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    for width in range(8, 8 * 12, 8):
+        config = ModelConfig(dim=width, n_layers=1, n_heads=1, vocab_size=VOCAB, max_seq_len=9)
+        stack = StackedLlama.from_models([Llama(config, seed=0), Llama(config, seed=1)])
+        stack.chunk = 1
+        stack.compile_losses(backend="eager")
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        stack.backward_losses(batch[:, :-1], batch[:, 1:])
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before, width

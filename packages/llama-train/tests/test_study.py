@@ -90,6 +90,21 @@ def test_expansion_is_the_full_grid_with_the_steps_rule(tmp_path, base, store):
     assert {p.steps for p in tokens.points} == {-(-1000 // (8 * (SEQ_LEN - 1)))}
 
 
+def test_compiled_points_share_one_compile_cache_in_the_study_directory(tmp_path, base, store):
+    """Every point of a shape compiles the same graphs, so a compiled study points them
+    all at one cache (a shape compiles once per study); a cache the user chose wins,
+    and an eager study sets none."""
+    compiled = plan_study(_study(tmp_path, base, store, overrides={"train.compile": True}))
+    caches = {point.config.train.compile_cache for point in compiled.plan.points}
+    assert caches == {tmp_path / "study" / "compile-cache"}
+    mine = tmp_path / "mine"
+    own = {"train.compile": True, "train.compile_cache": str(mine)}
+    chosen = plan_study(_study(tmp_path, base, store, overrides=own))
+    assert {point.config.train.compile_cache for point in chosen.plan.points} == {mine}
+    eager = plan_study(_study(tmp_path, base, store))
+    assert {point.config.train.compile_cache for point in eager.plan.points} == {None}
+
+
 def test_data_reaching_into_the_validation_slice_is_refused(tmp_path, base, store):
     path = _study(tmp_path, base, store, data=[32, TRAIN_ROWS - 63])
     with pytest.raises(LlamaTrainError, match="reaches into the validation slice"):

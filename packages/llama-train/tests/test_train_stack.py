@@ -89,6 +89,32 @@ def test_each_member_writes_the_run_its_config_writes_alone(store, tmp_path):
     assert len({result.summaries[c.run.name]["test_loss"] for c in stacked}) == 3
 
 
+@pytest.mark.slow
+def test_a_compiled_stack_trains_its_members_as_compiled_single_runs(store, tmp_path):
+    """train.compile compiles the stack (code generation: about a minute on 2 busy cores,
+    hence slow). Inductor fuses the stack's batched ops otherwise than a single model's,
+    so members equal their compiled single runs to float tolerance (1e-5 relative), not
+    bit for bit; both compile into the configured cache."""
+    cache = tmp_path / "compile-cache"
+    compiled = ["train.compile=true", f"train.compile_cache={cache}"]
+    stacked = _configs(store, tmp_path / "stack", [[*m, *compiled] for m in MEMBERS])
+    result = train_stack(stacked, progress=False)
+    assert result.errors == {}
+    assert list(cache.rglob("*.py")), "the stack compiled nothing into train.compile_cache"
+    for config in stacked:
+        alone = config.model_copy(deep=True)
+        alone.run.dir = tmp_path / "alone" / config.run.name
+        summary = train(alone, progress=False)
+        mine, theirs = _deterministic(config.run_dir), _deterministic(alone.run_dir)
+        assert [sorted(r) for r in mine] == [sorted(r) for r in theirs]
+        for ours, single in zip(mine, theirs, strict=True):
+            for key, value in ours.items():
+                assert value == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
+        test_loss = result.summaries[config.run.name]["test_loss"]
+        assert test_loss == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert len({result.summaries[c.run.name]["test_loss"] for c in stacked}) == 3
+
+
 def test_a_member_resumes_alone_from_a_stack_checkpoint(store, tmp_path):
     """The stack's checkpoints are single-run checkpoints: `eval` reads them and `run`
     continues a member."""

@@ -31,13 +31,15 @@ with its seed and trained alone, bit for bit on CPU (torch 2.13, float32):
 A reduction over the member axis (one norm over the stack, one mean of all losses)
 would sum in another order and differ in the last bit, which grows to ~1e-3 in the
 loss over a few hundred steps; each such place above is per member for that reason.
-On a GPU (cuBLAS batched kernels, bf16 autocast) expect equality to float tolerance.
+On a GPU (cuBLAS batched kernels, bf16 autocast) expect equality to float tolerance,
+and so for a compiled stack (:meth:`StackedLlama.compile_losses`) against compiled single
+runs: inductor fuses and orders the stack's ops as it sees fit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,7 @@ class StackedLlama(nn.Module):
             }
         )
         self.chunk: int | None = None  # members per forward/backward group; None = all
+        self._compiled: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor] | None = None
         self.register_buffer("rope_cos", template.rope_cos, persistent=False)
         self.register_buffer("rope_sin", template.rope_sin, persistent=False)
 
@@ -123,9 +126,33 @@ class StackedLlama(nn.Module):
         """Parameters of one member (a tied matrix counts once)."""
         return sum(p[0].numel() for p in self.weights.values())
 
+    def compile_losses(self, backend: str = "inductor") -> None:
+        """Compile the members' losses, forward and backward (`train.compile`).
+
+        What is compiled is one pass over a group of members (:attr:`chunk`), so a
+        group of another size (the last, shorter one) compiles once more; the
+        optimizer and clipping stay eager, as in a compiled single run, where only
+        the model is compiled. Shapes are static: a stack's shapes never change.
+        Compiled members equal compiled single runs to float tolerance, not bit for
+        bit: inductor fuses the batched ops otherwise than the single model's.
+
+        Dynamo keeps at most `recompile_limit` (8) graphs of one function and runs it
+        eager after that, silently but for a warning; a study's worker trains stack
+        after stack, of every shape, in one process, and would reach it. So compiling
+        a stack first drops what this process compiled before (`torch.compiler.reset`),
+        which belongs to stacks and runs that are done; the on-disk cache keeps it
+        (`core.compile_cache`), so a shape seen before loads rather than compiles.
+        """
+        torch.compiler.reset()
+        self._compiled = torch.compile(self._losses, dynamic=False, backend=backend)
+
     def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
         weights = {name: self.weight(name) for name in self.names}
-        return self._losses(weights, tokens, targets)
+        return self._member_losses(weights, tokens, targets)
+
+    def _member_losses(self, weights: dict[str, Tensor], tokens: Tensor, targets: Tensor) -> Tensor:
+        losses = self._losses if self._compiled is None else self._compiled
+        return losses(weights, tokens, targets)
 
     def backward_losses(self, tokens: Tensor, targets: Tensor, scale: float = 1.0) -> Tensor:
         """Forward and backward of (scale * losses).sum(), `chunk` members at a time.
@@ -148,7 +175,7 @@ class StackedLlama(nn.Module):
                 name: self.weight(name).detach()[start:stop].requires_grad_() for name in self.names
             }
             rows = slice(start, stop)
-            part = self._losses(
+            part = self._member_losses(
                 leaves,
                 tokens if tokens.ndim == 2 else tokens[rows],
                 targets if targets.ndim == 2 else targets[rows],

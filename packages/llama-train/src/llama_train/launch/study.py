@@ -66,6 +66,7 @@ STUDY_FILENAME = "study.json"
 WIDENED_FILENAME = "lr_widened.json"
 STUDY_VERSION = 1
 STUDY_LOCK_FILENAME = ".study.lock"
+COMPILE_CACHE_DIR = "compile-cache"  # torch.compile's cache, shared by the points (train.compile)
 
 Log = Callable[[str], None]
 P = ParamSpec("P")
@@ -437,6 +438,9 @@ def plan_study(path: str | Path, *, ranks: int = 1) -> ExpandedStudy:
             fixed |= _size_rules(study.per_size, probe, parameters, regime.seq_len, ranks)
             fixed |= size.overrides
             probe = _validate(_with(base_raw, fixed), label)
+            if probe.train.compile and probe.train.compile_cache is None:
+                # Points of one shape compile the same graphs: one cache for the study.
+                fixed["train.compile_cache"] = str(directory / COMPILE_CACHE_DIR)
             rows = probe.data.batch_size * probe.train.grad_accum * ranks
             tokens_per_step = rows * (regime.seq_len - 1)
 

@@ -72,6 +72,7 @@ from gssm_data.common.resources import default_threads, describe_threads, set_to
 from llama_train.core import distributed
 from llama_train.core.budget import check_training_fits
 from llama_train.core.checkpoint import CheckpointManager, DcpPayload, rng_state, set_rng_state
+from llama_train.core.compile_cache import compile_cache
 from llama_train.core.config_files import flatten_keys
 from llama_train.core.data import DataSpec, TrainLoader, build_loader, resolve_data
 from llama_train.core.distributed import (
@@ -157,6 +158,7 @@ def train(
         device = resolve_device(config.train, ranks)
         with (
             PreemptionWatch() as preemption,
+            compile_cache(config.train.compile_cache if config.train.compile else None),
             distributed.process_group(ranks, device, config.distributed),
             contextlib.ExitStack() as held,
         ):

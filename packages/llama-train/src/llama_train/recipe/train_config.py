@@ -78,7 +78,15 @@ class TrainSection(BaseModel):
         description="autocast dtype; auto = bf16 on CUDA, fp32 on CPU (CPU bf16 is slow); "
         "fp16 uses a gradient scaler and needs CUDA",
     )
-    compile: bool = Field(False, description="wrap the model in torch.compile for training")
+    compile: bool = Field(
+        False, description="wrap the model (a stack: its members' losses) in torch.compile"
+    )
+    compile_cache: PlainPath | None = Field(
+        None,
+        description="directory of torch.compile's on-disk cache, shared by runs of one "
+        "shape so that the shape compiles once (`study run` sets <study dir>/compile-cache); "
+        "None = $TORCHINDUCTOR_CACHE_DIR, else torch's /tmp/torchinductor_<user>",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available")
     threads: int | None = Field(
         None,

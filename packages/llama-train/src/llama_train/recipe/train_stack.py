@@ -43,6 +43,7 @@ import torch
 from llama_train.core import distributed
 from llama_train.core.budget import stack_capacity
 from llama_train.core.checkpoint import CheckpointManager
+from llama_train.core.compile_cache import compile_cache
 from llama_train.core.config_files import flatten_keys
 from llama_train.core.distributed import PreemptionWatch, rank_info, resolve_amp, resolve_device
 from llama_train.core.optim import lr_at
@@ -329,6 +330,8 @@ def build_stack(configs: Sequence[TrainConfig]) -> StackTrainer:
     stack.chunk = chunk_members(
         lead.config.model, lead.config.data.batch_size * (lead.spec.seq_len - 1), lead.device
     )
+    if lead.config.train.compile:
+        stack.compile_losses()
     optimizer = StackedAdamW(stack, [t.config.optim for t in trainers])
     for m, trainer in enumerate(trainers):
         entries = {}
@@ -380,7 +383,11 @@ def train_stack(configs: Sequence[TrainConfig], *, progress: bool | None = None)
     check_stack_configs(configs)
     result = StackResult({}, {})
     capacity = _capacity(configs[0])
-    with PreemptionWatch() as preemption:
+    lead = configs[0].train
+    with (
+        PreemptionWatch() as preemption,
+        compile_cache(lead.compile_cache if lead.compile else None),
+    ):
         _train_groups(configs, result, capacity=capacity, progress=progress, preemption=preemption)
         _train_branches(
             configs, result, capacity=capacity, progress=progress, preemption=preemption
