@@ -1,4 +1,4 @@
-"""Stacked training against one model at a time (`make bench`; issue 16's tables).
+"""Stacked training against one model at a time (`make bench`).
 
 1. Training steps only: one stack of K members (`core.stack`) against K single
    models (`Llama` + torch AdamW + clipping, as `train.py` steps them), on the same
@@ -22,11 +22,15 @@
    every run of a study after the first of its shape pays.
 
 BENCH_STACK_QUICK=1 runs a short version (K up to 16, widths 16 and 32, table 2
-with 4 configs).
+with 4 configs). BENCH_STACK_DEVICE=cuda runs table 1 on the GPU instead (bf16
+autocast, as `train.amp=auto` trains there; each time is taken after a
+`torch.cuda.synchronize`), printing the card's name; tables 2 and 3 are CPU tables:
+run them with `-k "table_1"` deselected or leave the variable unset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,6 +52,7 @@ from llama_train.core.stack import (
 )
 
 QUICK = os.environ.get("BENCH_STACK_QUICK") == "1"
+DEVICE = torch.device(os.environ.get("BENCH_STACK_DEVICE", "cpu"))
 KS = (1, 4, 16) if QUICK else (1, 4, 16, 64)
 SHAPES = {16: (1, 1), 32: (1, 2), 64: (2, 4)}  # width: (layers, heads)
 WIDTHS = (16, 32) if QUICK else (16, 32, 64)
@@ -68,7 +73,7 @@ def _model_config(width: int) -> ModelConfig:
 def _singles_step(config: ModelConfig, k: int, compiled: bool) -> Callable[[torch.Tensor], None]:
     """One round of K single-model steps (forward, backward, clip, AdamW), as train.py."""
     cfg = OptimConfig(lr=1e-3)
-    models = [Llama(config, seed=seed) for seed in range(k)]
+    models = [Llama(config, seed=seed).to(DEVICE) for seed in range(k)]
     optimizers = [build_optimizer(model, cfg) for model in models]
     # As distributed.parallelize: the model compiled, the optimizer and clipping eager.
     callables = [torch.compile(model) if compiled else model for model in models]
@@ -76,7 +81,9 @@ def _singles_step(config: ModelConfig, k: int, compiled: bool) -> Callable[[torc
     def step(batch: torch.Tensor) -> None:
         for model, call, optimizer in zip(models, callables, optimizers, strict=True):
             set_lr(optimizer, cfg.lr)
-            call(batch[:, :-1], batch[:, 1:]).loss.backward()
+            with _autocast():
+                loss = call(batch[:, :-1], batch[:, 1:]).loss
+            loss.backward()
             clip_gradients(model, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -87,19 +94,34 @@ def _singles_step(config: ModelConfig, k: int, compiled: bool) -> Callable[[torc
 def _stack_step(config: ModelConfig, k: int, compiled: bool) -> Callable[[torch.Tensor], None]:
     """One step of one stack of K members, as train_stack steps it."""
     cfgs = [OptimConfig(lr=1e-3)] * k
-    stack = StackedLlama.from_models([Llama(config, seed=seed) for seed in range(k)])
+    stack = StackedLlama.from_models([Llama(config, seed=seed) for seed in range(k)]).to(DEVICE)
     optimizer = StackedAdamW(stack, cfgs)
-    stack.chunk = chunk_members(config, BATCH * SEQ, torch.device("cpu"))
+    stack.chunk = chunk_members(config, BATCH * SEQ, DEVICE)
     if compiled:
         stack.compile_losses()
 
     def step(batch: torch.Tensor) -> None:
-        stack.backward_losses(batch[:, :-1], batch[:, 1:])
+        with _autocast():
+            stack.backward_losses(batch[:, :-1], batch[:, 1:])
         clip_member_gradients(stack, [cfg.grad_clip for cfg in cfgs])
         optimizer.step([cfg.lr for cfg in cfgs])
         optimizer.zero_grad()
 
     return step
+
+
+def _autocast() -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on a GPU (what `train.amp=auto` trains with there); nothing on a CPU."""
+    if DEVICE.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _now() -> float:
+    """The time once the device has finished what was queued (GPU kernels are asynchronous)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _best_seconds(
@@ -110,16 +132,16 @@ def _best_seconds(
     the contenders, so a burst of background load hits all alike."""
     first = []
     for step in steps:
-        started = time.perf_counter()
+        started = _now()
         step(batch)
-        first.append(time.perf_counter() - started)
+        first.append(_now() - started)
     best = [float("inf")] * len(steps)
     for _ in range(REPEATS):
         for index, step in enumerate(steps):
-            started = time.perf_counter()
+            started = _now()
             for _ in range(STEPS):
                 step(batch)
-            best[index] = min(best[index], (time.perf_counter() - started) / STEPS)
+            best[index] = min(best[index], (_now() - started) / STEPS)
     return best, first
 
 
@@ -135,7 +157,7 @@ def one_thread() -> Iterator[None]:
 
 def test_table_1_training_steps(one_thread: None, tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
+    batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator).to(DEVICE)
     rows = []
     with compile_cache(tmp_path / "compile-cache"):
         for width in WIDTHS:
@@ -148,8 +170,13 @@ def test_table_1_training_steps(one_thread: None, tmp_path: Path) -> None:
                 ]
                 best, first = _best_seconds(contenders, batch)
                 rows.append((width, config.n_layers, k, best, first[2:]))
+    where = (
+        f"{torch.cuda.get_device_name(DEVICE)}, bf16 autocast"
+        if DEVICE.type == "cuda"
+        else "CPU, 1 thread"
+    )
     print(
-        f"\nstack table 1: training steps, 1 thread, batch {BATCH} x {SEQ}, best of {REPEATS}; "
+        f"\nstack table 1: training steps, {where}, batch {BATCH} x {SEQ}, best of {REPEATS}; "
         "ratios of step times: K single steps / one stack step, eager (e) and compiled (c); "
         "seconds of the first compiled step (compilation) apart"
     )
@@ -183,6 +210,10 @@ print(time.perf_counter() - started)
 """
 
 
+CPU_ONLY = pytest.mark.skipif(DEVICE.type != "cpu", reason="a CPU table (BENCH_STACK_DEVICE)")
+
+
+@CPU_ONLY
 def test_table_3_compile_cache_cold_and_warm(tmp_path: Path) -> None:
     def first_step(what: str) -> float:
         """Seconds of the first compiled step of `what` in a fresh process."""
@@ -255,6 +286,7 @@ def _timed(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
+@CPU_ONLY
 def test_table_2_whole_runs(store: Path, tmp_path: Path) -> None:
     base = _base_config(store, tmp_path)
     run = [sys.executable, "-m", "llama_train", "run", str(base)]

@@ -246,7 +246,7 @@ def test_an_unfound_target_names_the_closest_alpha_and_the_range_seen(jumpy: Non
 
 
 def _dipping_entropy(alpha: float) -> float:
-    """Like base's latent alphas (issue 21): 3.76 .. 4.41 bits over 3e-3 .. 3e-2, with a dip
+    """Like base's latent alphas: 3.76 .. 4.41 bits over 3e-3 .. 3e-2, with a dip
     at alpha 0.0041 that no scanned alpha (two per decade) comes within 0.05 bits of 3.8."""
     knots = np.log([1e-4, 3.16e-3, 4.1e-3, 1e-2, 3.16e-2, 100.0])
     return float(np.interp(math.log(alpha), knots, [4.5, 3.95, 3.76, 4.41, 4.2, 4.6]))
@@ -362,7 +362,7 @@ def test_non_finite_options_are_one_line_errors(args: list[str]) -> None:
 
 @pytest.mark.slow
 def test_base_latent_alphas_reach_the_bits_the_scan_alone_missed() -> None:
-    """Issue 21: tuning base's latent alphas, no scanned alpha is within 0.05 of 3.8 bits
+    """Tuning base's latent alphas, no scanned alpha is within 0.05 of 3.8 bits
     (3.914 at 3.2e-3 is the closest), but one between the scanned alphas is."""
     graph = load_preset("base")
     result = calibrate(graph, seed=0, seq_len=257, target_bits=3.8, device="cpu")

@@ -115,7 +115,7 @@ def test_intervals_hold_the_truth_on_the_study_grid():
 @pytest.mark.slow
 def test_intervals_hold_the_truth_in_at_least_90_percent_of_replicates():
     """40 replicates; E fixed (variable projection) and E free (approach 3, whose fit
-    can end on a bound: issue 21's zero-width intervals)."""
+    can end on a bound: the zero-width intervals)."""
     fixed = coverage("vpnls", TRUTH["E"], replicates=40, bootstrap=100)
     assert min(fixed.values()) >= 0.9, fixed
     free = coverage("lbfgs", None, replicates=40, bootstrap=100)
@@ -123,7 +123,7 @@ def test_intervals_hold_the_truth_in_at_least_90_percent_of_replicates():
 
 
 def test_approach_three_at_a_bound_refits_resamples_from_the_grid():
-    """A free E pinned at its bound (log E = -20: E = 2.06e-9, issue 21's case) used to pin
+    """A free E pinned at its bound (log E = -20: E = 2.06e-9) used to pin
     every resample there: a zero-width "95%" interval that excluded the truth."""
     n, d, _ = study_table(0.0, seed=0)
     rng = np.random.default_rng(5)
