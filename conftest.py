@@ -7,6 +7,11 @@ ends (besides pytest and the helpers Python's multiprocessing keeps until exit) 
 session, is named, and is then stopped. wandb's service, which an in-process run starts and
 wandb keeps until the interpreter exits, is stopped through wandb first. Linux only (it
 reads /proc); elsewhere it checks nothing.
+
+Every test also leaves the process's signal handlers as it found them. A run preempted
+in-process leaves SIGTERM and SIGUSR1 ignored on purpose (its process is on its way out,
+`PreemptionWatch`), and an ignored signal is inherited by every process started later:
+a later test's `terminate()` of its own child would then wait forever.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,21 @@ MARKER = "GSSM_TEST_SESSION"
 # How long a process that is already stopping gets before it counts as left running.
 GRACE_S = 5.0
 PROC = Path("/proc")
+
+
+# The signals a test may redirect: preemption (SIGTERM, SIGUSR1), submitit's warning
+# (SIGUSR2), Ctrl-C (SIGINT).
+RESTORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """The signal handlers each test found, given back after it."""
+    found = {sig: signal.getsignal(sig) for sig in RESTORED_SIGNALS}
+    yield
+    for sig, handler in found.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
