@@ -58,6 +58,7 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the check reads /proc (Linux)")
 def test_a_session_that_leaves_a_process_running_fails_naming_it_and_stops_it(tmp_path):
     result = _session(tmp_path / "leaves", LEAVES_A_DAEMON)

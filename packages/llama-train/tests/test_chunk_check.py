@@ -63,6 +63,7 @@ def _train(store: Path, tmp_path: Path, *extra: str):
     return runner.invoke(app, ["run", str(config), *extra])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("damage", "message"),
     [(_rewrite_tokens, "fails its checksum (recorded 0x"), (_garble, "is unreadable (")],

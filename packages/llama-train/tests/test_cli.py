@@ -37,6 +37,7 @@ def config_file(store: Path, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_run_then_eval_then_plot_succeed(config_file, tmp_path):
     result = runner.invoke(app, ["run", str(config_file), "optim.lr=1e-3"])
     assert result.exit_code == 0, result.output

@@ -83,6 +83,7 @@ def test_regimes_without_enough_points_are_skipped_and_floor_points_leave_the_ex
     assert any("1 point(s) at or below the floor" in line for line in said)
 
 
+@pytest.mark.integration
 def test_study_plot_prints_the_validation_and_writes_it(tmp_path: Path, monkeypatch):
     """`study plot` on a study's table: the E = exact fit is validated by holdout,
     leave-future-out and recovery, printed under its table and kept in fits.json."""
@@ -166,6 +167,7 @@ def _isoflop_rows(tmp_path: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.integration
 def test_the_isoflop_figure_is_drawn_for_isoflop_levels_and_skipped_with_a_reason(
     tmp_path: Path,
 ):

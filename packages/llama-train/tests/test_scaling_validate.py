@@ -80,6 +80,7 @@ def test_a_design_that_cannot_be_refitted_says_so():
     assert result.passed is None and "every row has N" in result.line()
 
 
+@pytest.mark.integration
 def test_recovery_simulates_with_the_residual_noise_and_finds_the_fitted_exponents():
     n, d, loss = study_table(0.005, seed=3)
     fit = fit_vpnls(n, d, loss, fixed_e=TRUTH["E"])
@@ -106,6 +107,7 @@ def coverage(method: str, fixed_e: float | None, replicates: int, bootstrap: int
     return {name: count / replicates for name, count in hits.items()}
 
 
+@pytest.mark.integration
 def test_intervals_hold_the_truth_on_the_study_grid():
     """Fast variant: 6 replicates of the 4 x 4 study grid, 0.5% noise, 25 resamples."""
     found = coverage("vpnls", TRUTH["E"], replicates=6, bootstrap=25)
@@ -122,6 +124,7 @@ def test_intervals_hold_the_truth_in_at_least_90_percent_of_replicates():
     assert min(free.values()) >= 0.9, free
 
 
+@pytest.mark.integration
 def test_approach_three_at_a_bound_refits_resamples_from_the_grid():
     """A free E pinned at its bound (log E = -20: E = 2.06e-9) used to pin
     every resample there: a zero-width "95%" interval that excluded the truth."""

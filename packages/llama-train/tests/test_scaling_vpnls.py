@@ -115,6 +115,7 @@ def test_resamples_draw_whole_groups():
     assert np.array_equal(group_codes(None, 4), np.arange(4))
 
 
+@pytest.mark.integration
 def test_a_run_counted_three_times_is_one_run_to_the_bootstrap():
     """Three rows sharing one run's noise (a trunk and its branches, say): resampling the
     groups gives the interval of the 16 runs; resampling rows pretends to 48 and is

@@ -57,6 +57,7 @@ def _errors(fitter, replicates: int, **options) -> tuple[float, float]:
     )
 
 
+@pytest.mark.integration
 def test_weighted_vpnls_is_closer_to_the_truth_than_unweighted():
     plain, weighted = _errors(fit_vpnls, 24)
     assert weighted < 0.7 * plain, (plain, weighted)

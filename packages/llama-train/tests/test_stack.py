@@ -190,6 +190,7 @@ def test_a_stack_refuses_what_it_cannot_reproduce() -> None:
         StackedLlama(CONFIG, 0)
 
 
+@pytest.mark.integration
 def test_stacks_of_many_shapes_in_one_process_all_compile() -> None:
     """A study's worker trains stacks of every shape one after another: each compiles
     its own graph, also past dynamo's limit of 8 graphs per function, beyond which it

@@ -167,6 +167,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
 def test_workers_die_with_a_killed_study_run(tmp_path, store):
     path = _study(
@@ -209,6 +210,7 @@ def test_workers_die_with_a_killed_study_run(tmp_path, store):
 # Some points fail: the others finish, and every command says what is missing
 
 
+@pytest.mark.integration
 def test_failing_points_leave_the_others_and_are_named_everywhere(tmp_path, store):
     """A learning rate that diverges and a regime whose store vanished mid-study."""
     vanishing = tmp_path / "vanishing.zarr"

@@ -82,6 +82,7 @@ def test_points_that_differ_in_lr_and_seed_share_a_stack(tmp_path, store):
     assert len(stack_groups([p.config.train_config() for p in points], enabled=False)) == 16
 
 
+@pytest.mark.integration
 def test_a_study_trained_in_stacks_collects_the_table_of_one_by_one(tmp_path, store):
     stacked = runner.invoke(app, ["study", "run", str(_study(tmp_path, store, "stacked"))])
     assert stacked.exit_code == 0, stacked.output
@@ -103,6 +104,7 @@ def test_a_study_trained_in_stacks_collects_the_table_of_one_by_one(tmp_path, st
     assert "all 16 points are done" in _flat(again.output)
 
 
+@pytest.mark.integration
 def test_trunks_trained_in_stacks_fork_the_branches_of_trunks_trained_alone(tmp_path, store):
     """wsd trunks with cooldown branches and the warmup rule: stacked trunks checkpoint at
     their fork steps with the rule's warmup, and their branches, trained as stacks (one per
