@@ -623,17 +623,12 @@ def _noise(
             f"--weights seed-noise: {path} has no column {column!r} (study collect writes it "
             "for a study with 2+ seeds; name another with --noise-col)"
         )
-    values = []
-    for line, row in enumerate(rows, start=2):
-        text = (row.get(column) or "").strip()
-        try:
-            value = float(text) if text else math.nan
-        except ValueError:
-            message = f"{path} line {line}: {column}={text!r} is not a number"
-            raise LlamaTrainError(message) from None
-        if not (math.isnan(value) or (math.isfinite(value) and value >= 0)):
-            raise LlamaTrainError(f"{path} line {line}: {column}={text!r} must be >= 0")
-        values.append(value)
+    from llama_train.scaling.points import numeric_column
+
+    values = numeric_column(rows, header, column, path, empty=math.nan)
+    for line, value in enumerate(values, start=2):
+        if value < 0:
+            raise LlamaTrainError(f"{path} line {line}: {column}={value!r} must be >= 0")
     if all(math.isnan(value) for value in values):
         if weights is None:
             return None

@@ -313,9 +313,17 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def numeric_column(
-    rows: list[dict[str, str]], header: list[str], name: str, path: Path
+    rows: list[dict[str, str]],
+    header: list[str],
+    name: str,
+    path: Path,
+    *,
+    empty: float | None = None,
 ) -> list[float]:
-    """A column as finite floats; a missing column or a bad cell names the row."""
+    """A column as finite floats; a missing column or a bad cell names the row.
+
+    `empty` (NaN, say) is what an empty cell reads as; left None, an empty cell is an error.
+    """
     if name not in header:
         raise LlamaTrainError(
             f"{path} has no column {name!r}; columns: {', '.join(header)} "
@@ -324,6 +332,9 @@ def numeric_column(
     values = []
     for line, row in enumerate(rows, start=2):
         text = (row.get(name) or "").strip()
+        if not text and empty is not None:
+            values.append(empty)
+            continue
         try:
             value = float(text)
         except ValueError:
